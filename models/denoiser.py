@@ -1,0 +1,57 @@
+"""The denoiser protocol shared by MMDiT, PixArt and DiT.
+
+Every denoiser is `prepare(x, t, cond) -> Hidden`, then `blocks` (an nn.ModuleList whose
+members are `block(hidden, block_plan) -> Hidden`), then `finalize(hidden) -> output`.
+Acceleration is written once against this protocol: a method may run a block range, skip
+it, or change how attention computes, without knowing the family.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from dite.models.plan import PLAIN_STEP, StepPlan
+
+
+@dataclass(frozen=True)
+class Hidden:
+    """The state that flows between blocks.
+
+    image: [B, N, D] image tokens. text: [B, T, D_text] text tokens (MMDiT's second stream,
+    PixArt's cross-attention context) or None. c: [B, D] modulation vector.
+    grid: (h, w) of the image token grid. text_mask: [B, T] bool (True = real token) or None.
+    """
+
+    image: torch.Tensor
+    c: torch.Tensor
+    grid: tuple[int, int]
+    text: torch.Tensor | None = None
+    text_mask: torch.Tensor | None = None
+
+    def with_image(self, image: torch.Tensor) -> "Hidden":
+        return replace(self, image=image)
+
+
+class Denoiser(nn.Module):
+    """Base class: forward is prepare -> every block under the plan -> finalize."""
+
+    blocks: nn.ModuleList
+
+    def prepare(self, x: torch.Tensor, t: torch.Tensor, cond) -> Hidden:  # pragma: no cover
+        raise TypeError(f"{type(self).__name__} must define prepare()")
+
+    def finalize(self, hidden: Hidden) -> torch.Tensor:  # pragma: no cover
+        raise TypeError(f"{type(self).__name__} must define finalize()")
+
+    def run_blocks(self, hidden: Hidden, plan: StepPlan, start: int = 0, stop: int | None = None) -> Hidden:
+        """Run blocks [start, stop) under `plan`."""
+        stop = len(self.blocks) if stop is None else stop
+        for index in range(start, stop):
+            hidden = self.blocks[index](hidden, plan.block(index))
+        return hidden
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond, plan: StepPlan = PLAIN_STEP) -> torch.Tensor:
+        return self.finalize(self.run_blocks(self.prepare(x, t, cond), plan))

@@ -1,0 +1,174 @@
+"""Layers shared by the three denoiser families (SD3 MMDiT, PixArt, DiT).
+
+Parameter names follow the original releases (facebookresearch/DiT, PixArt, SD3's mmdit):
+`x_embedder.proj`, `t_embedder.mlp.{0,2}`, `attn.qkv`, `attn.proj`, `mlp.fc1/fc2`, so
+that an original checkpoint maps onto these modules one to one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dite.engine.attention import attention
+from dite.models.plan import FULL_ATTENTION, AttentionPolicy
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation: x * (1 + scale) + shift, with [B, D] shift/scale over [B, N, D] x."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def timestep_sinusoid(
+    t: torch.Tensor, dim: int = 256, *, max_period: float = 10000.0, freq_shift: float = 0.0
+) -> torch.Tensor:
+    """Sinusoidal timestep features laid out [cos | sin], in float32.
+
+    Frequencies are exp(-ln(max_period) * i / (dim/2 - freq_shift)). The original DiT,
+    PixArt and SD3 use freq_shift 0; diffusers' DiT embedder uses 1 (divisor 127 for 256
+    channels), which a model loaded from a diffusers folder must reproduce.
+    """
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
+    freqs = torch.exp(exponent / (half - freq_shift))
+    args = t.reshape(-1, 1).float() * freqs.unsqueeze(0)
+    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        embedding = F.pad(embedding, (0, 1))
+    return embedding
+
+
+def sincos_pos_embed_2d(
+    dim: int,
+    grid_h: int,
+    grid_w: int,
+    *,
+    base_size: int | None = None,
+    interpolation_scale: float = 1.0,
+) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embeddings, [grid_h * grid_w, dim], float32.
+
+    Tokens are in row-major order. The first half of the channels encodes the column
+    coordinate, the second half the row, each as [sin | cos] (the MAE / DiT layout).
+    Coordinates are arange(n) / (n / base_size) / interpolation_scale, computed in float32
+    as the references do; the sinusoid itself is computed in float64.
+    """
+    if dim % 4:
+        raise ValueError(f"2-D sin-cos position embeddings need dim divisible by 4, got {dim}")
+
+    def coords(n: int) -> torch.Tensor:
+        grid = torch.arange(n, dtype=torch.float32)
+        if base_size is not None:
+            grid = grid / (n / base_size)
+        return grid / interpolation_scale
+
+    rows, cols = torch.meshgrid(coords(grid_h), coords(grid_w), indexing="ij")
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+
+    def embed(pos: torch.Tensor) -> torch.Tensor:
+        out = torch.outer(pos.reshape(-1).double(), omega)
+        return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+
+    return torch.cat([embed(cols), embed(rows)], dim=1).float()
+
+
+class PatchEmbed(nn.Module):
+    """Latent [B, C, H, W] -> tokens [B, (H/p)(W/p), D] by a strided convolution."""
+
+    def __init__(self, in_channels: int, dim: int, patch_size: int, bias: bool = True):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        x = self.proj(x)
+        grid = (x.shape[-2], x.shape[-1])
+        return x.flatten(2).transpose(1, 2), grid
+
+
+def unpatchify(x: torch.Tensor, grid: tuple[int, int], patch_size: int, channels: int) -> torch.Tensor:
+    """Tokens [B, h*w, p*p*C] (per-token layout p, q, c) -> image [B, C, h*p, w*p]."""
+    h, w = grid
+    p = patch_size
+    x = x.reshape(x.shape[0], h, w, p, p, channels)
+    x = torch.einsum("nhwpqc->nchpwq", x)
+    return x.reshape(x.shape[0], channels, h * p, w * p)
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar timesteps -> [B, D]: sinusoid features then a two-layer SiLU MLP."""
+
+    def __init__(self, dim: int, frequency_dim: int = 256, freq_shift: float = 0.0):
+        super().__init__()
+        self.frequency_dim = frequency_dim
+        self.freq_shift = freq_shift
+        self.mlp = nn.Sequential(nn.Linear(frequency_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        features = timestep_sinusoid(t, self.frequency_dim, freq_shift=self.freq_shift)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class labels -> [B, D]. The table has num_classes + 1 rows: the last is the null class."""
+
+    def __init__(self, num_classes: int, dim: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.embedding_table = nn.Embedding(num_classes + 1, dim)
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        return self.embedding_table(labels)
+
+
+class Mlp(nn.Module):
+    """fc1 -> activation -> fc2 (timm's Mlp names)."""
+
+    def __init__(self, dim: int, hidden_dim: int, activation: str = "gelu_tanh"):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        if activation == "gelu_tanh":
+            self.act = nn.GELU(approximate="tanh")
+        elif activation == "gelu":
+            self.act = nn.GELU()
+        elif activation == "silu":
+            self.act = nn.SiLU()
+        else:
+            raise ValueError(f"unknown MLP activation {activation!r}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, N, H*d] -> [B, H, N, d]."""
+    b, n, _ = x.shape
+    return x.reshape(b, n, heads, -1).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """[B, H, N, d] -> [B, N, H*d]."""
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection, through the attention dispatch."""
+
+    def __init__(self, dim: int, heads: int, qkv_bias: bool = True):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"hidden size {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, policy: AttentionPolicy = FULL_ATTENTION) -> torch.Tensor:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        out = attention(split_heads(q, self.heads), split_heads(k, self.heads), split_heads(v, self.heads), policy=policy)
+        return self.proj(merge_heads(out))
