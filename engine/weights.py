@@ -38,6 +38,10 @@ class WeightReader:
     def where(self, key: str) -> str:
         raise TypeError
 
+    def dtype(self, key: str) -> str:
+        """The stored dtype's short name ("F32", "BF16", ...), without reading the data."""
+        raise TypeError
+
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: self.shape(k) for k in self.keys()}
 
@@ -82,6 +86,10 @@ class SafetensorsReader(WeightReader):
         handle, full = self._handle(key)
         return tuple(handle.get_slice(full).get_shape())
 
+    def dtype(self, key: str) -> str:
+        handle, full = self._handle(key)
+        return handle.get_slice(full).get_dtype()
+
     def get(self, key: str) -> torch.Tensor:
         handle, full = self._handle(key)
         try:
@@ -122,9 +130,15 @@ class StateDictReader(WeightReader):
     def get(self, key: str) -> torch.Tensor:
         return self._state[key]
 
+    def dtype(self, key: str) -> str:
+        return _SHORT_DTYPE.get(self._state[key].dtype, str(self._state[key].dtype))
+
     def where(self, key: str) -> str:
         return self._origin
 
+
+_SHORT_DTYPE = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+                torch.int64: "I64", torch.int32: "I32", torch.float8_e4m3fn: "F8_E4M3", torch.uint8: "U8"}
 
 # Wrapper keys of training checkpoints, in the order we prefer them (EMA weights first).
 _WRAPPERS = ("ema", "state_dict", "model", "module")
@@ -268,7 +282,14 @@ def load_weights(
     state = {}
     for name, target in expected.items():
         source = keymap[name]
-        tensor = source.build([reader.get(k) for k in source.keys])
+        try:
+            tensor = source.build([reader.get(k) for k in source.keys])
+        except RuntimeError as exc:  # e.g. concatenating or reshaping tensors of the wrong size
+            shapes = ", ".join(f"{k} {reader.shape(k)}" for k in source.keys)
+            raise CheckpointError(
+                f"cannot build {name} (expected shape {tuple(target.shape)}) from {shapes} in "
+                f"{reader.where(source.keys[0])} by {source.what}: {str(exc).splitlines()[0]}"
+            ) from None
         if tuple(tensor.shape) != tuple(target.shape):
             keys = " + ".join(source.keys)
             raise CheckpointError(

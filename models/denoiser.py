@@ -55,3 +55,27 @@ class Denoiser(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond, plan: StepPlan = PLAIN_STEP) -> torch.Tensor:
         return self.finalize(self.run_blocks(self.prepare(x, t, cond), plan))
+
+
+CFG_LAYOUTS = ("cond_first", "uncond_first", "none")
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """Everything a denoiser is conditioned on besides x and t, for the whole batch.
+
+    With classifier-free guidance the batch holds the conditional and the unconditional rows
+    one after the other; `cfg_layout` says which half comes first ("cond_first" for DiT,
+    "uncond_first" for SD3 and PixArt, "none" without guidance), so nothing slices a batch by
+    assuming an order.
+    """
+
+    class_labels: torch.Tensor | None = None
+    context: torch.Tensor | None = None
+    context_mask: torch.Tensor | None = None
+    pooled: torch.Tensor | None = None
+    cfg_layout: str = "none"
+
+    def __post_init__(self):
+        if self.cfg_layout not in CFG_LAYOUTS:
+            raise ValueError(f"cfg_layout must be one of {CFG_LAYOUTS}, got {self.cfg_layout!r}")

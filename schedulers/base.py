@@ -58,6 +58,8 @@ class Scheduler:
     diffusers_class: ClassVar[str] = ""
     #: short name used in metadata and on the command line
     name: ClassVar[str] = ""
+    #: whether step() takes a model output with learned-variance channels after the prediction
+    uses_model_variance: ClassVar[bool] = False
 
     def start(self, num_steps: int, *, generators: list[torch.Generator] | None = None,
               device: torch.device | str = "cpu") -> SchedulerState:

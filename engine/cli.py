@@ -1,0 +1,121 @@
+"""The `dite` command line: generate, inspect.
+
+Every error the user can cause is one line on stderr and a non-zero exit code; tracebacks
+are for bugs (set DITE_DEBUG=1 to see them for user errors too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from dite.engine.errors import DiteError
+
+EXIT_USER_ERROR = 2
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = text.lower().split("x")
+        return int(w), int(h)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like 256x256 (width x height), got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dite", description="Diffusion transformer inference engine")
+    parser.add_argument("--version", action="version", version=f"dite {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="make images (class-to-image with DiT)")
+    gen.add_argument("--model", required=True, help="pipeline folder, checkpoint file or hub repo id")
+    gen.add_argument("--class-label", action="append", default=[], metavar="ID",
+                     help="class index (or name, if the model has label names); repeat for several images")
+    gen.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    gen.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default 4.0)")
+    gen.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed+k (default 0)")
+    gen.add_argument("--size", type=_size, default=None, metavar="WxH", help="image size (default: the model's)")
+    gen.add_argument("--scheduler", default=None, help="replace the model's scheduler: ddim or ddpm")
+    gen.add_argument("--vae", default=None, help="VAE for checkpoints without one (original DiT .pt)")
+    gen.add_argument("--device", default="cpu")
+    gen.add_argument("--dtype", default="fp32", help="fp32, fp16 or bf16")
+    gen.add_argument("-o", "--output", default="out.png", help="PNG path; several images get -0, -1, ... suffixes")
+    gen.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    ins = sub.add_parser("inspect", help="describe a model source without loading it")
+    ins.add_argument("source")
+    ins.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def _version() -> str:
+    from dite.engine.pipeline import dite_version
+
+    return dite_version()
+
+
+def output_paths(output: str, count: int) -> list[Path]:
+    path = Path(output)
+    if path.suffix.lower() != ".png":
+        path = path.with_suffix(path.suffix + ".png") if path.suffix else path.with_suffix(".png")
+    if count == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{k}{path.suffix}") for k in range(count)]
+
+
+def cmd_generate(args) -> int:
+    from dite.engine.images import save_png
+    from dite.engine.loader import load
+
+    if not args.class_label:
+        raise DiteError("give at least one --class-label (DiT is class-conditional)")
+    pipe = load(args.model, device=args.device, dtype=args.dtype, vae=args.vae, scheduler=args.scheduler)
+    labels = [int(x) if x.lstrip("-").isdigit() else x for x in args.class_label]
+    width, height = args.size if args.size else (None, None)
+    out = pipe(class_labels=labels, num_inference_steps=args.steps, guidance_scale=args.guidance,
+               seed=args.seed, height=height, width=width, progress=not args.quiet)
+    for image, params, path in zip(out.images, out.parameters, output_paths(args.output, len(out.images))):
+        save_png(image, path, params)
+        print(path)
+    t = out.timings
+    print(f"{len(out.images)} image(s), {args.steps} steps: denoise {t.get('denoise', 0):.2f}s, "
+          f"decode {t.get('decode', 0):.2f}s", file=sys.stderr)
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from dite.engine.inspect import inspect_source
+
+    info = inspect_source(args.source)
+    if args.json:
+        print(json.dumps(info, indent=2, sort_keys=True))
+        return 0
+    for key, value in info.items():
+        if isinstance(value, dict):
+            print(f"{key}:")
+            for k, v in value.items():
+                print(f"  {k}: {v}")
+        else:
+            print(f"{key}: {value}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"generate": cmd_generate, "inspect": cmd_inspect}[args.command](args)
+    except DiteError as exc:
+        if os.environ.get("DITE_DEBUG"):
+            raise
+        print(f"dite: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("dite: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Loading DiT: the diffusers DiTPipeline folder and the original facebookresearch `.pt`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from dite.engine.errors import CheckpointError, ConfigError
+from dite.engine.pipeline_dit import DiTPipeline
+from dite.engine.vae_loading import load_vae
+from dite.engine.weights import WeightReader, find_weights_file, load_weights, open_weights
+from dite.models import dit
+from dite.schedulers import by_name, load_scheduler
+
+PIPELINE_CLASSES = ("DiTPipeline",)
+TRANSFORMER_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")
+
+
+def detect_file(keys) -> bool:
+    return dit.detect_layout(keys) is not None
+
+
+def build_transformer(cfg: dit.DiTConfig, reader: WeightReader, layout: str, *, device, dtype) -> dit.DiT:
+    with torch.device("meta"):
+        module = dit.DiT(cfg)
+    keymap, ignore = dit.keymap(cfg, layout)
+    return load_weights(module, keymap, reader, ignore=ignore, dtype=dtype, device=device)
+
+
+def _read_config(folder: Path) -> dict:
+    file = folder / "config.json"
+    if not file.exists():
+        raise CheckpointError(f"{folder} has no config.json")
+    return json.loads(file.read_text())
+
+
+def load_folder(path: Path, model_index: dict, *, device, dtype, vae, variant, model_config) -> DiTPipeline:
+    config = _read_config(path / "transformer")
+    if config.get("_class_name") not in TRANSFORMER_CLASSES:
+        raise ConfigError(f"{path / 'transformer'} holds a {config.get('_class_name')!r}, not a DiT transformer")
+    cfg = dit.DiTConfig.from_diffusers(config)
+    reader = open_weights(find_weights_file(path / "transformer", variant=variant))
+    if dit.detect_layout(reader.keys()) != "diffusers":
+        raise CheckpointError(f"the weights in {path / 'transformer'} are not a diffusers DiT transformer")
+    transformer = build_transformer(cfg, reader, "diffusers", device=device, dtype=dtype)
+    vae_module = _vae(vae, path / "vae", device=device, dtype=dtype, variant=variant)
+    scheduler = load_scheduler(path / "scheduler")
+    return DiTPipeline(transformer, vae_module, scheduler, id2label=model_index.get("id2label"))
+
+
+def load_file(path: Path, reader: WeightReader, *, device, dtype, vae, variant, model_config) -> DiTPipeline:
+    layout = dit.detect_layout(reader.keys())
+    if layout != "original":
+        raise CheckpointError(
+            f"{path} is a diffusers-layout DiT transformer file without its folder; load the "
+            "pipeline folder (with model_index.json) instead"
+        )
+    cfg = dit.detect_config(reader.shapes(), num_heads=model_config.get("num_heads"))
+    unknown = set(model_config) - {"num_heads"}
+    if unknown:
+        raise ConfigError(f"model_config keys {sorted(unknown)} cannot be set for a DiT checkpoint (only num_heads)")
+    transformer = build_transformer(cfg, reader, "original", device=device, dtype=dtype)
+    if vae is None:
+        raise ConfigError(
+            f"{path} is an original DiT checkpoint, which has no VAE: pass vae=PATH (the DiT "
+            "release uses stabilityai/sd-vae-ft-ema or sd-vae-ft-mse)"
+        )
+    # The original sampler: 1000-step linear-beta DDPM with the learned-range variance,
+    # respaced evenly (IDDPM's space_timesteps == diffusers' "linspace" spacing).
+    scheduler = by_name("ddpm", timestep_spacing="linspace", clip_sample=False,
+                        variance_type="learned_range" if cfg.learned_sigma else "fixed_small")
+    return DiTPipeline(transformer, _vae(vae, None, device=device, dtype=dtype, variant=variant), scheduler)
+
+
+def _vae(vae, default: Path | None, *, device, dtype, variant):
+    """The VAE module: a given module, a given source, or the folder's own."""
+    from dite.models.vae import AutoencoderKL
+    from dite.engine.hub import resolve_source
+
+    if isinstance(vae, AutoencoderKL):
+        return vae
+    source = resolve_source(vae, variant=variant) if vae is not None else default
+    if source is None or not Path(source).exists():
+        raise CheckpointError(f"no VAE found at {source}")
+    # DiT was trained with the sd-vae-ft (0.18215) latent scale; a bare file cannot say.
+    return load_vae(source, dtype=dtype, device=device, scaling_factor=None)

@@ -1,0 +1,23 @@
+"""What a generation call returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class GenerationOutput:
+    """images: list of PIL images ("pil"), float32 numpy (N, H, W, 3) in [0, 1] ("np"), a
+    tensor (N, 3, H, W) in [0, 1] ("pt"), or None ("latent"). latents: the final latents
+    before VAE decoding, in model space (what diffusers returns for output_type="latent").
+    parameters: one dict per image of everything needed to reproduce it (seed included).
+    timings: wall seconds per stage ("encode", "denoise", "decode").
+    """
+
+    images: Any
+    latents: torch.Tensor
+    parameters: list[dict[str, Any]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)

@@ -1,0 +1,92 @@
+"""What every family's pipeline shares: components, device/dtype, metadata, decoding."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from dite.engine.errors import InputError
+from dite.models.denoiser import Denoiser
+from dite.models.vae import AutoencoderKL
+from dite.schedulers.base import Scheduler
+
+
+def dite_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("dite")
+    except Exception:  # running from a source tree that is not installed
+        return "unknown"
+
+
+class Pipeline:
+    """A loaded model: `transformer` (the denoiser, with `.blocks`), `vae`, `scheduler`."""
+
+    family = ""
+
+    def __init__(self, transformer: Denoiser, vae: AutoencoderKL, scheduler: Scheduler, *, source: str = ""):
+        self.transformer = transformer
+        self.vae = vae
+        self.scheduler = scheduler
+        self.source = source
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.transformer.parameters()).dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def latent_size(self, height: int | None, width: int | None, default_latent: int) -> tuple[int, int]:
+        """Check a pixel size against the patch x VAE factor; return the latent (h, w)."""
+        factor = self.vae_scale_factor * self.transformer.config.patch_size
+        height = default_latent * self.vae_scale_factor if height is None else height
+        width = default_latent * self.vae_scale_factor if width is None else width
+        for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, int) or value <= 0 or value % factor:
+                raise InputError(
+                    f"{name} {value!r} must be a positive multiple of {factor} (VAE factor "
+                    f"{self.vae_scale_factor} x patch size {self.transformer.config.patch_size})"
+                )
+        return height // self.vae_scale_factor, width // self.vae_scale_factor
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Model-space latents -> images in [-1, 1]."""
+        z = self.vae.from_model_space(latents.to(next(self.vae.parameters()).dtype))
+        return self.vae.decode(z)
+
+    def describe(self) -> dict[str, Any]:
+        params = sum(p.numel() for p in self.transformer.parameters())
+        return {
+            "family": self.family,
+            "source": self.source,
+            "transformer": self.transformer.config.to_dict(),
+            "transformer_parameters": params,
+            "vae": self.vae.config.__dict__ if hasattr(self.vae.config, "__dict__") else str(self.vae.config),
+            "vae_parameters": sum(p.numel() for p in self.vae.parameters()),
+            "scheduler": self.scheduler.to_diffusers_config(),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": str(self.device),
+        }
+
+
+@contextmanager
+def timed(timings: dict[str, float], stage: str):
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start

@@ -1,0 +1,112 @@
+"""Class-to-image with DiT: labels -> guided denoising -> VAE decode."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from dite.engine.errors import InputError
+from dite.engine.images import check_output_type, postprocess
+from dite.engine.noise import image_generators, initial_latents, resolve_seed
+from dite.engine.output import GenerationOutput
+from dite.engine.pipeline import Pipeline, dite_version, timed
+from dite.engine.sampling import GenerationState, denoise
+from dite.models.denoiser import Conditioning
+from dite.models.dit import DiT
+
+
+class DiTPipeline(Pipeline):
+    family = "dit"
+    transformer: DiT
+
+    def __init__(self, transformer: DiT, vae, scheduler, *, source: str = "", id2label: dict | None = None):
+        super().__init__(transformer, vae, scheduler, source=source)
+        # diffusers' DiT folders carry ImageNet's id -> "name, synonym, ..." map.
+        self.labels: dict[str, int] = {}
+        for index, names in (id2label or {}).items():
+            for name in str(names).split(","):
+                self.labels[name.strip().lower()] = int(index)
+
+    def label_ids(self, class_labels: int | str | Sequence[int | str]) -> list[int]:
+        """Class indices from ints or (with an id2label map) class names; checked in range."""
+        if isinstance(class_labels, (int, str)) or (isinstance(class_labels, torch.Tensor) and class_labels.ndim == 0):
+            class_labels = [class_labels]
+        num_classes = self.transformer.config.num_classes
+        ids = []
+        for label in list(class_labels):
+            if isinstance(label, torch.Tensor):
+                label = int(label.item())
+            if isinstance(label, str):
+                if label.strip().lower() not in self.labels:
+                    hint = "this model has no label names" if not self.labels else "see pipe.labels for the names"
+                    raise InputError(f"unknown class name {label!r} ({hint})")
+                label = self.labels[label.strip().lower()]
+            if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < num_classes:
+                raise InputError(f"class label {label!r} is out of range: this model has classes 0..{num_classes - 1}")
+            ids.append(label)
+        if not ids:
+            raise InputError("class_labels is empty: give at least one class index")
+        return ids
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        class_labels: int | str | Sequence[int | str],
+        num_inference_steps: int = 50,
+        guidance_scale: float = 4.0,
+        seed: int | None = 0,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        progress: bool = True,
+        height: int | None = None,
+        width: int | None = None,
+    ) -> GenerationOutput:
+        check_output_type(output_type)
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise InputError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
+        cfg = self.transformer.config
+        labels = self.label_ids(class_labels)
+        h, w = self.latent_size(height, width, cfg.input_size)
+        seed = resolve_seed(seed)
+        generators = image_generators(seed, len(labels))
+        device, dtype = self.device, self.dtype
+        timings: dict[str, float] = {}
+
+        with timed(timings, "encode"):
+            guided = guidance_scale > 1.0
+            rows = labels + [self.transformer.null_class] * len(labels) if guided else labels
+            cond = Conditioning(
+                class_labels=torch.tensor(rows, device=device),
+                cfg_layout="cond_first" if guided else "none",
+            )
+            sched_state = self.scheduler.start(num_inference_steps, generators=generators, device=device)
+            x = initial_latents((cfg.in_channels, h, w), generators, latents, device=device, dtype=dtype)
+            x = x * self.scheduler.init_noise_sigma(sched_state)
+
+        with timed(timings, "denoise"):
+            state = GenerationState(scheduler=sched_state)
+            x = denoise(
+                self.transformer, self.scheduler, x, cond, state,
+                guidance_scale=guidance_scale,
+                prediction_channels=cfg.in_channels,
+                pass_model_variance=cfg.learned_sigma and getattr(self.scheduler, "uses_model_variance", False),
+                progress=progress,
+            )
+
+        images = None
+        if output_type != "latent":
+            with timed(timings, "decode"):
+                images = postprocess(self.decode(x), output_type)
+
+        base = {
+            "model": self.source, "family": self.family, "steps": num_inference_steps,
+            "guidance": guidance_scale, "scheduler": self.scheduler.name,
+            "size": f"{w * self.vae_scale_factor}x{h * self.vae_scale_factor}",
+            "dite_version": dite_version(),
+        }
+        params = [
+            {**base, "class_label": label, "seed": seed + k, "latents": "given" if latents is not None else "seeded"}
+            for k, label in enumerate(labels)
+        ]
+        return GenerationOutput(images=images, latents=x, parameters=params, timings=timings)

@@ -1,0 +1,258 @@
+"""DiT (Peebles & Xie): class-conditional diffusion transformer with adaLN-Zero blocks.
+
+The math and the parameter names follow facebookresearch/DiT `models.py`, so an original
+`.pt` loads one to one; the diffusers layout (DiTTransformer2DModel) is mapped onto it. Two
+numeric details of diffusers' port are config fields so each layout reproduces its own
+reference: the timestep frequency divisor (`freq_shift`: 0 original, 1 diffusers) and the
+eps of the norm before the MLP (`mlp_norm_eps`: 1e-6 original, diffusers' `norm_eps`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+
+import torch
+from torch import nn
+
+from dite.engine.errors import CheckpointError, ConfigError
+from dite.models.checkpoint import KeyMap, concat, count_indexed, identical_copies, take
+from dite.models.denoiser import Conditioning, Denoiser, Hidden
+from dite.models.layers import (
+    LabelEmbedder,
+    Mlp,
+    PatchEmbed,
+    SelfAttention,
+    TimestepEmbedder,
+    modulate,
+    sincos_pos_embed_2d,
+    unpatchify,
+)
+from dite.models.plan import BlockPlan
+
+# Hidden size -> (depth, heads) of the published DiT sizes. Heads cannot be read from
+# tensor shapes, so a width outside this table needs an explicit num_heads.
+DIT_SIZES = {"XL": (1152, 28, 16), "L": (1024, 24, 16), "B": (768, 12, 12), "S": (384, 12, 6)}
+HEADS_BY_WIDTH = {width: heads for width, _, heads in DIT_SIZES.values()}
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    patch_size: int = 2
+    in_channels: int = 4
+    out_channels: int = 8
+    num_classes: int = 1000
+    input_size: int = 32  # latent side the model was trained at (32 = 256 px)
+    mlp_ratio: float = 4.0
+    frequency_embedding_size: int = 256
+    freq_shift: float = 0.0
+    mlp_norm_eps: float = 1e-6
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"DiT hidden size {self.hidden_size} is not divisible by {self.num_heads} heads")
+        if self.out_channels not in (self.in_channels, 2 * self.in_channels):
+            raise ConfigError(
+                f"DiT out_channels {self.out_channels} must equal in_channels {self.in_channels} "
+                "or twice it (learned sigma)"
+            )
+
+    @property
+    def learned_sigma(self) -> bool:
+        return self.out_channels == 2 * self.in_channels
+
+    @classmethod
+    def preset(cls, name: str) -> "DiTConfig":
+        """'DiT-XL/2', 'DiT-B/4-512', ... (size, patch, optional image size)."""
+        try:
+            body = name.removeprefix("DiT-")
+            size, rest = body.split("/")
+            patch, _, pixels = rest.partition("-")
+            width, depth, heads = DIT_SIZES[size]
+            return cls(hidden_size=width, depth=depth, num_heads=heads, patch_size=int(patch),
+                       input_size=int(pixels or 256) // 8)
+        except (KeyError, ValueError):
+            sizes = ", ".join(f"DiT-{s}/{{2,4,8}}[-256|-512]" for s in DIT_SIZES)
+            raise ConfigError(f"unknown DiT preset {name!r}; known: {sizes}") from None
+
+    @classmethod
+    def from_diffusers(cls, config: dict) -> "DiTConfig":
+        """From a diffusers DiTTransformer2DModel / Transformer2DModel config.json."""
+        if config.get("norm_type", "ada_norm_zero") != "ada_norm_zero":
+            raise ConfigError(f"not a DiT transformer config: norm_type is {config.get('norm_type')!r}")
+        if config.get("norm_elementwise_affine", False):
+            raise ConfigError("DiT configs with norm_elementwise_affine=true are not supported")
+        if config.get("activation_fn", "gelu-approximate") != "gelu-approximate":
+            raise ConfigError(f"DiT activation {config.get('activation_fn')!r} is not supported (gelu-approximate)")
+        heads = config.get("num_attention_heads", 16)
+        in_channels = config.get("in_channels", 4)
+        return cls(
+            hidden_size=heads * config.get("attention_head_dim", 72),
+            depth=config.get("num_layers", 28),
+            num_heads=heads,
+            patch_size=config.get("patch_size", 2),
+            in_channels=in_channels,
+            out_channels=config.get("out_channels") or in_channels,
+            num_classes=config.get("num_embeds_ada_norm", 1000),
+            input_size=config.get("sample_size", 32),
+            freq_shift=1.0,
+            mlp_norm_eps=config.get("norm_eps", 1e-5),
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero block: modulated self-attention and MLP, each gated, on the image tokens."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        dim = cfg.hidden_size
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = SelfAttention(dim, cfg.num_heads, qkv_bias=True)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=cfg.mlp_norm_eps)
+        self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), activation="gelu_tanh")
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, hidden: Hidden, plan: BlockPlan) -> Hidden:
+        x = hidden.image
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(hidden.c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), plan.attention)
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return hidden.with_image(x)
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        dim = cfg.hidden_size
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, cfg.patch_size * cfg.patch_size * cfg.out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class DiT(Denoiser):
+    family = "dit"
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.config = cfg
+        self.x_embedder = PatchEmbed(cfg.in_channels, cfg.hidden_size, cfg.patch_size)
+        self.t_embedder = TimestepEmbedder(cfg.hidden_size, cfg.frequency_embedding_size, cfg.freq_shift)
+        self.y_embedder = LabelEmbedder(cfg.num_classes, cfg.hidden_size)
+        self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
+        self.final_layer = FinalLayer(cfg)
+        self.register_buffer("pos_embed", torch.empty(0), persistent=False)
+
+    @property
+    def null_class(self) -> int:
+        return self.config.num_classes
+
+    def init_computed_buffers(self, device: torch.device) -> None:
+        """The fixed sin-cos position table at the training grid (not stored in checkpoints)."""
+        side = self.config.input_size // self.config.patch_size
+        self.pos_embed = self._pos_embed((side, side)).to(device)
+
+    def _pos_embed(self, grid: tuple[int, int]) -> torch.Tensor:
+        # Other sizes than the training one compress the coordinates into the training grid,
+        # as diffusers' PatchEmbed does (base_size = training grid side).
+        base = self.config.input_size // self.config.patch_size
+        return sincos_pos_embed_2d(self.config.hidden_size, grid[0], grid[1], base_size=base)
+
+    def prepare(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> Hidden:
+        tokens, grid = self.x_embedder(x)
+        pos = self.pos_embed
+        if pos.shape[0] != grid[0] * grid[1] or grid[0] != grid[1]:
+            pos = self._pos_embed(grid).to(tokens.device)
+        tokens = tokens + pos.to(tokens.dtype)
+        t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
+        c = self.t_embedder(t) + self.y_embedder(cond.class_labels)
+        return Hidden(image=tokens, c=c, grid=grid)
+
+    def finalize(self, hidden: Hidden) -> torch.Tensor:
+        out = self.final_layer(hidden.image, hidden.c)
+        return unpatchify(out, hidden.grid, self.config.patch_size, self.config.out_channels)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+ORIGINAL_ANCHORS = ("y_embedder.embedding_table.weight", "blocks.0.adaLN_modulation.1.weight")
+DIFFUSERS_ANCHOR = "transformer_blocks.0.norm1.emb.class_embedder.embedding_table.weight"
+
+
+def detect_layout(keys) -> str | None:
+    keys = set(keys)
+    if all(k in keys for k in ORIGINAL_ANCHORS) and "t_block.1.weight" not in keys:
+        return "original"
+    if DIFFUSERS_ANCHOR in keys and "proj_out_2.weight" in keys:
+        return "diffusers"
+    return None
+
+
+def detect_config(shapes: dict[str, tuple[int, ...]], num_heads: int | None = None) -> DiTConfig:
+    """Infer the config of an original-layout DiT state dict from its tensor shapes."""
+    layout = detect_layout(shapes)
+    if layout != "original":
+        raise CheckpointError("not an original-layout DiT state dict (no y_embedder / blocks.0.adaLN_modulation)")
+    width, in_channels, patch, _ = shapes["x_embedder.proj.weight"]
+    if num_heads is None:
+        if width not in HEADS_BY_WIDTH:
+            raise ConfigError(
+                f"cannot infer the number of heads of a DiT with hidden size {width} (not a published "
+                f"size: {sorted(HEADS_BY_WIDTH)}); pass model_config={{'num_heads': N}}"
+            )
+        num_heads = HEADS_BY_WIDTH[width]
+    out_channels = shapes["final_layer.linear.weight"][0] // (patch * patch)
+    if "pos_embed" in shapes:
+        input_size = math.isqrt(shapes["pos_embed"][1]) * patch
+    else:
+        input_size = 32
+    mlp_hidden = shapes["blocks.0.mlp.fc1.weight"][0]
+    return DiTConfig(
+        hidden_size=width, depth=count_indexed(shapes, "blocks."), num_heads=num_heads,
+        patch_size=patch, in_channels=in_channels, out_channels=out_channels,
+        num_classes=shapes["y_embedder.embedding_table.weight"][0] - 1, input_size=input_size,
+        mlp_ratio=mlp_hidden / width,
+    )
+
+
+def keymap(cfg: DiTConfig, layout: str) -> tuple[KeyMap, set[str]]:
+    """(our name -> source, checkpoint keys to ignore) for an original or diffusers layout."""
+    names = list(param_names(cfg))
+    if layout == "original":
+        return {n: take(n) for n in names}, {"pos_embed"}
+    if layout != "diffusers":
+        raise ValueError(f"unknown DiT layout {layout!r}")
+    every = range(cfg.depth)
+    emb = "transformer_blocks.{}.norm1.emb."
+    m: KeyMap = {}
+    for p in ("weight", "bias"):
+        m[f"x_embedder.proj.{p}"] = take(f"pos_embed.proj.{p}")
+        m[f"t_embedder.mlp.0.{p}"] = identical_copies(emb.format(j) + f"timestep_embedder.linear_1.{p}" for j in every)
+        m[f"t_embedder.mlp.2.{p}"] = identical_copies(emb.format(j) + f"timestep_embedder.linear_2.{p}" for j in every)
+        m[f"final_layer.adaLN_modulation.1.{p}"] = take(f"proj_out_1.{p}")
+        m[f"final_layer.linear.{p}"] = take(f"proj_out_2.{p}")
+        for i in every:
+            src, dst = f"transformer_blocks.{i}.", f"blocks.{i}."
+            m[dst + f"adaLN_modulation.1.{p}"] = take(src + f"norm1.linear.{p}")
+            m[dst + f"attn.qkv.{p}"] = concat(src + f"attn1.to_{x}.{p}" for x in "qkv")
+            m[dst + f"attn.proj.{p}"] = take(src + f"attn1.to_out.0.{p}")
+            m[dst + f"mlp.fc1.{p}"] = take(src + f"ff.net.0.proj.{p}")
+            m[dst + f"mlp.fc2.{p}"] = take(src + f"ff.net.2.{p}")
+    m["y_embedder.embedding_table.weight"] = identical_copies(
+        emb.format(j) + "class_embedder.embedding_table.weight" for j in every)
+    return m, set()
+
+
+def param_names(cfg: DiTConfig):
+    """Our parameter names for `cfg`, without building the module."""
+    with torch.device("meta"):
+        return DiT(cfg).state_dict().keys()

@@ -1,0 +1,84 @@
+"""Tiny random reference models (diffusers), saved in their own layouts, for parity tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+
+def tiny_diffusers_dit(num_layers: int = 3, sample_size: int = 8, out_channels: int = 8, seed: int = 0):
+    """A diffusers DiT transformer with random non-zero weights (adaLN-Zero init would make
+    every block the identity) and the per-block embedder copies tied, as in a converted
+    checkpoint. num_classes is 1000 because DiTPipeline hard-codes null class 1000."""
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=out_channels,
+        num_layers=num_layers, sample_size=sample_size, patch_size=2, num_embeds_ada_norm=1000,
+    ).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+        first = model.transformer_blocks[0].norm1.emb
+        for block in model.transformer_blocks[1:]:
+            block.norm1.emb.load_state_dict(first.state_dict())
+    return model
+
+
+def tiny_diffusers_vae(latent_channels: int = 4, seed: int = 1, **kwargs):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    options = dict(
+        in_channels=3, out_channels=3, latent_channels=latent_channels,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, sample_size=16,
+    )
+    options.update(kwargs)
+    return AutoencoderKL(**options).eval()
+
+
+def tiny_dit_pipeline(folder: Path, scheduler: str = "ddim", **dit_kwargs):
+    """Save a diffusers DiTPipeline folder; return the reference pipeline (eval mode)."""
+    from diffusers import DDIMScheduler, DDPMScheduler, DiTPipeline
+
+    if scheduler == "ddim":
+        sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)
+    else:
+        sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False,
+                              variance_type="learned_range", timestep_spacing="linspace")
+    pipe = DiTPipeline(transformer=tiny_diffusers_dit(**dit_kwargs), vae=tiny_diffusers_vae(), scheduler=sched)
+    pipe.save_pretrained(folder)
+    # The hub's facebook/DiT-XL-2-* model_index.json embeds ImageNet's id2label map (which
+    # save_pretrained does not write); a few entries in the same form.
+    index = json.loads((folder / "model_index.json").read_text())
+    index["id2label"] = {"0": "tench, Tinca tinca", "1": "goldfish, Carassius auratus"}
+    (folder / "model_index.json").write_text(json.dumps(index))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def dit_to_original(state: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
+    """Rename a diffusers DiT state dict to facebookresearch/DiT names (the spec's §3.2 map,
+    written independently of dite's key map so each checks the other)."""
+    out = {}
+    emb = "transformer_blocks.0.norm1.emb."
+    out["x_embedder.proj.weight"] = state["pos_embed.proj.weight"]
+    out["x_embedder.proj.bias"] = state["pos_embed.proj.bias"]
+    for p in ("weight", "bias"):
+        out[f"t_embedder.mlp.0.{p}"] = state[emb + f"timestep_embedder.linear_1.{p}"]
+        out[f"t_embedder.mlp.2.{p}"] = state[emb + f"timestep_embedder.linear_2.{p}"]
+        out[f"final_layer.adaLN_modulation.1.{p}"] = state[f"proj_out_1.{p}"]
+        out[f"final_layer.linear.{p}"] = state[f"proj_out_2.{p}"]
+        for i in range(depth):
+            s = f"transformer_blocks.{i}."
+            out[f"blocks.{i}.adaLN_modulation.1.{p}"] = state[s + f"norm1.linear.{p}"]
+            out[f"blocks.{i}.attn.qkv.{p}"] = torch.cat([state[s + f"attn1.to_{x}.{p}"] for x in "qkv"])
+            out[f"blocks.{i}.attn.proj.{p}"] = state[s + f"attn1.to_out.0.{p}"]
+            out[f"blocks.{i}.mlp.fc1.{p}"] = state[s + f"ff.net.0.proj.{p}"]
+            out[f"blocks.{i}.mlp.fc2.{p}"] = state[s + f"ff.net.2.{p}"]
+    out["y_embedder.embedding_table.weight"] = state[emb + "class_embedder.embedding_table.weight"]
+    return {k: v.contiguous().clone() for k, v in out.items()}
