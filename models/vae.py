@@ -104,6 +104,21 @@ class VAEConfig:
         )
 
 
+    def to_diffusers(self) -> dict[str, Any]:
+        """The diffusers `vae/config.json` of this config (inverse of from_diffusers)."""
+        levels = len(self.block_out_channels)
+        return {
+            "_class_name": "AutoencoderKL", "act_fn": "silu",
+            "in_channels": self.in_channels, "out_channels": self.out_channels,
+            "latent_channels": self.latent_channels, "block_out_channels": list(self.block_out_channels),
+            "down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels,
+            "layers_per_block": self.layers_per_block, "norm_num_groups": self.norm_num_groups,
+            "use_quant_conv": self.use_quant_conv, "use_post_quant_conv": self.use_post_quant_conv,
+            "mid_block_add_attention": self.mid_block_add_attention,
+            "scaling_factor": self.scaling_factor, "shift_factor": self.shift_factor or None,
+            "force_upcast": self.force_upcast,
+        }
+
 # ----------------------------------------------------------------------------- modules
 
 
