@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from contextlib import contextmanager
 from typing import Any
@@ -71,7 +72,7 @@ class Pipeline:
             "source": self.source,
             "transformer": self.transformer.config.to_dict(),
             "transformer_parameters": params,
-            "vae": self.vae.config.__dict__ if hasattr(self.vae.config, "__dict__") else str(self.vae.config),
+            "vae": dataclasses.asdict(self.vae.config),
             "vae_parameters": sum(p.numel() for p in self.vae.parameters()),
             "scheduler": self.scheduler.to_diffusers_config(),
             "dtype": str(self.dtype).removeprefix("torch."),

@@ -64,8 +64,10 @@ def test_inspect(folder, capsys):
     assert "family: dit" in capsys.readouterr().out
 
 
-def test_console_script_is_installed():
-    result = subprocess.run([sys.executable, "-m", "dite.engine.cli", "--version"], capture_output=True, text=True)
+def test_console_script_is_installed(tmp_path):
+    # From a directory outside the source tree: the installed package must import anywhere.
+    result = subprocess.run([sys.executable, "-m", "dite.engine.cli", "--version"], capture_output=True, text=True,
+                            cwd=tmp_path)
     assert result.returncode == 0 and result.stdout.startswith("dite ")
 
 

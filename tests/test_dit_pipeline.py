@@ -142,3 +142,22 @@ def test_initial_noise_is_drawn_per_image_on_cpu():
 
     x = initial_latents((4, 8, 8), image_generators(3, 2), None, device="cpu", dtype=torch.float32)
     assert torch.equal(x[1], torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(4)))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_runs_close_to_fp32(folders, dtype):
+    _, folder = folders["ddim"]
+    kwargs = dict(class_labels=[3], num_inference_steps=3, output_type="np", progress=False, seed=1)
+    full = load(folder)(**kwargs).images
+    pipe = load(folder, dtype=dtype)
+    assert pipe.dtype == dtype and next(pipe.vae.parameters()).dtype == dtype
+    half = pipe(**kwargs).images
+    assert half.dtype == np.float32 and np.isfinite(half).all()
+    assert np.abs(half - full).max() < 0.1
+
+
+def test_describe(folders):
+    _, folder = folders["ddim"]
+    info = load(folder).describe()
+    assert info["family"] == "dit" and info["scheduler"]["_class_name"] == "DDIMScheduler"
+    assert info["transformer"]["depth"] == 3 and info["vae"]["latent_channels"] == 4
