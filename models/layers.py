@@ -172,3 +172,23 @@ class SelfAttention(nn.Module):
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         out = attention(split_heads(q, self.heads), split_heads(k, self.heads), split_heads(v, self.heads), policy=policy)
         return self.proj(merge_heads(out))
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned scale (SD3.5's per-head qk-norm, T5's norm).
+
+    The mean square is taken in float32 whatever the input dtype; in half precision the
+    normalised value is cast to the weight's dtype before the scale, as the references do.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+        x = x * torch.rsqrt(variance + self.eps)
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            x = x.to(self.weight.dtype)
+        return x * self.weight

@@ -82,3 +82,69 @@ def dit_to_original(state: dict[str, torch.Tensor], depth: int) -> dict[str, tor
             out[f"blocks.{i}.mlp.fc2.{p}"] = state[s + f"ff.net.2.{p}"]
     out["y_embedder.embedding_table.weight"] = state[emb + "class_embedder.embedding_table.weight"]
     return {k: v.contiguous().clone() for k, v in out.items()}
+
+
+def tiny_diffusers_sd3_transformer(qk_norm=None, dual_attention_layers=(), seed: int = 0, num_layers: int = 3):
+    """A diffusers SD3 transformer with random non-trivial weights (norm scales near 1)."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    model = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=num_layers,
+        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=24, caption_projection_dim=32,
+        pooled_projection_dim=20, pos_embed_max_size=12, qk_norm=qk_norm, dual_attention_layers=dual_attention_layers,
+    ).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("norm_q.weight", "norm_k.weight", "norm_added_q.weight", "norm_added_k.weight")):
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0, 0.2)
+    return model
+
+
+def sd3_to_original(state: dict[str, torch.Tensor], depth: int, prefix: str = "model.diffusion_model."):
+    """Rename a diffusers SD3 transformer state dict to the original single-file names (spec
+    §1.4, written independently of dite's key map): fused qkv, and the (scale, shift) ->
+    (shift, scale) swap of the final layer and the last block's context adaLN."""
+
+    def swap(t):
+        a, b = t.chunk(2)
+        return torch.cat([b, a])
+
+    out = {"pos_embed": state["pos_embed.pos_embed"]}
+    for p in ("weight", "bias"):
+        out[f"x_embedder.proj.{p}"] = state[f"pos_embed.proj.{p}"]
+        out[f"t_embedder.mlp.0.{p}"] = state[f"time_text_embed.timestep_embedder.linear_1.{p}"]
+        out[f"t_embedder.mlp.2.{p}"] = state[f"time_text_embed.timestep_embedder.linear_2.{p}"]
+        out[f"y_embedder.mlp.0.{p}"] = state[f"time_text_embed.text_embedder.linear_1.{p}"]
+        out[f"y_embedder.mlp.2.{p}"] = state[f"time_text_embed.text_embedder.linear_2.{p}"]
+        out[f"context_embedder.{p}"] = state[f"context_embedder.{p}"]
+        out[f"final_layer.linear.{p}"] = state[f"proj_out.{p}"]
+        out[f"final_layer.adaLN_modulation.1.{p}"] = swap(state[f"norm_out.linear.{p}"])
+    for i in range(depth):
+        s, o = f"transformer_blocks.{i}.", f"joint_blocks.{i}."
+        for p in ("weight", "bias"):
+            out[o + f"x_block.attn.qkv.{p}"] = torch.cat([state[s + f"attn.to_{x}.{p}"] for x in "qkv"])
+            out[o + f"context_block.attn.qkv.{p}"] = torch.cat([state[s + f"attn.add_{x}_proj.{p}"] for x in "qkv"])
+            out[o + f"x_block.attn.proj.{p}"] = state[s + f"attn.to_out.0.{p}"]
+            out[o + f"x_block.adaLN_modulation.1.{p}"] = state[s + f"norm1.linear.{p}"]
+            out[o + f"x_block.mlp.fc1.{p}"] = state[s + f"ff.net.0.proj.{p}"]
+            out[o + f"x_block.mlp.fc2.{p}"] = state[s + f"ff.net.2.{p}"]
+            if i == depth - 1:
+                out[o + f"context_block.adaLN_modulation.1.{p}"] = swap(state[s + f"norm1_context.linear.{p}"])
+            else:
+                out[o + f"context_block.adaLN_modulation.1.{p}"] = state[s + f"norm1_context.linear.{p}"]
+                out[o + f"context_block.attn.proj.{p}"] = state[s + f"attn.to_add_out.{p}"]
+                out[o + f"context_block.mlp.fc1.{p}"] = state[s + f"ff_context.net.0.proj.{p}"]
+                out[o + f"context_block.mlp.fc2.{p}"] = state[s + f"ff_context.net.2.{p}"]
+            if s + f"attn2.to_q.{p}" in state:
+                out[o + f"x_block.attn2.qkv.{p}"] = torch.cat([state[s + f"attn2.to_{x}.{p}"] for x in "qkv"])
+                out[o + f"x_block.attn2.proj.{p}"] = state[s + f"attn2.to_out.0.{p}"]
+        for ours, theirs in (("ln_q", "q"), ("ln_k", "k")):
+            if s + f"attn.norm_{theirs}.weight" in state:
+                out[o + f"x_block.attn.{ours}.weight"] = state[s + f"attn.norm_{theirs}.weight"]
+                out[o + f"context_block.attn.{ours}.weight"] = state[s + f"attn.norm_added_{theirs}.weight"]
+            if s + f"attn2.norm_{theirs}.weight" in state:
+                out[o + f"x_block.attn2.{ours}.weight"] = state[s + f"attn2.norm_{theirs}.weight"]
+    return {prefix + k: v.contiguous().clone() for k, v in out.items()}
