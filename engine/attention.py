@@ -21,12 +21,21 @@ def attention(
     *,
     policy: AttentionPolicy = FULL_ATTENTION,
     mask: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    scale: float | None = None,
 ) -> torch.Tensor:
     """Scaled dot-product attention on [batch, heads, tokens, head_dim] tensors.
 
     `mask` is a boolean [batch, 1 or heads, q_tokens or 1, kv_tokens] tensor where True
-    means "attend", or None. Returns [batch, heads, q_tokens, head_dim].
+    means "attend", or None. `bias` is a float tensor broadcastable to the scores and added
+    to them before the softmax (T5's relative position bias). `scale` multiplies q·k
+    (default 1/sqrt(head_dim); T5 uses 1). Returns [batch, heads, q_tokens, head_dim].
     """
     if policy.kind != "full":
         raise ValueError(f"no attention backend implements policy {policy.kind!r}")
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if bias is not None:
+        # SDPA takes one mask: fold the boolean mask into the bias with the dtype's most
+        # negative value (as transformers does), so padded keys get no weight.
+        bias = bias.to(q.dtype)
+        mask = bias if mask is None else torch.where(mask, bias, torch.finfo(q.dtype).min)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
