@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default 4.0)")
     gen.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed+k (default 0)")
     gen.add_argument("--size", type=_size, default=None, metavar="WxH", help="image size (default: the model's)")
-    gen.add_argument("--scheduler", default=None, help="replace the model's scheduler: ddim or ddpm")
+    gen.add_argument("--scheduler", default=None, help="replace the model's scheduler: ddim, ddpm or flow_euler (alias euler)")
     gen.add_argument("--vae", default=None, help="VAE for checkpoints without one (original DiT .pt)")
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--dtype", default="fp32", help="fp32, fp16 or bf16")

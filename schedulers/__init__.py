@@ -15,18 +15,22 @@ from dite.engine.errors import ConfigError
 from dite.schedulers.base import Scheduler, SchedulerState
 from dite.schedulers.ddim import DDIMConfig, DDIMScheduler
 from dite.schedulers.ddpm import DDPMConfig, DDPMScheduler
+from dite.schedulers.flow_match import FlowMatchEulerConfig, FlowMatchEulerScheduler, FlowMatchState
 
-_CLASSES: tuple[type[Scheduler], ...] = (DDIMScheduler, DDPMScheduler)
+_CLASSES: tuple[type[Scheduler], ...] = (DDIMScheduler, DDPMScheduler, FlowMatchEulerScheduler)
 
 #: diffusers class name -> scheduler class
 SCHEDULERS: dict[str, type[Scheduler]] = {cls.diffusers_class: cls for cls in _CLASSES}
 #: short (CLI) name -> scheduler class
 BY_NAME: dict[str, type[Scheduler]] = {cls.name: cls for cls in _CLASSES}
+#: other names people use for a scheduler (ComfyUI and A1111 call flow-matching Euler "euler")
+ALIASES: dict[str, str] = {"euler": FlowMatchEulerScheduler.name}
 
 CONFIG_NAME = "scheduler_config.json"
 
-__all__ = ["SCHEDULERS", "BY_NAME", "Scheduler", "SchedulerState", "DDIMConfig", "DDIMScheduler",
-           "DDPMConfig", "DDPMScheduler", "from_diffusers_config", "load_scheduler", "by_name"]
+__all__ = ["SCHEDULERS", "BY_NAME", "ALIASES", "Scheduler", "SchedulerState", "DDIMConfig", "DDIMScheduler",
+           "DDPMConfig", "DDPMScheduler", "FlowMatchEulerConfig", "FlowMatchEulerScheduler", "FlowMatchState",
+           "from_diffusers_config", "load_scheduler", "by_name"]
 
 
 def from_diffusers_config(config: dict) -> Scheduler:
@@ -65,7 +69,7 @@ def load_scheduler(folder_or_json_path: str | Path) -> Scheduler:
 
 
 def by_name(name: str, base_config: dict | None = None, **overrides) -> Scheduler:
-    """A scheduler by CLI name ("ddim", "ddpm") with config overrides.
+    """A scheduler by CLI name ("ddim", "ddpm", "flow_euler" alias "euler") with config overrides.
 
     `base_config`, a diffusers config of any class (typically the model's own
     scheduler_config.json), supplies the training noise schedule (betas, prediction type,
@@ -73,7 +77,7 @@ def by_name(name: str, base_config: dict | None = None, **overrides) -> Schedule
     keys the named scheduler does not read are dropped. `overrides` must all be fields of
     the scheduler's config.
     """
-    cls = BY_NAME.get(name)
+    cls = BY_NAME.get(ALIASES.get(name, name))
     if cls is None:
         raise ConfigError(f"unknown scheduler {name!r}; choose one of {', '.join(sorted(BY_NAME))}")
     known = {f.name for f in fields(cls.config_class)}

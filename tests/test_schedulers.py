@@ -298,7 +298,7 @@ def test_by_name():
     assert by_name("ddim", pixart, clip_sample=False).config == \
         DDIMConfig(timestep_spacing="linspace", clip_sample=False)
     with pytest.raises(ConfigError, match="ddim, ddpm"):
-        by_name("euler")
+        by_name("heun")
     with pytest.raises(ConfigError, match="no option variance_type"):
         by_name("ddim", variance_type="learned")
 
