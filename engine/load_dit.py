@@ -36,7 +36,9 @@ def _read_config(folder: Path) -> dict:
     return json.loads(file.read_text())
 
 
-def load_folder(path: Path, model_index: dict, *, device, dtype, vae, variant, model_config) -> DiTPipeline:
+def load_folder(path: Path, model_index: dict, *, device, dtype, vae, variant, model_config,
+                components: dict) -> DiTPipeline:
+    _no_components(components)
     config = _read_config(path / "transformer")
     if config.get("_class_name") not in TRANSFORMER_CLASSES:
         raise ConfigError(f"{path / 'transformer'} holds a {config.get('_class_name')!r}, not a DiT transformer")
@@ -50,7 +52,9 @@ def load_folder(path: Path, model_index: dict, *, device, dtype, vae, variant, m
     return DiTPipeline(transformer, vae_module, scheduler, id2label=model_index.get("id2label"))
 
 
-def load_file(path: Path, reader: WeightReader, *, device, dtype, vae, variant, model_config) -> DiTPipeline:
+def load_file(path: Path, reader: WeightReader, *, device, dtype, vae, variant, model_config,
+              components: dict) -> DiTPipeline:
+    _no_components(components)
     layout = dit.detect_layout(reader.keys())
     if layout != "original":
         raise CheckpointError(
@@ -72,6 +76,11 @@ def load_file(path: Path, reader: WeightReader, *, device, dtype, vae, variant, 
     scheduler = by_name("ddpm", timestep_spacing="linspace", clip_sample=False,
                         variance_type="learned_range" if cfg.learned_sigma else "fixed_small")
     return DiTPipeline(transformer, _vae(vae, None, device=device, dtype=dtype, variant=variant), scheduler)
+
+
+def _no_components(components: dict) -> None:
+    if components:
+        raise ConfigError(f"a DiT pipeline has no {', '.join(sorted(components))} to replace")
 
 
 def _vae(vae, default: Path | None, *, device, dtype, variant):

@@ -51,9 +51,9 @@ def parse_device(device: torch.device | str) -> torch.device:
 
 def _families():
     # Imported here so that `import dite.engine` stays light.
-    from dite.engine import load_dit
+    from dite.engine import load_dit, load_sd3
 
-    return [load_dit]
+    return [load_dit, load_sd3]
 
 
 def supported_pipelines() -> list[str]:
@@ -70,6 +70,7 @@ def load(
     variant: str | None = None,
     revision: str | None = None,
     model_config: dict | None = None,
+    **components: Any,
 ) -> Pipeline:
     """Load a pipeline from `source` (folder, file or hub repo id) onto `device` in `dtype`.
 
@@ -77,11 +78,13 @@ def load(
     `.pt`), or to replace the bundled one. scheduler: a Scheduler, or a name ("ddim",
     "ddpm") to replace the folder's. variant: a precision variant of the files ("fp16").
     model_config: config fields that cannot be inferred from tensors (e.g. DiT num_heads for
-    a non-standard width).
+    a non-standard width). Other keywords replace pipeline components by their diffusers
+    name; `text_encoder_3=None` runs SD3 without T5 (its tokens become zeros).
     """
     device, dtype = parse_device(device), parse_dtype(dtype)
     path = resolve_source(source, revision=revision, variant=variant)
-    options = dict(device=device, dtype=dtype, vae=vae, variant=variant, model_config=model_config or {})
+    options = dict(device=device, dtype=dtype, vae=vae, variant=variant, model_config=model_config or {},
+                   components=components)
     if path.is_dir():
         index = path / "model_index.json"
         if not index.exists():
@@ -109,7 +112,7 @@ def load(
             sample = ", ".join(sorted(keys)[:4])
             raise CheckpointError(
                 f"{path}: cannot tell which model this checkpoint is (tensors such as {sample}); "
-                "dite reads DiT checkpoints in the original or diffusers layout"
+                "dite reads DiT and SD3 checkpoints in their original or diffusers layouts"
             )
         pipe = family.load_file(path, reader, **options)
     pipe.source = str(source)

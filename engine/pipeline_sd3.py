@@ -1,0 +1,115 @@
+"""Text-to-image with SD3 / SD3.5: prompts -> CLIP-L, bigG, T5 -> guided flow sampling -> VAE."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from dite.engine.errors import InputError
+from dite.engine.images import check_output_type, postprocess
+from dite.engine.noise import image_generators, initial_latents, resolve_seed
+from dite.engine.output import GenerationOutput
+from dite.engine.pipeline import Pipeline, dite_version, timed
+from dite.engine.sampling import GenerationState, denoise
+from dite.engine.text_sd3 import SD3TextEncoders
+from dite.models.denoiser import Conditioning
+from dite.models.mmdit import MMDiT
+
+
+def as_prompt_list(prompt: str | Sequence[str], name: str) -> list[str]:
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise InputError(f"{name} must be a string or a non-empty list of strings")
+    return prompts
+
+
+class SD3Pipeline(Pipeline):
+    family = "sd3"
+    transformer: MMDiT
+
+    def __init__(self, transformer: MMDiT, vae, scheduler, text: SD3TextEncoders, *, source: str = ""):
+        super().__init__(transformer, vae, scheduler, source=source)
+        self.text = text
+
+    def encode_prompts(self, prompts: list[str], negatives: list[str] | None, max_sequence_length: int) -> Conditioning:
+        """Conditioning for the batch; with negatives, the unconditional rows come first."""
+        all_prompts = (negatives or []) + prompts
+        context, pooled = self.text.encode(all_prompts, max_sequence_length)
+        dtype, device = self.dtype, self.device
+        return Conditioning(context=context.to(device, dtype), pooled=pooled.to(device, dtype),
+                            cfg_layout="uncond_first" if negatives is not None else "none")
+
+    def _scheduler_start(self, steps: int, generators, image_tokens: int):
+        if getattr(self.scheduler, "needs_image_seq_len", False):
+            return self.scheduler.start(steps, generators=generators, device=self.device, image_seq_len=image_tokens)
+        return self.scheduler.start(steps, generators=generators, device=self.device)
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 28,
+        guidance_scale: float = 7.0,
+        max_sequence_length: int = 256,
+        seed: int | None = 0,
+        latents: torch.Tensor | None = None,
+        num_images_per_prompt: int = 1,
+        output_type: str = "pil",
+        progress: bool = True,
+    ) -> GenerationOutput:
+        check_output_type(output_type)
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise InputError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise InputError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
+        prompts = as_prompt_list(prompt, "prompt")
+        guided = guidance_scale > 1.0
+        negatives = None
+        if guided:
+            negatives = as_prompt_list(negative_prompt if negative_prompt is not None else "", "negative_prompt")
+            if len(negatives) == 1:
+                negatives = negatives * len(prompts)
+            if len(negatives) != len(prompts):
+                raise InputError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+        cfg = self.transformer.config
+        h, w = self.latent_size(height, width, cfg.sample_size)
+        # Image k of the batch is prompt k // n (copies of one prompt are adjacent).
+        per_image = [p for p in prompts for _ in range(num_images_per_prompt)]
+        neg_per_image = [p for p in negatives for _ in range(num_images_per_prompt)] if negatives else None
+        seed = resolve_seed(seed)
+        generators = image_generators(seed, len(per_image))
+        timings: dict[str, float] = {}
+
+        with timed(timings, "encode"):
+            cond = self.encode_prompts(per_image, neg_per_image, max_sequence_length)
+            image_tokens = (h // cfg.patch_size) * (w // cfg.patch_size)
+            sched_state = self._scheduler_start(num_inference_steps, generators, image_tokens)
+            x = initial_latents((cfg.in_channels, h, w), generators, latents, device=self.device, dtype=self.dtype)
+            x = x * self.scheduler.init_noise_sigma(sched_state)
+
+        with timed(timings, "denoise"):
+            x = denoise(self.transformer, self.scheduler, x, cond, GenerationState(scheduler=sched_state),
+                        guidance_scale=guidance_scale, prediction_channels=cfg.out_channels, progress=progress)
+
+        images = None
+        if output_type != "latent":
+            with timed(timings, "decode"):
+                images = postprocess(self.decode(x), output_type)
+
+        base = {
+            "model": self.source, "family": self.family, "steps": num_inference_steps,
+            "guidance": guidance_scale, "scheduler": self.scheduler.name,
+            "size": f"{w * self.vae_scale_factor}x{h * self.vae_scale_factor}",
+            "max_sequence_length": max_sequence_length, "t5": self.text.t5 is not None,
+            "dite_version": dite_version(),
+        }
+        params = [
+            {**base, "prompt": p, "negative_prompt": neg_per_image[k] if neg_per_image else None,
+             "seed": seed + k, "latents": "given" if latents is not None else "seeded"}
+            for k, p in enumerate(per_image)
+        ]
+        return GenerationOutput(images=images, latents=x, parameters=params, timings=timings)
