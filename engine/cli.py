@@ -30,12 +30,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dite {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="make images (class-to-image with DiT)")
+    gen = sub.add_parser("generate", help="make images: text-to-image (SD3) or class-to-image (DiT)")
+    gen.add_argument("prompt", nargs="*", help="prompt(s) for text-to-image models; one image set per prompt")
     gen.add_argument("--model", required=True, help="pipeline folder, checkpoint file or hub repo id")
     gen.add_argument("--class-label", action="append", default=[], metavar="ID",
                      help="class index (or name, if the model has label names); repeat for several images")
-    gen.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
-    gen.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default 4.0)")
+    gen.add_argument("--negative-prompt", default=None, help="what to steer away from (text-to-image)")
+    gen.add_argument("--images-per-prompt", type=int, default=1)
+    gen.add_argument("--max-sequence-length", type=int, default=256, help="T5 tokens (SD3; default 256)")
+    gen.add_argument("--no-t5", action="store_true", help="SD3 without T5 (low memory; its tokens become zeros)")
+    gen.add_argument("--steps", type=int, default=None, help="denoising steps (default: the family's, DiT 50, SD3 28)")
+    gen.add_argument("--guidance", type=float, default=None,
+                     help="classifier-free guidance scale (default: the family's, DiT 4.0, SD3 7.0)")
     gen.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed+k (default 0)")
     gen.add_argument("--size", type=_size, default=None, metavar="WxH", help="image size (default: the model's)")
     gen.add_argument("--scheduler", default=None, help="replace the model's scheduler: ddim, ddpm or flow_euler (alias euler)")
@@ -70,19 +76,32 @@ def cmd_generate(args) -> int:
     from dite.engine.images import save_png
     from dite.engine.loader import load
 
-    if not args.class_label:
-        raise DiteError("give at least one --class-label (DiT is class-conditional)")
-    pipe = load(args.model, device=args.device, dtype=args.dtype, vae=args.vae, scheduler=args.scheduler)
-    labels = [int(x) if x.lstrip("-").isdigit() else x for x in args.class_label]
+    components = {"text_encoder_3": None} if args.no_t5 else {}
+    pipe = load(args.model, device=args.device, dtype=args.dtype, vae=args.vae, scheduler=args.scheduler,
+                **components)
     width, height = args.size if args.size else (None, None)
-    out = pipe(class_labels=labels, num_inference_steps=args.steps, guidance_scale=args.guidance,
-               seed=args.seed, height=height, width=width, progress=not args.quiet)
+    common = dict(seed=args.seed, height=height, width=width, progress=not args.quiet)
+    if args.steps is not None:
+        common["num_inference_steps"] = args.steps
+    if args.guidance is not None:
+        common["guidance_scale"] = args.guidance
+    if pipe.family == "dit":
+        if args.prompt or not args.class_label:
+            raise DiteError("this is a class-conditional DiT: give --class-label ID (one per image), not a prompt")
+        labels = [int(x) if x.lstrip("-").isdigit() else x for x in args.class_label]
+        out = pipe(class_labels=labels, **common)
+    else:
+        if args.class_label or not args.prompt:
+            raise DiteError(f"this is a text-to-image model ({pipe.family}): give a prompt, not --class-label")
+        out = pipe(prompt=args.prompt, negative_prompt=args.negative_prompt,
+                   num_images_per_prompt=args.images_per_prompt, max_sequence_length=args.max_sequence_length,
+                   **common)
     for image, params, path in zip(out.images, out.parameters, output_paths(args.output, len(out.images))):
         save_png(image, path, params)
         print(path)
     t = out.timings
-    print(f"{len(out.images)} image(s), {args.steps} steps: denoise {t.get('denoise', 0):.2f}s, "
-          f"decode {t.get('decode', 0):.2f}s", file=sys.stderr)
+    print(f"{len(out.images)} image(s), {out.parameters[0]['steps']} steps: encode {t.get('encode', 0):.2f}s, "
+          f"denoise {t.get('denoise', 0):.2f}s, decode {t.get('decode', 0):.2f}s", file=sys.stderr)
     return 0
 
 

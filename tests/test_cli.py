@@ -40,7 +40,8 @@ def test_generate_writes_pngs_with_parameters(folder, tmp_path, capsys):
     "argv, message",
     [
         (["generate", "--model", "{folder}", "--class-label", "5000"], "class label 5000 is out of range"),
-        (["generate", "--model", "{folder}"], "give at least one --class-label"),
+        (["generate", "--model", "{folder}"], "give --class-label ID"),
+        (["generate", "--model", "{folder}", "a prompt"], "class-conditional DiT"),
         (["generate", "--model", "{folder}", "--class-label", "1", "--size", "18x16"], "width 18"),
         (["generate", "--model", "/nowhere/model", "--class-label", "1"], "no such file or folder"),
         (["inspect", "/nowhere/file.safetensors"], "no such file or folder"),

@@ -126,3 +126,23 @@ def test_bad_arguments(sd3, kwargs, message):
     args.update(kwargs)
     with pytest.raises(InputError, match=message):
         load(folder)(**args)
+
+
+def test_cli_text_to_image(sd3, tmp_path, capsys):
+    from PIL import Image
+
+    from dite.engine.cli import main
+
+    _, folder = sd3
+    out = tmp_path / "sd3.png"
+    assert main(["generate", "--model", str(folder), "a red circle", "a blue square", "--negative-prompt", "blur",
+                 "--size", "24x16", "--steps", "2", "--guidance", "5", "--seed", "3", "--no-t5", "-o", str(out),
+                 "--quiet"]) == 0
+    paths = [tmp_path / "sd3-0.png", tmp_path / "sd3-1.png"]
+    assert capsys.readouterr().out.split() == [str(p) for p in paths]
+    params = json.loads(Image.open(paths[1]).text["dite"])
+    assert params["prompt"] == "a blue square" and params["negative_prompt"] == "blur" and params["seed"] == 4
+    assert params["t5"] is False and params["size"] == "24x16" and params["scheduler"] == "flow_euler"
+    assert Image.open(paths[0]).size == (24, 16)
+    assert main(["generate", "--model", str(folder), "--class-label", "3"]) == 2
+    assert "text-to-image" in capsys.readouterr().err
