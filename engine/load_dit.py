@@ -10,7 +10,7 @@ import torch
 from dite.engine.errors import CheckpointError, ConfigError
 from dite.engine.pipeline_dit import DiTPipeline
 from dite.engine.vae_loading import load_vae
-from dite.engine.weights import WeightReader, find_weights_file, load_weights, open_weights
+from dite.engine.weights import WeightReader, find_weights_file, build_module, open_weights
 from dite.models import dit
 from dite.schedulers import by_name, load_scheduler
 
@@ -23,10 +23,8 @@ def detect_file(keys) -> bool:
 
 
 def build_transformer(cfg: dit.DiTConfig, reader: WeightReader, layout: str, *, device, dtype) -> dit.DiT:
-    with torch.device("meta"):
-        module = dit.DiT(cfg)
     keymap, ignore = dit.keymap(cfg, layout)
-    return load_weights(module, keymap, reader, ignore=ignore, dtype=dtype, device=device)
+    return build_module(lambda: dit.DiT(cfg), keymap, reader, ignore=ignore, dtype=dtype, device=device)
 
 
 def _read_config(folder: Path) -> dict:

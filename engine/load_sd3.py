@@ -12,7 +12,7 @@ from dite.engine.pipeline_sd3 import SD3Pipeline
 from dite.engine.text_encoder_loading import load_clip, load_t5
 from dite.engine.text_sd3 import SD3TextEncoders
 from dite.engine.vae_loading import load_vae
-from dite.engine.weights import WeightReader, find_weights_file, load_weights, open_weights
+from dite.engine.weights import WeightReader, find_weights_file, build_module, open_weights
 from dite.models import mmdit
 from dite.models.tokenizers import CLIPTokenizer, T5Tokenizer
 from dite.schedulers import load_scheduler
@@ -26,10 +26,8 @@ def detect_file(keys) -> bool:
 
 
 def build_transformer(cfg: mmdit.MMDiTConfig, reader: WeightReader, layout: str, *, device, dtype, prefix=""):
-    with torch.device("meta"):
-        module = mmdit.MMDiT(cfg)
     keymap, ignore = mmdit.keymap(cfg, layout, prefix)
-    return load_weights(module, keymap, reader, ignore=ignore, dtype=dtype, device=device)
+    return build_module(lambda: mmdit.MMDiT(cfg), keymap, reader, ignore=ignore, dtype=dtype, device=device)
 
 
 def _tokenizer(folder: Path, kind: type):

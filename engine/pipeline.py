@@ -65,6 +65,24 @@ class Pipeline:
         z = self.vae.from_model_space(latents.to(next(self.vae.parameters()).dtype))
         return self.vae.decode(z)
 
+    def finish(self, x: torch.Tensor, output_type: str, timings: dict[str, float], base: dict[str, Any],
+               per_image: list[dict[str, Any]], latents_given: bool, seed: int, size: tuple[int, int]):
+        """Decode (unless "latent") and assemble the output with one parameter dict per image."""
+        from dite.engine.images import postprocess
+        from dite.engine.output import GenerationOutput
+
+        images = None
+        if output_type != "latent":
+            with timed(timings, "decode"):
+                images = postprocess(self.decode(x), output_type)
+        h, w = size
+        base = {"model": self.source, "family": self.family, "scheduler": self.scheduler.name,
+                "size": f"{w * self.vae_scale_factor}x{h * self.vae_scale_factor}", **base,
+                "dite_version": dite_version()}
+        params = [{**base, **extra, "seed": seed + k, "latents": "given" if latents_given else "seeded"}
+                  for k, extra in enumerate(per_image)]
+        return GenerationOutput(images=images, latents=x, parameters=params, timings=timings)
+
     def describe(self) -> dict[str, Any]:
         params = sum(p.numel() for p in self.transformer.parameters())
         return {

@@ -7,10 +7,10 @@ from typing import Sequence
 import torch
 
 from dite.engine.errors import InputError
-from dite.engine.images import check_output_type, postprocess
+from dite.engine.images import check_output_type
 from dite.engine.noise import image_generators, initial_latents, resolve_seed
 from dite.engine.output import GenerationOutput
-from dite.engine.pipeline import Pipeline, dite_version, timed
+from dite.engine.pipeline import Pipeline, timed
 from dite.engine.sampling import GenerationState, denoise
 from dite.models.denoiser import Conditioning
 from dite.models.dit import DiT
@@ -94,19 +94,6 @@ class DiTPipeline(Pipeline):
                 progress=progress,
             )
 
-        images = None
-        if output_type != "latent":
-            with timed(timings, "decode"):
-                images = postprocess(self.decode(x), output_type)
-
-        base = {
-            "model": self.source, "family": self.family, "steps": num_inference_steps,
-            "guidance": guidance_scale, "scheduler": self.scheduler.name,
-            "size": f"{w * self.vae_scale_factor}x{h * self.vae_scale_factor}",
-            "dite_version": dite_version(),
-        }
-        params = [
-            {**base, "class_label": label, "seed": seed + k, "latents": "given" if latents is not None else "seeded"}
-            for k, label in enumerate(labels)
-        ]
-        return GenerationOutput(images=images, latents=x, parameters=params, timings=timings)
+        return self.finish(x, output_type, timings,
+                           {"steps": num_inference_steps, "guidance": guidance_scale},
+                           [{"class_label": label} for label in labels], latents is not None, seed, (h, w))

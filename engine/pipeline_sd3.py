@@ -7,10 +7,10 @@ from typing import Sequence
 import torch
 
 from dite.engine.errors import InputError
-from dite.engine.images import check_output_type, postprocess
+from dite.engine.images import check_output_type
 from dite.engine.noise import image_generators, initial_latents, resolve_seed
 from dite.engine.output import GenerationOutput
-from dite.engine.pipeline import Pipeline, dite_version, timed
+from dite.engine.pipeline import Pipeline, timed
 from dite.engine.sampling import GenerationState, denoise
 from dite.engine.text_sd3 import SD3TextEncoders
 from dite.models.denoiser import Conditioning
@@ -95,21 +95,10 @@ class SD3Pipeline(Pipeline):
             x = denoise(self.transformer, self.scheduler, x, cond, GenerationState(scheduler=sched_state),
                         guidance_scale=guidance_scale, prediction_channels=cfg.out_channels, progress=progress)
 
-        images = None
-        if output_type != "latent":
-            with timed(timings, "decode"):
-                images = postprocess(self.decode(x), output_type)
-
-        base = {
-            "model": self.source, "family": self.family, "steps": num_inference_steps,
-            "guidance": guidance_scale, "scheduler": self.scheduler.name,
-            "size": f"{w * self.vae_scale_factor}x{h * self.vae_scale_factor}",
-            "max_sequence_length": max_sequence_length, "t5": self.text.t5 is not None,
-            "dite_version": dite_version(),
-        }
-        params = [
-            {**base, "prompt": p, "negative_prompt": neg_per_image[k] if neg_per_image else None,
-             "seed": seed + k, "latents": "given" if latents is not None else "seeded"}
-            for k, p in enumerate(per_image)
-        ]
-        return GenerationOutput(images=images, latents=x, parameters=params, timings=timings)
+        return self.finish(
+            x, output_type, timings,
+            {"steps": num_inference_steps, "guidance": guidance_scale,
+             "max_sequence_length": max_sequence_length, "t5": self.text.t5 is not None},
+            [{"prompt": p, "negative_prompt": neg_per_image[k] if neg_per_image else None}
+             for k, p in enumerate(per_image)],
+            latents is not None, seed, (h, w))

@@ -306,6 +306,14 @@ def load_weights(
     return module.eval().requires_grad_(False)
 
 
+def build_module(factory, keymap: KeyMap, reader: WeightReader, *, ignore: Iterable[str] = (),
+                 dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> nn.Module:
+    """Build `factory()` on the meta device (no memory) and fill it from `reader`."""
+    with torch.device("meta"):
+        module = factory()
+    return load_weights(module, keymap, reader, ignore=ignore, dtype=dtype, device=device)
+
+
 def _materialize_computed_buffers(module: nn.Module, device, dtype) -> None:
     """Modules with non-persistent buffers (computed, not stored) rebuild them here."""
     for sub in module.modules():

@@ -19,6 +19,7 @@ from dite.engine.errors import CheckpointError, ConfigError
 from dite.models.checkpoint import KeyMap, concat, count_indexed, identical_copies, take
 from dite.models.denoiser import Conditioning, Denoiser, Hidden
 from dite.models.layers import (
+    FinalLayer,
     LabelEmbedder,
     Mlp,
     PatchEmbed,
@@ -126,18 +127,6 @@ class DiTBlock(nn.Module):
         return hidden.with_image(x)
 
 
-class FinalLayer(nn.Module):
-    def __init__(self, cfg: DiTConfig):
-        super().__init__()
-        dim = cfg.hidden_size
-        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(dim, cfg.patch_size * cfg.patch_size * cfg.out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
-
 
 class DiT(Denoiser):
     family = "dit"
@@ -149,7 +138,7 @@ class DiT(Denoiser):
         self.t_embedder = TimestepEmbedder(cfg.hidden_size, cfg.frequency_embedding_size, cfg.freq_shift)
         self.y_embedder = LabelEmbedder(cfg.num_classes, cfg.hidden_size)
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
-        self.final_layer = FinalLayer(cfg)
+        self.final_layer = FinalLayer(cfg.hidden_size, cfg.patch_size, cfg.out_channels)
         self.register_buffer("pos_embed", torch.empty(0), persistent=False)
 
     @property

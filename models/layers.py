@@ -192,3 +192,19 @@ class RMSNorm(nn.Module):
         if self.weight.dtype in (torch.float16, torch.bfloat16):
             x = x.to(self.weight.dtype)
         return x * self.weight
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale) on a parameter-free LayerNorm, then the per-token projection to
+    patch x patch x channels (DiT's and SD3's reference layout; diffusers' SD3 port stores the
+    two halves the other way round, which its key map swaps)."""
+
+    def __init__(self, dim: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))

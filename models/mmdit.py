@@ -21,6 +21,7 @@ from dite.engine.errors import CheckpointError, ConfigError
 from dite.models.checkpoint import KeyMap, Source, concat, count_indexed, take
 from dite.models.denoiser import Conditioning, Denoiser, Hidden
 from dite.models.layers import (
+    FinalLayer,
     Mlp,
     PatchEmbed,
     RMSNorm,
@@ -171,18 +172,6 @@ class VectorEmbedder(nn.Module):
         return self.mlp(y)
 
 
-class FinalLayer(nn.Module):
-    def __init__(self, cfg: MMDiTConfig):
-        super().__init__()
-        dim = cfg.hidden_size
-        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(dim, cfg.patch_size * cfg.patch_size * cfg.out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
-
 
 class MMDiT(Denoiser):
     family = "sd3"
@@ -197,7 +186,7 @@ class MMDiT(Denoiser):
         self.y_embedder = VectorEmbedder(cfg.pooled_dim, dim)
         self.context_embedder = nn.Linear(cfg.context_dim, dim)
         self.blocks = nn.ModuleList(JointBlock(cfg, i) for i in range(cfg.depth))
-        self.final_layer = FinalLayer(cfg)
+        self.final_layer = FinalLayer(cfg.hidden_size, cfg.patch_size, cfg.out_channels)
 
     def cropped_pos_embed(self, grid: tuple[int, int]) -> torch.Tensor:
         """The centred h x w window of the stored max_size x max_size table (not interpolated)."""
