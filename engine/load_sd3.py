@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 
 from dite.engine.errors import CheckpointError, ConfigError
 from dite.engine.pipeline_sd3 import SD3Pipeline

@@ -10,7 +10,7 @@ eps of the norm before the MLP (`mlp_norm_eps`: 1e-6 original, diffusers' `norm_
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
