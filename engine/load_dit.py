@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 
 from dite.engine.errors import CheckpointError, ConfigError
 from dite.engine.pipeline_dit import DiTPipeline
-from dite.engine.vae_loading import load_vae
-from dite.engine.weights import WeightReader, find_weights_file, build_module, open_weights
+from dite.engine.vae_loading import resolve_vae
+from dite.engine.weights import WeightReader, build_module, open_component
 from dite.models import dit
 from dite.schedulers import by_name, load_scheduler
 
@@ -26,25 +25,14 @@ def build_transformer(cfg: dit.DiTConfig, reader: WeightReader, layout: str, *, 
     return build_module(lambda: dit.DiT(cfg), keymap, reader, ignore=ignore, dtype=dtype, device=device)
 
 
-def _read_config(folder: Path) -> dict:
-    file = folder / "config.json"
-    if not file.exists():
-        raise CheckpointError(f"{folder} has no config.json")
-    return json.loads(file.read_text())
-
-
 def load_folder(path: Path, model_index: dict, *, device, dtype, vae, variant, model_config,
                 components: dict) -> DiTPipeline:
     _no_components(components)
-    config = _read_config(path / "transformer")
-    if config.get("_class_name") not in TRANSFORMER_CLASSES:
-        raise ConfigError(f"{path / 'transformer'} holds a {config.get('_class_name')!r}, not a DiT transformer")
+    config, reader = open_component(path / "transformer", TRANSFORMER_CLASSES, dit.detect_layout,
+                                    "DiT transformer", variant)
     cfg = dit.DiTConfig.from_diffusers(config)
-    reader = open_weights(find_weights_file(path / "transformer", variant=variant))
-    if dit.detect_layout(reader.keys()) != "diffusers":
-        raise CheckpointError(f"the weights in {path / 'transformer'} are not a diffusers DiT transformer")
     transformer = build_transformer(cfg, reader, "diffusers", device=device, dtype=dtype)
-    vae_module = _vae(vae, path / "vae", device=device, dtype=dtype, variant=variant)
+    vae_module = resolve_vae(vae, path / "vae", device=device, dtype=dtype, variant=variant)
     scheduler = load_scheduler(path / "scheduler")
     return DiTPipeline(transformer, vae_module, scheduler, id2label=model_index.get("id2label"))
 
@@ -72,23 +60,9 @@ def load_file(path: Path, reader: WeightReader, *, device, dtype, vae, variant, 
     # respaced evenly (IDDPM's space_timesteps == diffusers' "linspace" spacing).
     scheduler = by_name("ddpm", timestep_spacing="linspace", clip_sample=False,
                         variance_type="learned_range" if cfg.learned_sigma else "fixed_small")
-    return DiTPipeline(transformer, _vae(vae, None, device=device, dtype=dtype, variant=variant), scheduler)
+    return DiTPipeline(transformer, resolve_vae(vae, None, device=device, dtype=dtype, variant=variant), scheduler)
 
 
 def _no_components(components: dict) -> None:
     if components:
         raise ConfigError(f"a DiT pipeline has no {', '.join(sorted(components))} to replace")
-
-
-def _vae(vae, default: Path | None, *, device, dtype, variant):
-    """The VAE module: a given module, a given source, or the folder's own."""
-    from dite.models.vae import AutoencoderKL
-    from dite.engine.hub import resolve_source
-
-    if isinstance(vae, AutoencoderKL):
-        return vae
-    source = resolve_source(vae, variant=variant) if vae is not None else default
-    if source is None or not Path(source).exists():
-        raise CheckpointError(f"no VAE found at {source}")
-    # DiT was trained with the sd-vae-ft (0.18215) latent scale; a bare file cannot say.
-    return load_vae(source, dtype=dtype, device=device, scaling_factor=None)

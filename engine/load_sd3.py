@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 
@@ -10,8 +9,8 @@ from dite.engine.errors import CheckpointError, ConfigError
 from dite.engine.pipeline_sd3 import SD3Pipeline
 from dite.engine.text_encoder_loading import load_clip, load_t5
 from dite.engine.text_sd3 import SD3TextEncoders
-from dite.engine.vae_loading import load_vae
-from dite.engine.weights import WeightReader, find_weights_file, build_module, open_weights
+from dite.engine.vae_loading import resolve_vae
+from dite.engine.weights import WeightReader, build_module, open_component
 from dite.models import mmdit
 from dite.models.tokenizers import CLIPTokenizer, T5Tokenizer
 from dite.schedulers import load_scheduler
@@ -43,21 +42,13 @@ def load_folder(path: Path, model_index: dict, *, device, dtype, vae, variant, m
         raise ConfigError(f"SD3 pipelines cannot replace {sorted(unknown)}")
     if components.get("text_encoder_3", None) is not None:
         raise ConfigError("text_encoder_3 takes None (run without T5)")
-    config_file = path / "transformer" / "config.json"
-    if not config_file.exists():
-        raise CheckpointError(f"{path / 'transformer'} has no config.json")
-    config = json.loads(config_file.read_text())
-    if config.get("_class_name") != "SD3Transformer2DModel":
-        raise ConfigError(f"{path / 'transformer'} holds a {config.get('_class_name')!r}, not an SD3 transformer")
+    config, reader = open_component(path / "transformer", ("SD3Transformer2DModel",), mmdit.detect_layout,
+                                    "SD3 transformer", variant)
     cfg = mmdit.MMDiTConfig.from_diffusers(config)
-    reader = open_weights(find_weights_file(path / "transformer", variant=variant))
-    if mmdit.detect_layout(reader.keys()) != "diffusers":
-        raise CheckpointError(f"the weights in {path / 'transformer'} are not a diffusers SD3 transformer")
     transformer = build_transformer(cfg, reader, "diffusers", device=device, dtype=dtype)
 
-    vae_module = load_vae(vae if vae is not None else path / "vae", dtype=dtype, device=device)
+    vae_module = resolve_vae(vae, path / "vae", dtype=dtype, device=device, variant=variant)
     scheduler = load_scheduler(path / "scheduler")
-    # Text encoders stay in float32 unless a half dtype is asked for: they run once per call.
     text = SD3TextEncoders(
         clip_l=load_clip(path / "text_encoder", dtype=dtype, device=device, variant=variant),
         clip_g=load_clip(path / "text_encoder_2", dtype=dtype, device=device, variant=variant),

@@ -66,3 +66,17 @@ def _read_json(path: Path) -> dict:
         return json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read VAE config {path}: {exc}") from None
+
+
+def resolve_vae(vae, default: Path | None, *, dtype: torch.dtype, device, variant: str | None = None) -> AutoencoderKL:
+    """A pipeline's VAE: a given module as is, a given path or hub id loaded, else `default`
+    (the pipeline folder's own `vae/`)."""
+    from dite.engine.errors import CheckpointError
+    from dite.engine.hub import resolve_source
+
+    if isinstance(vae, AutoencoderKL):
+        return vae
+    source = resolve_source(vae, variant=variant) if vae is not None else default
+    if source is None or not Path(source).exists():
+        raise CheckpointError(f"no VAE found at {source}")
+    return load_vae(source, dtype=dtype, device=device)

@@ -16,7 +16,7 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
-from dite.engine.errors import CheckpointError
+from dite.engine.errors import CheckpointError, ConfigError
 from dite.models.checkpoint import KeyMap
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
@@ -240,6 +240,25 @@ def find_weights_file(folder: Path, stem: str | None = None, variant: str | None
         f"no weights file in {folder} (looked for {stems[0]}.safetensors and its variants; "
         f"the folder has: {', '.join(found) or 'nothing'})"
     )
+
+
+def open_component(folder: Path, classes: Iterable[str], detect, what: str, variant: str | None = None):
+    """(config.json dict, weights reader) of one diffusers component folder, checked to hold
+    one of `classes` whose weights `detect(keys)` calls the "diffusers" layout."""
+    config_file = folder / "config.json"
+    if not config_file.exists():
+        raise CheckpointError(f"{folder} has no config.json")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{config_file} is not valid JSON ({exc})") from None
+    classes = tuple(classes)
+    if config.get("_class_name") not in classes:
+        raise ConfigError(f"{folder} holds a {config.get('_class_name')!r}, not a {what} ({' or '.join(classes)})")
+    reader = open_weights(find_weights_file(folder, variant=variant))
+    if detect(reader.keys()) != "diffusers":
+        raise CheckpointError(f"the weights in {folder} are not a diffusers {what}")
+    return config, reader
 
 
 def load_weights(

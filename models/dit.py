@@ -140,6 +140,7 @@ class DiT(Denoiser):
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(cfg.hidden_size, cfg.patch_size, cfg.out_channels)
         self.register_buffer("pos_embed", torch.empty(0), persistent=False)
+        self._other_grids: dict = {}  # derived tables for non-training sizes; a pure function cache
 
     @property
     def null_class(self) -> int:
@@ -160,7 +161,11 @@ class DiT(Denoiser):
         tokens, grid = self.x_embedder(x)
         pos = self.pos_embed
         if pos.shape[0] != grid[0] * grid[1] or grid[0] != grid[1]:
-            pos = self._pos_embed(grid).to(tokens.device)
+            # Another size than the training one: computed once per (grid, device), not per step.
+            key = (grid, tokens.device)
+            if key not in self._other_grids:
+                self._other_grids[key] = self._pos_embed(grid).to(tokens.device)
+            pos = self._other_grids[key]
         tokens = tokens + pos.to(tokens.dtype)
         t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
         c = self.t_embedder(t) + self.y_embedder(cond.class_labels)
