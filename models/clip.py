@@ -19,7 +19,7 @@ from torch import nn
 
 from dite.engine.attention import attention
 from dite.engine.errors import CheckpointError, ConfigError
-from dite.models.checkpoint import KeyMap, Source, count_indexed, take
+from dite.models.checkpoint import KeyMap, Source, count_indexed, piece_of, take, transformed
 from dite.models.layers import merge_heads, split_heads
 
 ACTIVATIONS = ("quick_gelu", "gelu")
@@ -281,11 +281,11 @@ def detect_clip(
 
 def _third(key: str, i: int) -> Source:
     """OpenCLIP's fused in_proj (q, k, v stacked on dim 0): the i-th third."""
-    return Source((key,), lambda ts: ts[0].chunk(3, dim=0)[i], what=f"third {i} of 3 (dim 0)")
+    return piece_of(key, i, 3, dim=0)
 
 
 def _transposed(key: str) -> Source:
-    return Source((key,), lambda ts: ts[0].t(), what="transpose")
+    return transformed(key, torch.t, torch.t, "transpose")
 
 
 _QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
@@ -329,7 +329,9 @@ def clip_keymap(config: CLIPTextConfig, layout: str, keys: Iterable[str], prefix
     keys = set(keys)
     with torch.device("meta"):
         names = list(CLIPTextModel(config).state_dict())
-    inner = prefix + _WRAPPER if any(k.startswith(prefix + _WRAPPER) for k in keys) else prefix
+    # No keys: exporting, into the layout transformers writes (with the text_model wrapper).
+    wrapped = not keys or any(k.startswith(prefix + _WRAPPER) for k in keys)
+    inner = prefix + _WRAPPER if wrapped else prefix
     if layout == "openclip":
         keymap = {name: _openclip_source(name, prefix) for name in names}
     else:

@@ -18,7 +18,7 @@ from torch import nn
 
 from dite.engine.attention import attention
 from dite.engine.errors import CheckpointError, ConfigError
-from dite.models.checkpoint import KeyMap, Source, concat, count_indexed, take
+from dite.models.checkpoint import KeyMap, Source, concat, count_indexed, take, transformed
 from dite.models.denoiser import Conditioning, Denoiser, Hidden
 from dite.models.layers import (
     FinalLayer,
@@ -256,7 +256,10 @@ def detect_config(shapes: dict[str, tuple[int, ...]], num_heads: int | None = No
 
 def swap_halves(key: str) -> Source:
     """diffusers' AdaLayerNormContinuous emits (scale, shift); the reference (shift, scale)."""
-    return Source((key,), lambda ts: torch.cat(ts[0].chunk(2, dim=0)[::-1]), what="swap halves")
+    def swap(t: torch.Tensor) -> torch.Tensor:
+        return torch.cat(t.chunk(2, dim=0)[::-1])
+
+    return transformed(key, swap, swap, "swap halves")
 
 
 def keymap(cfg: MMDiTConfig, layout: str, prefix: str = "") -> tuple[KeyMap, set[str]]:

@@ -20,7 +20,7 @@ from torch import nn
 
 from dite.engine.attention import attention
 from dite.engine.errors import CheckpointError, ConfigError
-from dite.models.checkpoint import KeyMap, Source, count_indexed, take
+from dite.models.checkpoint import KeyMap, Source, count_indexed, take, transformed
 
 # diffusers hard-codes eps 1e-6 in every VAE norm (torch's default would be 1e-5).
 _EPS = 1e-6
@@ -406,8 +406,8 @@ def _conv1x1_as_linear(key: str, features: int) -> Source:
 
     Flattening (not a fixed reshape) never fails, so a mis-sized kernel reaches the
     loader's shape check and is reported by name."""
-    return Source((key,), lambda ts: ts[0].reshape(ts[0].shape[0], -1) if ts[0].dim() > 1 else ts[0],
-                  what=f"reshape{(features, features)}")
+    return transformed(key, lambda t: t.reshape(t.shape[0], -1) if t.dim() > 1 else t,
+                       lambda t: t.reshape(*t.shape, 1, 1) if t.dim() == 2 else t, f"reshape{(features, features)}")
 
 
 # Our (= diffusers) attention names -> their names in old diffusers files and in LDM files.
