@@ -4,13 +4,29 @@ The plan types live in `dite.models.plan` (models read them without depending on
 method); they are re-exported here, where plans are built and composed.
 """
 
+from dite.accel.build import as_methods, build_plans, resolve  # noqa: F401
+from dite.accel.methods import (  # noqa: F401
+    METHODS,
+    DeltaCache,
+    DiTCache,
+    Method,
+    PlanContext,
+    PromptGate,
+    ToDo,
+)
+from dite.accel.spec import parse_spec  # noqa: F401
 from dite.models.plan import (  # noqa: F401
     FULL_ATTENTION,
     PLAIN_BLOCK,
     PLAIN_STEP,
     AttentionPolicy,
     BlockPlan,
+    RangeOp,
     StepPlan,
 )
 
-__all__ = ["AttentionPolicy", "BlockPlan", "StepPlan", "FULL_ATTENTION", "PLAIN_BLOCK", "PLAIN_STEP"]
+__all__ = [
+    "AttentionPolicy", "BlockPlan", "RangeOp", "StepPlan", "FULL_ATTENTION", "PLAIN_BLOCK", "PLAIN_STEP",
+    "Method", "DiTCache", "DeltaCache", "PromptGate", "ToDo", "METHODS", "PlanContext",
+    "as_methods", "build_plans", "resolve", "parse_spec",
+]

@@ -1,4 +1,4 @@
-"""The `dite` command line: generate, inspect.
+"""The `dite` command line: generate, inspect, accel.
 
 Every error the user can cause is one line on stderr and a non-zero exit code; tracebacks
 are for bugs (set DITE_DEBUG=1 to see them for user errors too).
@@ -46,10 +46,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--size", type=_size, default=None, metavar="WxH", help="image size (default: the model's)")
     gen.add_argument("--scheduler", default=None, help="replace the model's scheduler: ddim, ddpm or flow_euler (alias euler)")
     gen.add_argument("--vae", default=None, help="VAE for checkpoints without one (original DiT .pt)")
+    gen.add_argument("--tokenizers", default=None, metavar="PATH",
+                     help="SD3 single files: folder (or hub repo id) holding tokenizer/, tokenizer_2/, tokenizer_3/ "
+                          "(default: looked up beside the file)")
+    gen.add_argument("--accel", default=None, metavar="SPEC",
+                     help='training-free acceleration, e.g. "ditcache+promptgate+todo" (see `dite accel`)')
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--dtype", default="fp32", help="fp32, fp16 or bf16")
     gen.add_argument("-o", "--output", default="out.png", help="PNG path; several images get -0, -1, ... suffixes")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    acc = sub.add_parser("accel", help="list the acceleration methods, their parameters and defaults")
+    acc.add_argument("--json", action="store_true", help="machine-readable output")
 
     ins = sub.add_parser("inspect", help="describe a model source without loading it")
     ins.add_argument("source")
@@ -73,14 +81,15 @@ def output_paths(output: str, count: int) -> list[Path]:
 
 
 def cmd_generate(args) -> int:
+    from dite.engine.accounting import summary_line
     from dite.engine.images import save_png
     from dite.engine.loader import load
 
     components = {"text_encoder_3": None} if args.no_t5 else {}
     pipe = load(args.model, device=args.device, dtype=args.dtype, vae=args.vae, scheduler=args.scheduler,
-                **components)
+                tokenizers=args.tokenizers, **components)
     width, height = args.size if args.size else (None, None)
-    common = dict(seed=args.seed, height=height, width=width, progress=not args.quiet)
+    common = dict(seed=args.seed, height=height, width=width, progress=not args.quiet, accel=args.accel)
     if args.steps is not None:
         common["num_inference_steps"] = args.steps
     if args.guidance is not None:
@@ -99,9 +108,15 @@ def cmd_generate(args) -> int:
     for image, params, path in zip(out.images, out.parameters, output_paths(args.output, len(out.images))):
         save_png(image, path, params)
         print(path)
-    t = out.timings
-    print(f"{len(out.images)} image(s), {out.parameters[0]['steps']} steps: encode {t.get('encode', 0):.2f}s, "
-          f"denoise {t.get('denoise', 0):.2f}s, decode {t.get('decode', 0):.2f}s", file=sys.stderr)
+    print(f"{len(out.images)} image(s), {out.parameters[0]['steps']} steps | {summary_line(out.stats, out.timings)}",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_accel(args) -> int:
+    from dite.accel.describe import describe_methods, format_methods
+
+    print(json.dumps(describe_methods(), indent=2, default=str) if args.json else format_methods())
     return 0
 
 
@@ -125,7 +140,7 @@ def cmd_inspect(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"generate": cmd_generate, "inspect": cmd_inspect}[args.command](args)
+        return {"generate": cmd_generate, "inspect": cmd_inspect, "accel": cmd_accel}[args.command](args)
     except DiteError as exc:
         if os.environ.get("DITE_DEBUG"):
             raise

@@ -51,6 +51,22 @@ def resolve_source(source: str | os.PathLike, *, revision: str | None = None, va
     return folder
 
 
+TOKENIZER_PATTERNS = ["tokenizer/*", "tokenizer_2/*", "tokenizer_3/*"]
+
+
+def resolve_tokenizers(source: str | os.PathLike, *, revision: str | None = None) -> Path:
+    """A local folder holding SD3's tokenizer/, tokenizer_2/, tokenizer_3/: a path as is, or
+    a hub repo id of which only those folders (a few MB) are downloaded."""
+    path = Path(os.path.expanduser(str(source)))
+    if path.exists():
+        return path
+    text = str(source)
+    if not looks_like_repo_id(text) or len(text.split("/")) != 2:
+        raise HubError(f"tokenizers {text}: no such folder (and not a hub repo id like 'owner/name')")
+    return Path(_hub_call(text, "snapshot_download", repo_id=text, revision=revision,
+                          allow_patterns=TOKENIZER_PATTERNS))
+
+
 WEIGHT_FILE = re.compile(r"^\w+?(?:\.(?P<var>[\w]+))?(?:-\d+-of-\d+)?\.(?P<ext>safetensors|bin)$")
 INDEX_FILE = re.compile(r"^\w+?(?:\.(?P<var1>\w+))?\.(?P<ext>safetensors|bin)\.index(?:\.(?P<var2>\w+))?\.json$")
 

@@ -10,10 +10,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from dite.engine import sd3_files
 from dite.engine.errors import CheckpointError
 from dite.engine.hub import resolve_source
 from dite.engine.weights import WeightReader, find_weights_file, open_weights
-from dite.models import dit
+from dite.models import dit, mmdit
+from dite.models.sd3_variants import sd3_variant
 
 
 def _tensor_summary(reader: WeightReader) -> dict[str, Any]:
@@ -40,6 +42,10 @@ def inspect_source(source: str, *, variant: str | None = None) -> dict[str, Any]
         if model_index.get("_class_name") == "DiTPipeline":
             info["family"] = "dit"
             info["config"] = dit.DiTConfig.from_diffusers(json.loads((path / "transformer/config.json").read_text())).to_dict()
+        elif model_index.get("_class_name") == "StableDiffusion3Pipeline":
+            info["family"] = "sd3"
+            cfg = mmdit.MMDiTConfig.from_diffusers(json.loads((path / "transformer/config.json").read_text()))
+            info["variant"], info["config"] = sd3_variant(cfg), cfg.to_dict()
         for name, spec in model_index.items():
             if name.startswith("_") or not isinstance(spec, list) or not (path / name).is_dir():
                 continue
@@ -51,6 +57,8 @@ def inspect_source(source: str, *, variant: str | None = None) -> dict[str, Any]
             info["components"][name] = entry
         return info
     reader = open_weights(path)
+    if sd3_files.transformer_prefix(reader.keys()) is not None or mmdit.detect_layout(reader.keys()):
+        return {"source": str(source), **_sd3_file(path, reader), **_tensor_summary(reader)}
     layout = dit.detect_layout(reader.keys())
     if layout is None:
         raise CheckpointError(f"{path}: not a checkpoint dite recognises")
@@ -61,4 +69,25 @@ def inspect_source(source: str, *, variant: str | None = None) -> dict[str, Any]
         except Exception as exc:  # a non-standard width: report what is known
             info["config_error"] = str(exc)
     info.update(_tensor_summary(reader))
+    return info
+
+
+def _sd3_file(path: Path, reader: WeightReader) -> dict[str, Any]:
+    """An SD3 single file: its MMDiT config and release, and where its other parts are."""
+    keys = reader.keys()
+    prefix = sd3_files.transformer_prefix(keys)
+    if prefix is None:
+        return {"format": "single file", "family": "sd3", "layout": "diffusers"}
+    info: dict[str, Any] = {"format": "single file", "family": "sd3", "layout": "original"}
+    try:
+        cfg = mmdit.detect_config(sd3_files.transformer_shapes(reader, prefix))
+        info["variant"], info["config"] = sd3_variant(cfg), cfg.to_dict()
+    except Exception as exc:  # a non-standard width: report what is known
+        info["config_error"] = str(exc)
+    vae = sd3_files.vae_prefix(keys)
+    parts = {"transformer": f"{prefix}*", "vae": f"{vae}*" if vae is not None else "missing (pass --vae)"}
+    for part in sd3_files.TEXT_ENCODERS:
+        source = sd3_files.find_encoder(path, reader, part)
+        parts[part] = "missing" if source is None else source.where
+    info["parts"] = parts
     return info

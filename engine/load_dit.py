@@ -26,8 +26,8 @@ def build_transformer(cfg: dit.DiTConfig, reader: WeightReader, layout: str, *, 
 
 
 def load_folder(path: Path, model_index: dict, *, device, dtype, vae, variant, model_config,
-                components: dict) -> DiTPipeline:
-    _no_components(components)
+                components: dict, tokenizers=None) -> DiTPipeline:
+    _no_components(components, tokenizers)
     config, reader = open_component(path / "transformer", TRANSFORMER_CLASSES, dit.detect_layout,
                                     "DiT transformer", variant)
     cfg = dit.DiTConfig.from_diffusers(config)
@@ -38,8 +38,8 @@ def load_folder(path: Path, model_index: dict, *, device, dtype, vae, variant, m
 
 
 def load_file(path: Path, reader: WeightReader, *, device, dtype, vae, variant, model_config,
-              components: dict) -> DiTPipeline:
-    _no_components(components)
+              components: dict, tokenizers=None) -> DiTPipeline:
+    _no_components(components, tokenizers)
     layout = dit.detect_layout(reader.keys())
     if layout != "original":
         raise CheckpointError(
@@ -63,6 +63,8 @@ def load_file(path: Path, reader: WeightReader, *, device, dtype, vae, variant, 
     return DiTPipeline(transformer, resolve_vae(vae, None, device=device, dtype=dtype, variant=variant), scheduler)
 
 
-def _no_components(components: dict) -> None:
+def _no_components(components: dict, tokenizers) -> None:
+    if tokenizers is not None:
+        raise ConfigError("a DiT pipeline is class-conditional and has no tokenizers: drop tokenizers=")
     if components:
         raise ConfigError(f"a DiT pipeline has no {', '.join(sorted(components))} to replace")

@@ -1,21 +1,39 @@
-"""Loading SD3 / SD3.5 from a diffusers StableDiffusion3Pipeline folder."""
+"""Loading SD3 / SD3.5: a diffusers StableDiffusion3Pipeline folder, or an original single file
+(`sd3_medium.safetensors` with `text_encoders/` beside it, or `*_incl_clips*` with the
+encoders bundled; engine/sd3_files.py says where each part is)."""
 
 from __future__ import annotations
 
+import warnings
+from dataclasses import replace
 from pathlib import Path
 
-
+from dite.engine import sd3_files
 from dite.engine.errors import CheckpointError, ConfigError
+from dite.engine.hub import resolve_tokenizers
 from dite.engine.pipeline_sd3 import SD3Pipeline
 from dite.engine.text_encoder_loading import load_clip, load_t5
 from dite.engine.text_sd3 import SD3TextEncoders
-from dite.engine.vae_loading import resolve_vae
+from dite.engine.vae_loading import load_vae, resolve_vae
 from dite.engine.weights import WeightReader, build_module, open_component
 from dite.models import mmdit
-from dite.models.tokenizers import CLIPTokenizer, T5Tokenizer
-from dite.schedulers import load_scheduler
+from dite.models.clip import CLIPTextConfig, CLIPTextModel
+from dite.models.t5 import T5Config
+from dite.models.vae import VAEConfig
+from dite.schedulers import from_diffusers_config, load_scheduler
 
 PIPELINE_CLASSES = ("StableDiffusion3Pipeline",)
+# The scheduler_config.json of every SD3 / SD3.5 diffusers release; single files carry none.
+SD3_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
+# model_config keys a single file takes: what tensor shapes cannot tell (only needed for
+# sizes no release has): MMDiT heads, and each component's config.json (transformers /
+# diffusers format) or dite config.
+HINTS = {"text_encoder": CLIPTextConfig, "text_encoder_2": CLIPTextConfig, "text_encoder_3": T5Config,
+         "vae": VAEConfig}
+
+
+class RunningWithoutT5Warning(UserWarning):
+    """An SD3 single file was loaded without T5 because no T5 weights were found."""
 
 
 def detect_file(keys) -> bool:
@@ -23,49 +41,159 @@ def detect_file(keys) -> bool:
     return any(k.endswith(mmdit.ORIGINAL_ANCHOR) for k in keys) or mmdit.detect_layout(keys) is not None
 
 
-def build_transformer(cfg: mmdit.MMDiTConfig, reader: WeightReader, layout: str, *, device, dtype, prefix=""):
-    keymap, ignore = mmdit.keymap(cfg, layout, prefix)
-    return build_module(lambda: mmdit.MMDiT(cfg), keymap, reader, ignore=ignore, dtype=dtype, device=device)
+def build_transformer(cfg: mmdit.MMDiTConfig, reader: WeightReader, layout: str, *, device, dtype, prefix="",
+                      ignore=frozenset()):
+    keymap, keymap_ignore = mmdit.keymap(cfg, layout, prefix)
+    return build_module(lambda: mmdit.MMDiT(cfg), keymap, reader, ignore=set(keymap_ignore) | set(ignore),
+                        dtype=dtype, device=device)
 
 
-def _tokenizer(folder: Path, kind: type):
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder} is missing: SD3 needs its tokenizer files there "
-                              f"({'vocab.json + merges.txt' if kind is CLIPTokenizer else 'spiece.model or tokenizer.json'})")
-    return kind.from_folder(folder)
-
-
-def load_folder(path: Path, model_index: dict, *, device, dtype, vae, variant, model_config,
-                components: dict) -> SD3Pipeline:
+def _skip_t5(components: dict) -> bool:
+    """Whether `text_encoder_3=None` asked to run without T5 (the only component SD3 replaces)."""
     unknown = set(components) - {"text_encoder_3"}
     if unknown:
         raise ConfigError(f"SD3 pipelines cannot replace {sorted(unknown)}")
     if components.get("text_encoder_3", None) is not None:
         raise ConfigError("text_encoder_3 takes None (run without T5)")
+    return "text_encoder_3" in components
+
+
+def _tokenizer_places(tokenizers, default: list[Path]) -> list[Path]:
+    return [resolve_tokenizers(tokenizers)] if tokenizers is not None else default
+
+
+def check_text_widths(cfg: mmdit.MMDiTConfig, text: SD3TextEncoders, source) -> None:
+    """Refuse text encoders of another model here, not as a matmul error in the first step."""
+    def pooled_width(model: CLIPTextModel) -> int:
+        return model.config.projection_dim if model.text_projection is not None else model.config.width
+
+    pooled = pooled_width(text.clip_l) + pooled_width(text.clip_g)
+    states = text.clip_l.config.width + text.clip_g.config.width
+    problems = []
+    if pooled != cfg.pooled_dim:
+        problems.append(f"their pooled outputs are {pooled} wide together, the MMDiT takes {cfg.pooled_dim}")
+    if states > cfg.context_dim:
+        problems.append(f"their hidden states are {states} wide together, more than the MMDiT's {cfg.context_dim}")
+    if text.t5 is not None and text.t5.config.d_model != cfg.context_dim:
+        problems.append(f"T5 is {text.t5.config.d_model} wide, the MMDiT takes {cfg.context_dim}")
+    if problems:
+        raise CheckpointError(f"the text encoders of {source} do not fit its MMDiT: {'; '.join(problems)}. Are they "
+                              "from the same model release?")
+
+
+def load_folder(path: Path, model_index: dict, *, device, dtype, vae, variant, model_config,
+                components: dict, tokenizers=None) -> SD3Pipeline:
+    skip_t5 = _skip_t5(components)
     config, reader = open_component(path / "transformer", ("SD3Transformer2DModel",), mmdit.detect_layout,
                                     "SD3 transformer", variant)
     cfg = mmdit.MMDiTConfig.from_diffusers(config)
-    transformer = build_transformer(cfg, reader, "diffusers", device=device, dtype=dtype)
+    places = _tokenizer_places(tokenizers, [path])
+    has_t5 = isinstance(model_index.get("text_encoder_3"), list) and model_index["text_encoder_3"][0] is not None
+    use_t5 = has_t5 and not skip_t5
+    tokenizer_l, tokenizer_g = (sd3_files.load_tokenizer(places, p, single_file=False) for p in ("clip_l", "clip_g"))
+    tokenizer_t5 = sd3_files.load_tokenizer(places, "t5xxl", single_file=False) if use_t5 else None
 
+    transformer = build_transformer(cfg, reader, "diffusers", device=device, dtype=dtype)
     vae_module = resolve_vae(vae, path / "vae", dtype=dtype, device=device, variant=variant)
     scheduler = load_scheduler(path / "scheduler")
     text = SD3TextEncoders(
         clip_l=load_clip(path / "text_encoder", dtype=dtype, device=device, variant=variant),
         clip_g=load_clip(path / "text_encoder_2", dtype=dtype, device=device, variant=variant),
-        tokenizer_l=_tokenizer(path / "tokenizer", CLIPTokenizer),
-        tokenizer_g=_tokenizer(path / "tokenizer_2", CLIPTokenizer),
-        t5_width=cfg.context_dim,
+        tokenizer_l=tokenizer_l, tokenizer_g=tokenizer_g, t5_width=cfg.context_dim,
     )
-    has_t5 = isinstance(model_index.get("text_encoder_3"), list) and model_index["text_encoder_3"][0] is not None
-    if "text_encoder_3" not in components and has_t5:
+    if use_t5:
         # T5 overflows in fp16: it computes in bf16 or fp32 (see models/t5.py).
         text.t5 = load_t5(path / "text_encoder_3", dtype=dtype, device=device, variant=variant)
-        text.tokenizer_t5 = _tokenizer(path / "tokenizer_3", T5Tokenizer)
+        text.tokenizer_t5 = tokenizer_t5
+    check_text_widths(cfg, text, path)
     return SD3Pipeline(transformer, vae_module, scheduler, text)
 
 
-def load_file(path: Path, reader: WeightReader, **options) -> SD3Pipeline:
-    # The key maps and detection for the original single files exist (models/mmdit.py);
-    # assembling encoders and tokenizers around them is the next step of the SD3 issue.
-    raise CheckpointError(f"{path} is an SD3 single-file checkpoint; dite loads SD3 from the diffusers "
-                          "folder layout for now (e.g. stabilityai/stable-diffusion-3-medium-diffusers)")
+def load_file(path: Path, reader: WeightReader, *, device, dtype, vae, variant, model_config,
+              components: dict, tokenizers=None) -> SD3Pipeline:
+    """An original SD3 / SD3.5 single file with its text encoders (bundled or beside it in
+    text_encoders/) and tokenizers (beside it, or `tokenizers`). Everything is located and
+    checked before any weights are read, so a missing part fails at once."""
+    skip_t5 = _skip_t5(components)
+    hints = _hints(model_config)
+    keys = reader.keys()
+    prefix = sd3_files.transformer_prefix(keys)
+    if prefix is None:
+        raise CheckpointError(
+            f"{path} is a diffusers-layout SD3 transformer file without its folder; load the pipeline folder "
+            "(with model_index.json) instead"
+        )
+    cfg = mmdit.detect_config(sd3_files.transformer_shapes(reader, prefix), num_heads=model_config.get("num_heads"))
+    vae_prefix = sd3_files.vae_prefix(keys)
+    if vae is None and vae_prefix is None:
+        raise CheckpointError(f"{path} holds no VAE (no first_stage_model.* tensors): pass vae=PATH (CLI: --vae), "
+                              "e.g. the vae/ folder of a diffusers SD3 folder")
+    sources = {part: sd3_files.find_encoder(path, reader, part) for part in sd3_files.TEXT_ENCODERS}
+    missing = [part for part in ("clip_l", "clip_g") if sources[part] is None]
+    if missing:
+        raise sd3_files.missing_encoders_error(path, missing)
+    use_t5 = sources["t5xxl"] is not None and not skip_t5
+    if sources["t5xxl"] is None and not skip_t5:
+        files = " or ".join(sd3_files.SEPARATE_FILES["t5xxl"])
+        warnings.warn(
+            f"no T5 found for {path} (not bundled, and no {files} in "
+            f"{' or '.join(map(str, sd3_files.encoder_folders(path)))}): running SD3 without T5, whose tokens "
+            "become zeros (lower prompt adherence). Put the T5 file in text_encoders/ to use it, or pass "
+            "text_encoder_3=None (CLI: --no-t5) to choose this mode", RunningWithoutT5Warning, stacklevel=3)
+    places = _tokenizer_places(tokenizers, sd3_files.tokenizer_places(path))
+    tokenizer_l, tokenizer_g = (sd3_files.load_tokenizer(places, p, single_file=True) for p in ("clip_l", "clip_g"))
+    tokenizer_t5 = sd3_files.load_tokenizer(places, "t5xxl", single_file=True) if use_t5 else None
+
+    transformer = build_transformer(cfg, reader, "original", device=device, dtype=dtype, prefix=prefix,
+                                    ignore=sd3_files.not_transformer(keys, prefix))
+    if vae is not None:
+        vae_module = resolve_vae(vae, None, dtype=dtype, device=device, variant=variant)
+    elif hints["vae"] is not None:
+        vae_module = load_vae(reader, config=hints["vae"], prefix=vae_prefix, dtype=dtype, device=device)
+    else:  # the latent scaling is not in the shapes; SD3's VAE always uses these
+        sd3 = VAEConfig.sd3()
+        vae_module = load_vae(reader, prefix=vae_prefix, scaling_factor=sd3.scaling_factor,
+                              shift_factor=sd3.shift_factor, dtype=dtype, device=device)
+
+    def encoder(load, part: str, hint: str):
+        source = sources[part]
+        return load(source.weights, prefix=source.prefix, config=hints[hint], dtype=dtype, device=device)
+
+    text = SD3TextEncoders(
+        # SD3 uses CLIP-L's pooled output unprojected (Stability's reference and ComfyUI do;
+        # diffusers' single-file loader puts an identity projection in): a projection that
+        # a file may carry is not applied.
+        clip_l=without_projection(encoder(load_clip, "clip_l", "text_encoder")),
+        clip_g=encoder(load_clip, "clip_g", "text_encoder_2"),
+        tokenizer_l=tokenizer_l, tokenizer_g=tokenizer_g, t5_width=cfg.context_dim,
+    )
+    if use_t5:
+        text.t5 = encoder(load_t5, "t5xxl", "text_encoder_3")  # fp8 files are upcast; fp16 keeps wo in fp32
+        text.tokenizer_t5 = tokenizer_t5
+    check_text_widths(cfg, text, path)
+    return SD3Pipeline(transformer, vae_module, from_diffusers_config(SD3_SCHEDULER), text)
+
+
+def without_projection(model: CLIPTextModel) -> CLIPTextModel:
+    model.text_projection = None
+    model.config = replace(model.config, projection_dim=None)
+    return model
+
+
+def _hints(model_config: dict) -> dict:
+    """model_config of a single file -> {component: its dite config or None}."""
+    unknown = set(model_config) - {"num_heads", *HINTS}
+    if unknown:
+        raise ConfigError(f"model_config keys {sorted(unknown)} cannot be set for an SD3 single file; it takes "
+                          f"num_heads (MMDiT) and the config.json of {', '.join(HINTS)}")
+    hints = {}
+    for name, kind in HINTS.items():
+        value = model_config.get(name)
+        if value is None or isinstance(value, kind):
+            hints[name] = value
+        elif isinstance(value, dict):
+            hints[name] = kind.from_diffusers(value) if kind is VAEConfig else kind.from_transformers(value)
+        else:
+            raise ConfigError(f"model_config[{name!r}] must be a {kind.__name__} or a config.json dict, "
+                              f"not {type(value).__name__}")
+    return hints

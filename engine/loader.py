@@ -69,6 +69,7 @@ def load(
     variant: str | None = None,
     revision: str | None = None,
     model_config: dict | None = None,
+    tokenizers: str | os.PathLike | None = None,
     **components: Any,
 ) -> Pipeline:
     """Load a pipeline from `source` (folder, file or hub repo id) onto `device` in `dtype`.
@@ -77,13 +78,17 @@ def load(
     `.pt`), or to replace the bundled one. scheduler: a Scheduler, or a name ("ddim",
     "ddpm") to replace the folder's. variant: a precision variant of the files ("fp16").
     model_config: config fields that cannot be inferred from tensors (e.g. DiT num_heads for
-    a non-standard width). Other keywords replace pipeline components by their diffusers
-    name; `text_encoder_3=None` runs SD3 without T5 (its tokens become zeros).
+    a non-standard width; for SD3 single files of non-release sizes also the config.json
+    dicts of "text_encoder", "text_encoder_2", "text_encoder_3" and "vae"). tokenizers: a
+    folder (or hub repo id) holding tokenizer/, tokenizer_2/ and tokenizer_3/, for SD3
+    single files, which carry none (default: looked up beside the file). Other keywords
+    replace pipeline components by their diffusers name; `text_encoder_3=None` runs SD3
+    without T5 (its tokens become zeros).
     """
     device, dtype = parse_device(device), parse_dtype(dtype)
     path = resolve_source(source, revision=revision, variant=variant)
     options = dict(device=device, dtype=dtype, vae=vae, variant=variant, model_config=model_config or {},
-                   components=components)
+                   components=components, tokenizers=tokenizers)
     if path.is_dir():
         index = path / "model_index.json"
         if not index.exists():

@@ -15,9 +15,12 @@ class GenerationOutput:
     before VAE decoding, in model space (what diffusers returns for output_type="latent").
     parameters: one dict per image of everything needed to reproduce it (seed included).
     timings: wall seconds per stage ("encode", "denoise", "decode").
+    stats: what the denoiser ran against the plain call (see engine/accounting.py): the
+    accel methods as resolved, per step rows and blocks, block evaluations, FLOPs.
     """
 
     images: Any
     latents: torch.Tensor
     parameters: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)

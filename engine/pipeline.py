@@ -9,8 +9,12 @@ from typing import Any
 
 import torch
 
+from dite.accel.build import as_methods, build_plans, resolve
+from dite.accel.methods import PlanContext
+from dite.engine.accounting import accel_stats
 from dite.engine.errors import InputError
 from dite.models.denoiser import Denoiser
+from dite.models.plan import StepPlan
 from dite.models.vae import AutoencoderKL
 from dite.schedulers.base import Scheduler
 
@@ -60,13 +64,24 @@ class Pipeline:
                 )
         return height // self.vae_scale_factor, width // self.vae_scale_factor
 
+    def plan_steps(self, accel, steps: int, guided: bool) -> tuple[list, list[StepPlan]]:
+        """The accel methods (resolved for this call) and one plan per step."""
+        ctx = PlanContext(self.family, len(self.transformer.blocks), steps, guided)
+        methods = resolve(as_methods(accel), ctx)
+        return methods, build_plans(methods, ctx)
+
+    def stats(self, methods, plans, state, x_shape, cond) -> dict[str, Any]:
+        memo = self.__dict__.setdefault("_flops_memo", {})
+        return accel_stats(self.transformer, methods, plans, state.steps_run, tuple(x_shape), cond, memo)
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Model-space latents -> images in [-1, 1]."""
         z = self.vae.from_model_space(latents.to(next(self.vae.parameters()).dtype))
         return self.vae.decode(z)
 
     def finish(self, x: torch.Tensor, output_type: str, timings: dict[str, float], base: dict[str, Any],
-               per_image: list[dict[str, Any]], latents_given: bool, seed: int, size: tuple[int, int]):
+               per_image: list[dict[str, Any]], latents_given: bool, seed: int, size: tuple[int, int],
+               stats: dict[str, Any] | None = None):
         """Decode (unless "latent") and assemble the output with one parameter dict per image."""
         from dite.engine.images import postprocess
         from dite.engine.output import GenerationOutput
@@ -78,10 +93,11 @@ class Pipeline:
         h, w = size
         base = {"model": self.source, "family": self.family, "scheduler": self.scheduler.name,
                 "size": f"{w * self.vae_scale_factor}x{h * self.vae_scale_factor}", **base,
+                "accel": (stats or {}).get("accel", "none"),
                 "dite_version": dite_version()}
         params = [{**base, **extra, "seed": seed + k, "latents": "given" if latents_given else "seeded"}
                   for k, extra in enumerate(per_image)]
-        return GenerationOutput(images=images, latents=x, parameters=params, timings=timings)
+        return GenerationOutput(images=images, latents=x, parameters=params, timings=timings, stats=stats or {})
 
     def describe(self) -> dict[str, Any]:
         params = sum(p.numel() for p in self.transformer.parameters())

@@ -59,6 +59,7 @@ class DiTPipeline(Pipeline):
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         progress: bool = True,
+        accel=None,
         height: int | None = None,
         width: int | None = None,
     ) -> GenerationOutput:
@@ -67,6 +68,7 @@ class DiTPipeline(Pipeline):
             raise InputError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
         cfg = self.transformer.config
         labels = self.label_ids(class_labels)
+        methods, plans = self.plan_steps(accel, num_inference_steps, guidance_scale > 1.0)
         h, w = self.latent_size(height, width, cfg.input_size)
         seed = resolve_seed(seed)
         generators = image_generators(seed, len(labels))
@@ -86,8 +88,9 @@ class DiTPipeline(Pipeline):
 
         with timed(timings, "denoise"):
             state = GenerationState(scheduler=sched_state)
+            x0_shape = x.shape
             x = denoise(
-                self.transformer, self.scheduler, x, cond, state,
+                self.transformer, self.scheduler, x, cond, state, plans=plans,
                 guidance_scale=guidance_scale,
                 prediction_channels=cfg.in_channels,
                 pass_model_variance=cfg.learned_sigma and getattr(self.scheduler, "uses_model_variance", False),
@@ -96,4 +99,5 @@ class DiTPipeline(Pipeline):
 
         return self.finish(x, output_type, timings,
                            {"steps": num_inference_steps, "guidance": guidance_scale},
-                           [{"class_label": label} for label in labels], latents is not None, seed, (h, w))
+                           [{"class_label": label} for label in labels], latents is not None, seed, (h, w),
+                           self.stats(methods, plans, state, x0_shape, cond))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -15,6 +15,7 @@ from dite.engine.sampling import GenerationState, denoise
 from dite.engine.text_sd3 import SD3TextEncoders
 from dite.models.denoiser import Conditioning
 from dite.models.mmdit import MMDiT
+from dite.models.sd3_variants import sd3_variant
 
 
 def as_prompt_list(prompt: str | Sequence[str], name: str) -> list[str]:
@@ -31,6 +32,14 @@ class SD3Pipeline(Pipeline):
     def __init__(self, transformer: MMDiT, vae, scheduler, text: SD3TextEncoders, *, source: str = ""):
         super().__init__(transformer, vae, scheduler, source=source)
         self.text = text
+
+    def describe(self) -> dict[str, Any]:
+        info = super().describe()
+        info["variant"] = sd3_variant(self.transformer.config)
+        encoders = {"clip_l": self.text.clip_l, "clip_g": self.text.clip_g, "t5": self.text.t5}
+        info["text_encoders"] = {name: sum(p.numel() for p in model.parameters()) if model is not None else None
+                                 for name, model in encoders.items()}
+        return info
 
     def encode_prompts(self, prompts: list[str], negatives: list[str] | None, max_sequence_length: int) -> Conditioning:
         """Conditioning for the batch; with negatives, the unconditional rows come first."""
@@ -60,6 +69,7 @@ class SD3Pipeline(Pipeline):
         num_images_per_prompt: int = 1,
         output_type: str = "pil",
         progress: bool = True,
+        accel=None,
     ) -> GenerationOutput:
         check_output_type(output_type)
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
@@ -68,6 +78,7 @@ class SD3Pipeline(Pipeline):
             raise InputError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
         prompts = as_prompt_list(prompt, "prompt")
         guided = guidance_scale > 1.0
+        methods, plans = self.plan_steps(accel, num_inference_steps, guided)
         negatives = None
         if guided:
             negatives = as_prompt_list(negative_prompt if negative_prompt is not None else "", "negative_prompt")
@@ -92,7 +103,9 @@ class SD3Pipeline(Pipeline):
             x = x * self.scheduler.init_noise_sigma(sched_state)
 
         with timed(timings, "denoise"):
-            x = denoise(self.transformer, self.scheduler, x, cond, GenerationState(scheduler=sched_state),
+            state = GenerationState(scheduler=sched_state)
+            x0_shape = x.shape
+            x = denoise(self.transformer, self.scheduler, x, cond, state, plans=plans,
                         guidance_scale=guidance_scale, prediction_channels=cfg.out_channels, progress=progress)
 
         return self.finish(
@@ -101,4 +114,4 @@ class SD3Pipeline(Pipeline):
              "max_sequence_length": max_sequence_length, "t5": self.text.t5 is not None},
             [{"prompt": p, "negative_prompt": neg_per_image[k] if neg_per_image else None}
              for k, p in enumerate(per_image)],
-            latents is not None, seed, (h, w))
+            latents is not None, seed, (h, w), self.stats(methods, plans, state, x0_shape, cond))

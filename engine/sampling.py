@@ -12,6 +12,9 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from dite.accel.cache import DeltaCache
+from dite.engine.errors import ConfigError
+from dite.engine.step import run_step
 from dite.models.denoiser import Conditioning, Denoiser
 from dite.models.plan import PLAIN_STEP, StepPlan
 from dite.schedulers.base import Scheduler, SchedulerState
@@ -19,11 +22,13 @@ from dite.schedulers.base import Scheduler, SchedulerState
 
 @dataclass
 class GenerationState:
-    """Per-call state: the scheduler's state, the step being run, and caches by key."""
+    """Per-call state: the scheduler's state, the step being run, the block-range deltas,
+    and what each step actually ran (for `out.stats`)."""
 
     scheduler: SchedulerState
     step_index: int = 0
-    caches: dict[Any, Any] = field(default_factory=dict)
+    deltas: DeltaCache = field(default_factory=DeltaCache)
+    steps_run: list[dict[str, Any]] = field(default_factory=list)
 
 
 def batch_for_cfg(x: torch.Tensor, layout: str) -> torch.Tensor:
@@ -66,14 +71,30 @@ def denoise(
     """
     sched = state.scheduler
     x = latents
-    rows = x.shape[0] * (1 if cond.cfg_layout == "none" else 2)
+    if plans is not None and len(plans) != sched.num_steps:
+        raise ConfigError(f"{len(plans)} step plans for {sched.num_steps} steps")
+    gated = False
+    depth = len(transformer.blocks)
     for i in tqdm(range(sched.num_steps), disable=not progress, desc="denoise", leave=False):
         state.step_index = i
         plan = plans[i] if plans is not None else PLAIN_STEP
-        model_in = batch_for_cfg(scheduler.scale_model_input(x, i, sched), cond.cfg_layout)
-        t = sched.timesteps[i].to(x.device).expand(rows)
-        out = transformer(model_in, t, cond, plan)
-        out = apply_guidance(out, cond.cfg_layout, guidance_scale, prediction_channels)
+        step_cond = cond
+        if plan.cfg_mode == "cond_only" and cond.guided:
+            if not gated:
+                # The unconditional rows leave the batch for good: every per-row cache
+                # keeps only the conditional rows, by the family's declared CFG layout.
+                state.deltas.select_rows(cond.cond_rows(2 * x.shape[0]))
+                gated = True
+            step_cond = cond.conditional_only()
+        elif gated:
+            raise ConfigError(f"step {i} brings the unconditional branch back after a cond-only step; "
+                              "its caches were dropped, so a plan cannot do that")
+        model_in = batch_for_cfg(scheduler.scale_model_input(x, i, sched), step_cond.cfg_layout)
+        t = sched.timesteps[i].to(x.device).expand(model_in.shape[0])
+        out = run_step(transformer, model_in, t, step_cond, plan, state.deltas)
+        state.steps_run.append({"step": i, "rows": model_in.shape[0], "cfg": step_cond.cfg_layout != "none",
+                                "blocks": len(plan.computed_blocks(depth))})
+        out = apply_guidance(out, step_cond.cfg_layout, guidance_scale, prediction_channels)
         if not pass_model_variance:
             out = out[:, :prediction_channels]
         x = scheduler.step(out, i, x, sched)

@@ -39,6 +39,9 @@ class Denoiser(nn.Module):
     """Base class: forward is prepare -> every block under the plan -> finalize."""
 
     blocks: nn.ModuleList
+    # The Hidden fields that blocks change (a cached block range stores one delta per
+    # stream). PixArt's text is a constant cross-attention context, so not a stream.
+    streams: tuple[str, ...] = ("image",)
 
     def prepare(self, x: torch.Tensor, t: torch.Tensor, cond) -> Hidden:  # pragma: no cover
         raise TypeError(f"{type(self).__name__} must define prepare()")
@@ -79,3 +82,24 @@ class Conditioning:
     def __post_init__(self):
         if self.cfg_layout not in CFG_LAYOUTS:
             raise ValueError(f"cfg_layout must be one of {CFG_LAYOUTS}, got {self.cfg_layout!r}")
+
+    @property
+    def guided(self) -> bool:
+        return self.cfg_layout != "none"
+
+    def cond_rows(self, rows: int) -> slice:
+        """The conditional rows of a guided batch of `rows` rows."""
+        if not self.guided or rows % 2:
+            raise ValueError(f"no conditional half in a batch of {rows} rows with cfg_layout {self.cfg_layout!r}")
+        half = rows // 2
+        return slice(0, half) if self.cfg_layout == "cond_first" else slice(half, rows)
+
+    def conditional_only(self) -> "Conditioning":
+        """The conditioning of the conditional rows alone, unguided (PromptGate's steps)."""
+        fields = ("class_labels", "context", "context_mask", "pooled")
+        present = [getattr(self, f) for f in fields if getattr(self, f) is not None]
+        if not present:
+            raise ValueError("empty conditioning")
+        rows = self.cond_rows(present[0].shape[0])
+        return Conditioning(**{f: None if getattr(self, f) is None else getattr(self, f)[rows] for f in fields},
+                            cfg_layout="none")

@@ -122,7 +122,7 @@ class DiTBlock(nn.Module):
     def forward(self, hidden: Hidden, plan: BlockPlan) -> Hidden:
         x = hidden.image
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(hidden.c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), plan.attention)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), plan.attention, hidden.grid)
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return hidden.with_image(x)
 

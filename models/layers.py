@@ -157,6 +157,37 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, n, h * d)
 
 
+def downsample_tokens(x: torch.Tensor, grid: tuple[int, int], factor: float, mode: str = "bilinear") -> torch.Tensor:
+    """[B, h*w, D] tokens in raster order -> [B, h'*w', D] on the grid resized by 1/factor per
+    side (h' = int(h / factor), at least 1), as ToDo shrinks the keys' and values' source."""
+    h, w = grid
+    b, n, d = x.shape
+    if n != h * w:
+        raise ValueError(f"{n} tokens do not form the {h}x{w} grid")
+    size = (max(1, int(h / factor)), max(1, int(w / factor)))
+    image = x.transpose(1, 2).reshape(b, d, h, w)
+    extra = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
+    small = F.interpolate(image, size=size, mode=mode, **extra)
+    return small.flatten(2).transpose(1, 2)
+
+
+def project_qkv(qkv: nn.Linear, x: torch.Tensor, policy: AttentionPolicy, grid: tuple[int, int] | None):
+    """q, k, v (each [B, N, D]) of image tokens from a fused projection. Under a ToDo policy
+    the keys and values come from the downsampled grid: projecting fewer tokens is where
+    the saving starts, so the fused weight is split instead of projecting everything."""
+    if not policy.downsamples_kv:
+        return qkv(x).chunk(3, dim=-1)
+    if grid is None:
+        raise ValueError("K/V downsampling needs the image token grid")
+    dim = x.shape[-1]
+    weight, bias = qkv.weight, qkv.bias
+    q = F.linear(x, weight[:dim], None if bias is None else bias[:dim])
+    kv = F.linear(downsample_tokens(x, grid, policy.kv_factor, policy.kv_mode), weight[dim:],
+                  None if bias is None else bias[dim:])
+    k, v = kv.chunk(2, dim=-1)
+    return q, k, v
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with a fused qkv projection, through the attention dispatch."""
 
@@ -168,8 +199,9 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, policy: AttentionPolicy = FULL_ATTENTION) -> torch.Tensor:
-        q, k, v = self.qkv(x).chunk(3, dim=-1)
+    def forward(self, x: torch.Tensor, policy: AttentionPolicy = FULL_ATTENTION,
+                grid: tuple[int, int] | None = None) -> torch.Tensor:
+        q, k, v = project_qkv(self.qkv, x, policy, grid)
         out = attention(split_heads(q, self.heads), split_heads(k, self.heads), split_heads(v, self.heads), policy=policy)
         return self.proj(merge_heads(out))
 

@@ -28,6 +28,7 @@ from dite.models.layers import (
     TimestepEmbedder,
     merge_heads,
     modulate,
+    project_qkv,
     split_heads,
     unpatchify,
 )
@@ -95,14 +96,16 @@ class StreamAttention(nn.Module):
             self.ln_k = RMSNorm(dim // heads, eps=1e-6)
         self.proj = nn.Linear(dim, dim) if has_proj else None
 
-    def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q, k, v = (split_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
+    def qkv_heads(self, x: torch.Tensor, policy: AttentionPolicy = FULL_ATTENTION,
+                  grid: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # qk-norm is per token, so it commutes with ToDo's downsampling of the K/V source.
+        q, k, v = (split_heads(t, self.heads) for t in project_qkv(self.qkv, x, policy, grid))
         if hasattr(self, "ln_q"):
             q, k = self.ln_q(q), self.ln_k(k)
         return q, k, v
 
-    def self_attention(self, x: torch.Tensor, policy: AttentionPolicy = FULL_ATTENTION) -> torch.Tensor:
-        q, k, v = self.qkv_heads(x)
+    def self_attention(self, x: torch.Tensor, policy: AttentionPolicy, grid: tuple[int, int]) -> torch.Tensor:
+        q, k, v = self.qkv_heads(x, policy, grid)
         return self.proj(merge_heads(attention(q, k, v, policy=policy)))
 
 
@@ -123,19 +126,21 @@ class StreamBlock(nn.Module):
         chunks = 2 if pre_only else (9 if dual else 6)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, chunks * dim))
 
-    def pre_attention(self, x: torch.Tensor, c: torch.Tensor):
-        """(q, k, v, modulation chunks, the normalised x) for this stream."""
+    def pre_attention(self, x: torch.Tensor, c: torch.Tensor, policy: AttentionPolicy = FULL_ATTENTION,
+                      grid: tuple[int, int] | None = None):
+        """(q, k, v, modulation chunks, the normalised x) for this stream; `policy` and
+        `grid` only for the image stream (ToDo shrinks image keys/values, never text)."""
         mods = self.adaLN_modulation(c).chunk(2 if self.pre_only else (9 if self.dual else 6), dim=1)
         normed = self.norm1(x)
-        q, k, v = self.attn.qkv_heads(modulate(normed, mods[0], mods[1]))
+        q, k, v = self.attn.qkv_heads(modulate(normed, mods[0], mods[1]), policy, grid)
         return (q, k, v), mods, normed
 
-    def post_attention(self, x, attn_out, mods, normed, policy: AttentionPolicy) -> torch.Tensor:
+    def post_attention(self, x, attn_out, mods, normed, policy: AttentionPolicy, grid) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[:6]
         x = x + gate_msa.unsqueeze(1) * self.attn.proj(attn_out)
         if self.dual:
             shift2, scale2, gate2 = mods[6:9]
-            x = x + gate2.unsqueeze(1) * self.attn2.self_attention(modulate(normed, shift2, scale2), policy)
+            x = x + gate2.unsqueeze(1) * self.attn2.self_attention(modulate(normed, shift2, scale2), policy, grid)
         return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
 
@@ -147,16 +152,16 @@ class JointBlock(nn.Module):
 
     def forward(self, hidden: Hidden, plan: BlockPlan) -> Hidden:
         x, ctx, c = hidden.image, hidden.text, hidden.c
-        (qx, kx, vx), x_mods, x_normed = self.x_block.pre_attention(x, c)
+        (qx, kx, vx), x_mods, x_normed = self.x_block.pre_attention(x, c, plan.attention, hidden.grid)
         (qc, kc, vc), c_mods, c_normed = self.context_block.pre_attention(ctx, c)
         # Image tokens first, as diffusers orders them (the reference puts text first; with
         # no mask or position term inside attention only the split offset depends on it).
         out = attention(torch.cat([qx, qc], 2), torch.cat([kx, kc], 2), torch.cat([vx, vc], 2), policy=plan.attention)
         out = merge_heads(out)
         n = x.shape[1]
-        x = self.x_block.post_attention(x, out[:, :n], x_mods, x_normed, plan.attention)
+        x = self.x_block.post_attention(x, out[:, :n], x_mods, x_normed, plan.attention, hidden.grid)
         if not self.context_block.pre_only:
-            ctx = self.context_block.post_attention(ctx, out[:, n:], c_mods, c_normed, plan.attention)
+            ctx = self.context_block.post_attention(ctx, out[:, n:], c_mods, c_normed, FULL_ATTENTION, None)
         # A pre-only text side has nothing left to update; the stream passes through.
         return Hidden(image=x, text=ctx, c=c, grid=hidden.grid, text_mask=hidden.text_mask)
 
@@ -175,6 +180,7 @@ class VectorEmbedder(nn.Module):
 
 class MMDiT(Denoiser):
     family = "sd3"
+    streams = ("image", "text")  # both change from block to block; a cached range holds both deltas
 
     def __init__(self, cfg: MMDiTConfig):
         super().__init__()

@@ -1,22 +1,39 @@
-"""Step-plan types: the vocabulary that denoisers read.
+"""Step-plan types: the vocabulary that denoisers and the step runner read.
 
-A plan says, for one denoising step, how each block and each attention layer runs. Plans are
-frozen dataclasses built before the sampling loop (by `dite.accel`, which re-exports these
-types); models only read them and never import an acceleration method. Two steps with equal
-plans run the same code path with the same shapes, which is what lets a graph executor
-compile one static graph per distinct plan.
+A plan says, for one denoising step, how each block and each attention layer runs, which
+block ranges are computed, recorded or replaced by a cached delta, and whether both CFG
+branches are in the batch. Plans are frozen dataclasses built before the sampling loop (by
+`dite.accel`, which re-exports these types); models only read them and never import an
+acceleration method. Two steps with equal plans run the same code path with the same
+shapes, which is what lets a graph executor compile one static graph per distinct plan.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dite.engine.errors import ConfigError
+
+CFG_MODES = ("both", "cond_only")
+RANGE_ACTIONS = ("record", "apply")
+
 
 @dataclass(frozen=True)
 class AttentionPolicy:
-    """How one attention layer computes for one step. "full" is exact attention."""
+    """How one attention layer computes for one step.
+
+    kind "full" is exact attention. `kv_factor` > 1 (ToDo) computes the image tokens' keys
+    and values from their 2-D token grid resized by 1/kv_factor per side (`kv_mode`
+    interpolation) before the K/V projections; queries and text tokens stay full.
+    """
 
     kind: str = "full"
+    kv_factor: float = 1.0
+    kv_mode: str = "bilinear"
+
+    @property
+    def downsamples_kv(self) -> bool:
+        return self.kv_factor != 1.0
 
 
 FULL_ATTENTION = AttentionPolicy()
@@ -33,18 +50,70 @@ PLAIN_BLOCK = BlockPlan()
 
 
 @dataclass(frozen=True)
+class RangeOp:
+    """Blocks [start, stop) either run and record their delta (out - in, per stream and
+    batch row) or do not run: out = in + the delta recorded for this same range."""
+
+    start: int
+    stop: int
+    action: str
+
+    def __post_init__(self):
+        if self.action not in RANGE_ACTIONS:
+            raise ConfigError(f"range action must be one of {RANGE_ACTIONS}, got {self.action!r}")
+        if not 0 <= self.start < self.stop:
+            raise ConfigError(f"block range [{self.start}, {self.stop}) is empty or negative")
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.start, self.stop)
+
+
+@dataclass(frozen=True)
 class StepPlan:
     """The plan of one denoising step.
 
-    `blocks` holds one BlockPlan per block, or is empty for "every block plain".
-    `cfg_mode` is "both" (conditional and unconditional rows batched) or "cond_only".
+    `blocks` holds one BlockPlan per block, or is empty for "every block plain". `ranges`
+    are non-overlapping block-range operations; blocks outside them simply run.
+    `cfg_mode` is "both" (conditional and unconditional rows batched) or "cond_only" (the
+    unconditional rows have left the batch and no guidance is applied).
     """
 
     blocks: tuple[BlockPlan, ...] = ()
+    ranges: tuple[RangeOp, ...] = ()
     cfg_mode: str = "both"
+
+    def __post_init__(self):
+        if self.cfg_mode not in CFG_MODES:
+            raise ConfigError(f"cfg_mode must be one of {CFG_MODES}, got {self.cfg_mode!r}")
+        ordered = sorted(self.ranges, key=lambda r: r.start)
+        for a, b in zip(ordered, ordered[1:]):
+            if b.start < a.stop:
+                raise ConfigError(f"block ranges [{a.start}, {a.stop}) and [{b.start}, {b.stop}) overlap")
+        object.__setattr__(self, "ranges", tuple(ordered))
 
     def block(self, index: int) -> BlockPlan:
         return self.blocks[index] if self.blocks else PLAIN_BLOCK
+
+    def segments(self, depth: int) -> list[tuple[int, int, str]]:
+        """[0, depth) cut into (start, stop, action) with action compute / record / apply."""
+        if self.ranges and self.ranges[-1].stop > depth:
+            last = self.ranges[-1]
+            raise ConfigError(f"block range [{last.start}, {last.stop}) is past the last block ({depth} blocks)")
+        if self.blocks and len(self.blocks) != depth:
+            raise ConfigError(f"plan has {len(self.blocks)} block plans for a {depth}-block denoiser")
+        out, at = [], 0
+        for r in self.ranges:
+            if r.start > at:
+                out.append((at, r.start, "compute"))
+            out.append((r.start, r.stop, r.action))
+            at = r.stop
+        if at < depth:
+            out.append((at, depth, "compute"))
+        return out
+
+    def computed_blocks(self, depth: int) -> list[int]:
+        return [i for start, stop, action in self.segments(depth) if action != "apply" for i in range(start, stop)]
 
 
 PLAIN_STEP = StepPlan()

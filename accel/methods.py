@@ -1,0 +1,210 @@
+"""The seed acceleration methods, each a frozen dataclass of settings that turns into
+per-step plan edits. Defaults left as None are derived from the model's depth and the
+number of steps (see each `resolved`), so one spec works on every family and size.
+
+Reference settings (../shared/specs/acceleration.md): DiTCache and PromptGate from mindone's
+SD3-medium pipeline (24 blocks, 28 steps), ToDo from mindone's MMDiT port, Δ-Cache a
+reconstruction of Δ-DiT (its code is unpublished; the choices marked "ours" are ours).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import ClassVar
+
+from dite.engine.errors import ConfigError
+from dite.models.plan import AttentionPolicy, RangeOp
+
+INTERPOLATION_MODES = ("bilinear", "bicubic", "nearest", "nearest-exact", "area")
+
+
+@dataclass(frozen=True)
+class PlanContext:
+    """What plan building needs to know about one call."""
+
+    family: str
+    depth: int
+    steps: int
+    guided: bool
+
+
+@dataclass
+class StepDraft:
+    """One step's plan while methods add to it (turned into a frozen StepPlan at the end)."""
+
+    ranges: list[RangeOp]
+    attention: list[AttentionPolicy | None]
+    cfg_mode: str = "both"
+
+
+class Method:
+    """Base of every method: `name` in specs, a one-line `summary`, and the two hooks."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    # What the method edits; two methods editing the same thing conflict.
+    edits: ClassVar[str]
+
+    def resolved(self, ctx: PlanContext) -> "Method":  # pragma: no cover - every method overrides
+        raise NotImplementedError
+
+    def edit(self, drafts: list[StepDraft], ctx: PlanContext) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def settings(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def spec(self) -> str:
+        args = ",".join(f"{k}={_format(v)}" for k, v in self.settings().items())
+        return f"{self.name}({args})"
+
+
+def _format(value) -> str:
+    if isinstance(value, tuple):
+        return f"{value[0]}:{value[1]}"
+    return str(value)
+
+
+def _check_blocks(name: str, blocks: tuple[int, int], depth: int) -> None:
+    a, b = blocks
+    if not 0 <= a < b <= depth:
+        raise ConfigError(f"{name}: blocks={a}:{b} is not a range inside the model's {depth} blocks (0:{depth})")
+
+
+def _check_step(name: str, what: str, step: int, low: int, steps: int) -> None:
+    if not low <= step < steps:
+        raise ConfigError(f"{name}: {what}={step} must be in [{low}, {steps - 1}] for {steps} steps")
+
+
+@dataclass(frozen=True)
+class DiTCache(Method):
+    """Skip a middle block range on alternate late steps, reusing the delta it added the last
+    time it ran (both streams, per batch row).
+
+    Schedule (explicit for any stride): steps before `start_step - 1` run plainly; from
+    step r = start_step - 1 on, steps r, r + stride, r + 2*stride, ... run the range and
+    record its delta, the others reuse it. stride 2 reproduces the reference (record 9,
+    11, ..., 27; reuse 10, 12, ..., 26 of 28). The reference's own rule, `i % stride ==
+    start_step % 2`, hard-codes the 2 and is only meaningful for stride 2.
+    """
+
+    name: ClassVar[str] = "ditcache"
+    summary: ClassVar[str] = "block-range delta cache on a fixed alternating schedule (mindone, SD3)"
+    edits: ClassVar[str] = "ranges"
+    blocks: tuple[int, int] | None = None
+    start_step: int | None = None
+    stride: int = 2
+
+    def resolved(self, ctx: PlanContext) -> "DiTCache":
+        # SD3-medium: [1, 21) of 24 leaves block 0 and the last 3 (1/8) running; the same
+        # proportions for other depths (28 -> [1, 24)). Start 10 of 28 scales with steps.
+        blocks = self.blocks or (1, ctx.depth - max(1, round(ctx.depth / 8)))
+        start = self.start_step if self.start_step is not None else max(1, round(ctx.steps * 10 / 28))
+        _check_blocks(self.name, blocks, ctx.depth)
+        _check_step(self.name, "start_step", start, 1, ctx.steps)
+        if not isinstance(self.stride, int) or self.stride < 2:
+            raise ConfigError(f"{self.name}: stride={self.stride} must be an integer >= 2 (1 would never reuse)")
+        return replace(self, blocks=blocks, start_step=start)
+
+    def edit(self, drafts: list[StepDraft], ctx: PlanContext) -> None:
+        record = self.start_step - 1
+        for i in range(record, ctx.steps):
+            action = "record" if (i - record) % self.stride == 0 else "apply"
+            drafts[i].ranges.append(RangeOp(*self.blocks, action))
+
+
+@dataclass(frozen=True)
+class DeltaCache(Method):
+    """Δ-DiT's Δ-Cache: before the boundary step the rear `cached_blocks` blocks are cached,
+    from it on the front ones; within each stage every `interval`-th step (counted from
+    the stage's first step, so a compute step is forced at the switch) runs and records.
+
+    Defaults reconstructed from the paper's PixArt-α 20-step setting (N=2, N_c=21 of 28,
+    b=12): cached_blocks = 3/4 of the depth and boundary = 0.6 of the steps (ours).
+    """
+
+    name: ClassVar[str] = "deltacache"
+    summary: ClassVar[str] = "Δ-DiT: rear blocks cached early, front blocks late (reconstruction)"
+    edits: ClassVar[str] = "ranges"
+    interval: int = 2
+    cached_blocks: int | None = None
+    boundary: int | None = None
+
+    def resolved(self, ctx: PlanContext) -> "DeltaCache":
+        cached = self.cached_blocks if self.cached_blocks is not None else max(1, round(ctx.depth * 3 / 4))
+        boundary = self.boundary if self.boundary is not None else round(ctx.steps * 0.6)
+        if not 1 <= cached <= ctx.depth:
+            raise ConfigError(f"{self.name}: cached_blocks={cached} must be in [1, {ctx.depth}]")
+        if not 0 <= boundary <= ctx.steps:
+            raise ConfigError(f"{self.name}: boundary={boundary} must be in [0, {ctx.steps}]")
+        if not isinstance(self.interval, int) or self.interval < 2:
+            raise ConfigError(f"{self.name}: interval={self.interval} must be an integer >= 2")
+        return replace(self, cached_blocks=cached, boundary=boundary)
+
+    def edit(self, drafts: list[StepDraft], ctx: PlanContext) -> None:
+        for i in range(ctx.steps):
+            early = i < self.boundary
+            blocks = (ctx.depth - self.cached_blocks, ctx.depth) if early else (0, self.cached_blocks)
+            stage_start = 0 if early else self.boundary
+            action = "record" if (i - stage_start) % self.interval == 0 else "apply"
+            drafts[i].ranges.append(RangeOp(*blocks, action))
+
+
+@dataclass(frozen=True)
+class PromptGate(Method):
+    """From `step` on the unconditional rows leave the batch and guidance stops (20 of 28
+    on SD3; the same fraction of any step count). Per-row caches keep the conditional rows."""
+
+    name: ClassVar[str] = "promptgate"
+    summary: ClassVar[str] = "drop the unconditional CFG branch from a gate step on (mindone, SD3)"
+    edits: ClassVar[str] = "cfg"
+    step: int | None = None
+
+    def resolved(self, ctx: PlanContext) -> "PromptGate":
+        if not ctx.guided:
+            raise ConfigError(f"{self.name} drops the unconditional branch, but this call has none "
+                              "(guidance_scale <= 1): raise guidance_scale or leave promptgate out")
+        step = self.step if self.step is not None else max(1, round(ctx.steps * 20 / 28))
+        _check_step(self.name, "step", step, 1, ctx.steps)
+        return replace(self, step=step)
+
+    def edit(self, drafts: list[StepDraft], ctx: PlanContext) -> None:
+        for draft in drafts[self.step:]:
+            draft.cfg_mode = "cond_only"
+
+
+@dataclass(frozen=True)
+class ToDo(Method):
+    """Keys and values of the image tokens from their 2-D grid downsampled by `factor` per
+    side (queries and text tokens full), on blocks [a, b), every step, both CFG branches.
+
+    SD3 reference: factor 1.6, bilinear, blocks 0-11 of 24. For DiT and PixArt (their
+    self-attention only) no reference exists; the same factor on the first half of the
+    blocks is our default.
+    """
+
+    name: ClassVar[str] = "todo"
+    summary: ClassVar[str] = "downsample image keys/values on the token grid (ToDo, mindone's MMDiT port)"
+    edits: ClassVar[str] = "attention"
+    factor: float = 1.6
+    blocks: tuple[int, int] | None = None
+    mode: str = "bilinear"
+
+    def resolved(self, ctx: PlanContext) -> "ToDo":
+        blocks = self.blocks or (0, max(1, ctx.depth // 2))
+        _check_blocks(self.name, blocks, ctx.depth)
+        if not isinstance(self.factor, (int, float)) or self.factor < 1:
+            raise ConfigError(f"{self.name}: factor={self.factor} must be >= 1 (it divides the grid side)")
+        if self.mode not in INTERPOLATION_MODES:
+            raise ConfigError(f"{self.name}: mode={self.mode!r} is not one of {INTERPOLATION_MODES}")
+        return replace(self, blocks=blocks, factor=float(self.factor))
+
+    def edit(self, drafts: list[StepDraft], ctx: PlanContext) -> None:
+        policy = AttentionPolicy(kv_factor=self.factor, kv_mode=self.mode)
+        for draft in drafts:
+            for k in range(*self.blocks):
+                draft.attention[k] = policy
+
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (DiTCache, DeltaCache, PromptGate, ToDo)}
+ALIASES = {"delta-cache": "deltacache", "deltadit": "deltacache", "delta": "deltacache", "prompt-gate": "promptgate"}

@@ -1,0 +1,102 @@
+"""What an accelerated call did, against the plain call: `out.stats`.
+
+Block evaluations are counted from what the sampling loop actually ran (rows x blocks per
+step). FLOPs are counted by running the same plans on a copy of the denoiser on the meta
+device under torch.utils.flop_counter: no memory, no arithmetic, only shapes, so counting
+a full-size SD3 costs a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from dite.accel.cache import DeltaCache
+from dite.engine.step import run_step
+from dite.models.denoiser import Conditioning, Denoiser
+from dite.models.plan import PLAIN_STEP, StepPlan
+
+
+def meta_copy(transformer: Denoiser) -> Denoiser:
+    dtype = next(transformer.parameters()).dtype
+    with torch.device("meta"):
+        return type(transformer)(transformer.config).to(dtype)
+
+
+def _to_meta(cond: Conditioning) -> Conditioning:
+    return dataclasses.replace(cond, **{f.name: getattr(cond, f.name).to("meta") for f in dataclasses.fields(cond)
+                                       if isinstance(getattr(cond, f.name), torch.Tensor)})
+
+
+def denoiser_flops(meta: Denoiser, plans: Sequence[StepPlan], x_shape: tuple[int, ...], cond: Conditioning) -> list[int]:
+    """FLOPs of each step's denoiser call under `plans` (x_shape: one CFG branch's latents).
+
+    Steps are walked in order so cached ranges have a recorded delta to apply, and the
+    batch halves where a plan turns cond-only, exactly as the sampling loop does."""
+    cond = _to_meta(cond)
+    dtype = next(meta.parameters()).dtype
+    cache, gated, per_signature, out = DeltaCache(), False, {}, []
+    for plan in plans:
+        step_cond = cond
+        if plan.cfg_mode == "cond_only" and cond.guided:
+            if not gated:
+                cache.select_rows(cond.cond_rows(2 * x_shape[0]))
+                gated = True
+            step_cond = cond.conditional_only()
+        rows = x_shape[0] * (2 if step_cond.guided else 1)
+        x = torch.empty((rows, *x_shape[1:]), device="meta", dtype=dtype)
+        t = torch.empty((rows,), device="meta", dtype=dtype)
+        signature = (plan, rows)
+        if signature not in per_signature:
+            # A repeated signature costs the same; the ranges it would record already hold
+            # a delta of the right shape, which is all an apply needs on meta.
+            counter = FlopCounterMode(display=False)
+            with counter:
+                run_step(meta, x, t, step_cond, plan, cache)
+            per_signature[signature] = counter.get_total_flops()
+        out.append(per_signature[signature])
+    return out
+
+
+def accel_stats(transformer: Denoiser, methods: list, plans: Sequence[StepPlan], steps_run: list[dict[str, Any]],
+                x_shape: tuple[int, ...], cond: Conditioning, memo: dict | None = None) -> dict:
+    """The stats dict of one call: the methods as resolved, per step what ran, block
+    evaluations and FLOPs against the plain run of the same call. `memo` (a dict the
+    caller keeps) saves recounting FLOPs for a call of the same shapes and plans."""
+    depth = len(transformer.blocks)
+    plain_rows = x_shape[0] * (2 if cond.guided else 1)
+    evaluations = sum(s["rows"] * s["blocks"] for s in steps_run)
+    plain_evaluations = len(steps_run) * plain_rows * depth
+    stats: dict[str, Any] = {
+        "accel": "+".join(m.spec() for m in methods) or "none",
+        "steps": steps_run,
+        "block_evaluations": evaluations,
+        "plain_block_evaluations": plain_evaluations,
+        "distinct_plans": len({(p, s["rows"]) for p, s in zip(plans, steps_run)}),
+    }
+    key = (tuple(plans), tuple(x_shape), _shapes(cond), next(transformer.parameters()).dtype)
+    memo = {} if memo is None else memo
+    if key not in memo:
+        meta = meta_copy(transformer)
+        memo[key] = (sum(denoiser_flops(meta, plans, x_shape, cond)),
+                     sum(denoiser_flops(meta, [PLAIN_STEP] * len(plans), x_shape, cond)))
+    flops, plain = memo[key]
+    stats.update(denoiser_flops=flops, plain_denoiser_flops=plain, flops_ratio=flops / plain)
+    return stats
+
+
+def _shapes(cond: Conditioning) -> tuple:
+    return tuple((f.name, tuple(v.shape)) for f in dataclasses.fields(cond)
+                 if isinstance(v := getattr(cond, f.name), torch.Tensor)) + (cond.cfg_layout,)
+
+
+def summary_line(stats: dict, timings: dict[str, float]) -> str:
+    """One line for the CLI."""
+    parts = [f"accel {stats['accel']}",
+             f"blocks {stats['block_evaluations']}/{stats['plain_block_evaluations']}"]
+    parts.append(f"denoiser FLOPs {stats['denoiser_flops'] / 1e12:.3g} T ({stats['flops_ratio']:.1%} of plain)")
+    parts.append(" ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
+    return " | ".join(parts)
