@@ -1,4 +1,7 @@
-"""The whole SD3 text-to-image pipeline against diffusers' StableDiffusion3Pipeline."""
+"""The whole SD3 text-to-image pipeline against diffusers' StableDiffusion3Pipeline.
+
+The tiny pipeline (fixture `sd3`) is built in tests/tiny_sd3.py and shared through conftest.py.
+"""
 
 from __future__ import annotations
 
@@ -6,68 +9,11 @@ import json
 
 import numpy as np
 import pytest
-import sentencepiece as spm
 import torch
-import transformers
 
 from dite.engine import load
 from dite.engine.errors import InputError
-from test_tokenizers import _fields, t5_training_text, train_clip_files
-from tiny import tiny_diffusers_sd3_transformer, tiny_diffusers_vae
-
-
-def clip_config(projection):
-    return transformers.CLIPTextConfig(vocab_size=1000, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
-                                       num_attention_heads=2, projection_dim=projection, max_position_embeddings=77,
-                                       hidden_act="quick_gelu", eos_token_id=2)
-
-
-def t5_tokenizer(folder):
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(t5_training_text()), model_prefix=str(folder / "spiece"), model_type="unigram",
-        vocab_size=700, hard_vocab_limit=False, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2, num_threads=2)
-    sp = spm.SentencePieceProcessor(model_file=str(folder / "spiece.model"))
-    normalizer = next(v for n, v in _fields(sp.serialized_model_proto()) if n == 3)
-    charsmap = next(v for n, v in _fields(normalizer) if n == 2)
-    return transformers.T5Tokenizer(vocab=[(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())],
-                                    _spm_precompiled_charsmap=charsmap)
-
-
-@pytest.fixture(scope="module")
-def sd3(tmp_path_factory):
-    """A tiny StableDiffusion3Pipeline saved in diffusers' layout; returns (reference, folder)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
-
-    root = tmp_path_factory.mktemp("sd3")
-    train_clip_files(root / "vocab")
-    tok_l = transformers.CLIPTokenizer(str(root / "vocab/vocab.json"), str(root / "vocab/merges.txt"), model_max_length=77)
-    tok_g = transformers.CLIPTokenizer(str(root / "vocab/vocab.json"), str(root / "vocab/merges.txt"), pad_token="!",
-                                     model_max_length=77)
-    (root / "spm").mkdir()
-    torch.manual_seed(0)
-    t5 = transformers.T5EncoderModel(transformers.T5Config(
-        vocab_size=760, d_model=24, d_kv=8, d_ff=32, num_layers=2, num_heads=3, feed_forward_proj="gated-gelu",
-        relative_attention_num_buckets=8, relative_attention_max_distance=16)).eval()
-    pipe = StableDiffusion3Pipeline(
-        transformer=tiny_diffusers_sd3_transformer(qk_norm="rms_norm"),
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=tiny_diffusers_vae(latent_channels=4, use_quant_conv=False, use_post_quant_conv=False,
-                               scaling_factor=1.5305, shift_factor=0.0609),
-        text_encoder=transformers.CLIPTextModelWithProjection(clip_config(10)).eval(), tokenizer=tok_l,
-        text_encoder_2=transformers.CLIPTextModelWithProjection(clip_config(10)).eval(), tokenizer_2=tok_g,
-        text_encoder_3=t5, tokenizer_3=t5_tokenizer(root / "spm"),
-    )
-    pipe.save_pretrained(root / "pipe")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe, root / "pipe"
-
-
-def reference_images(pipe, prompts, negative, steps, guidance, size, seed, **kwargs):
-    h, w = size
-    latents = torch.randn(len(prompts), 4, h // 2, w // 2, generator=torch.Generator().manual_seed(seed))
-    images = pipe(prompt=prompts, negative_prompt=negative, height=h, width=w, num_inference_steps=steps,
-                  guidance_scale=guidance, latents=latents.clone(), output_type="np", **kwargs).images
-    return images, latents
+from tiny_sd3 import reference_images
 
 
 @pytest.mark.parametrize("guidance, size", [(5.0, (16, 24)), (1.0, (16, 16))])

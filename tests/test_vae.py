@@ -14,6 +14,7 @@ import diffusers
 from dite.engine.errors import CheckpointError, ConfigError  # noqa: E402
 from dite.engine.vae_loading import load_vae  # noqa: E402
 from dite.models.vae import VAEConfig, detect_vae, vae_keymap  # noqa: E402
+from tiny import vae_to_ldm as to_ldm  # noqa: E402
 
 TOL = 1e-4  # the contract; on CPU fp32 today the outputs are bit-identical to diffusers
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -116,26 +117,6 @@ def test_old_attention_names_load(kind, folder, tmp_path):
 
 
 # ----------------------------------------------------------------------------- LDM layout
-
-
-def to_ldm(state: dict[str, torch.Tensor], levels: int) -> dict[str, torch.Tensor]:
-    """diffusers names -> original LDM names (written independently of dite's map)."""
-    attn = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
-    out = {}
-    for key, value in state.items():
-        new = key.replace("conv_shortcut", "nin_shortcut").replace("conv_norm_out", "norm_out")
-        new = re.sub(r"down_blocks\.(\d+)\.resnets\.", r"down.\1.block.", new)
-        new = re.sub(r"down_blocks\.(\d+)\.downsamplers\.0\.", r"down.\1.downsample.", new)
-        new = re.sub(r"up_blocks\.(\d+)\.resnets\.", lambda m: f"up.{levels - 1 - int(m[1])}.block.", new)
-        new = re.sub(r"up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"up.{levels - 1 - int(m[1])}.upsample.", new)
-        new = re.sub(r"mid_block\.resnets\.(\d+)\.", lambda m: f"mid.block_{int(m[1]) + 1}.", new)
-        match = re.match(r"(\w+)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(\w+)$", new)
-        if match:
-            new = f"{match[1]}.mid.attn_1.{attn[match[2]]}.{match[3]}"
-            if value.dim() == 2:  # LDM's projections are 1x1 convs
-                value = value[:, :, None, None]
-        out[new] = value
-    return out
 
 
 @pytest.fixture(scope="module")

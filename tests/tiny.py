@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -148,3 +149,24 @@ def sd3_to_original(state: dict[str, torch.Tensor], depth: int, prefix: str = "m
             if s + f"attn2.norm_{theirs}.weight" in state:
                 out[o + f"x_block.attn2.{ours}.weight"] = state[s + f"attn2.norm_{theirs}.weight"]
     return {prefix + k: v.contiguous().clone() for k, v in out.items()}
+
+
+def vae_to_ldm(state: dict[str, torch.Tensor], levels: int) -> dict[str, torch.Tensor]:
+    """Rename a diffusers AutoencoderKL state dict to the original LDM names (spec §4.2,
+    written independently of dite's map): reversed decoder levels, 1x1-conv attention."""
+    attn = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+    out = {}
+    for key, value in state.items():
+        new = key.replace("conv_shortcut", "nin_shortcut").replace("conv_norm_out", "norm_out")
+        new = re.sub(r"down_blocks\.(\d+)\.resnets\.", r"down.\1.block.", new)
+        new = re.sub(r"down_blocks\.(\d+)\.downsamplers\.0\.", r"down.\1.downsample.", new)
+        new = re.sub(r"up_blocks\.(\d+)\.resnets\.", lambda m: f"up.{levels - 1 - int(m[1])}.block.", new)
+        new = re.sub(r"up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"up.{levels - 1 - int(m[1])}.upsample.", new)
+        new = re.sub(r"mid_block\.resnets\.(\d+)\.", lambda m: f"mid.block_{int(m[1]) + 1}.", new)
+        match = re.match(r"(\w+)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(\w+)$", new)
+        if match:
+            new = f"{match[1]}.mid.attn_1.{attn[match[2]]}.{match[3]}"
+            if value.dim() == 2:  # LDM's projections are 1x1 convs
+                value = value[:, :, None, None]
+        out[new] = value
+    return out
