@@ -78,8 +78,10 @@ def dit_config():
 
     # freq_shift 1 / mlp_norm_eps 1e-5: the numerics of diffusers' DiTTransformer2DModel,
     # the layout the model ships in, so the trained function is exactly the shipped one.
+    # 1000 class rows (only the first NUM_CLASSES are data) because diffusers' DiTPipeline
+    # hard-codes 1000 as the null class, as in ImageNet DiTs; the unused rows cost 250 KB.
     return DiTConfig(hidden_size=128, depth=12, num_heads=4, patch_size=2, in_channels=4, out_channels=8,
-                     num_classes=scenes.NUM_CLASSES, input_size=LATENT, freq_shift=1.0, mlp_norm_eps=1e-5)
+                     num_classes=1000, input_size=LATENT, freq_shift=1.0, mlp_norm_eps=1e-5)
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -354,6 +356,10 @@ def build_text(args):
     clip_l = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), max_positions=CLIP_MAX_LENGTH, **CLIP_L))
     clip_g = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), max_positions=CLIP_MAX_LENGTH, **CLIP_G))
     t5 = T5Encoder(T5Config(vocab_size=pieces, **T5))
+    with torch.no_grad():  # fp16-representable values: the shipped fp16 files hold exactly these encoders
+        for module in (clip_l, clip_g, t5):
+            for tensor in module.state_dict().values():
+                tensor.copy_(tensor.half().float())
     configs = {"clip_l": clip_l.config.__dict__, "clip_g": clip_g.config.__dict__, "t5": t5.config.__dict__}
     torch.save({"clip_l": clip_l.state_dict(), "clip_g": clip_g.state_dict(), "t5": t5.state_dict(),
                 "configs": configs}, folder / "encoders.pt")
@@ -581,8 +587,8 @@ def train_dit(args):
 
 DEFAULTS = {  # stage -> (steps, batch, pool)
     "vae": (500, 16, 0),
-    "mmdit": (2000, 48, 20000),
-    "dit": (4000, 64, 20000),
+    "mmdit": (1500, 48, 8000),
+    "dit": (3000, 64, 8000),
 }
 
 
