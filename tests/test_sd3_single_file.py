@@ -276,3 +276,23 @@ def test_cli_tokenizers_option(sd3, tmp_path, capsys):
     assert "no tokenizer/ folder" in err and "--tokenizers PATH" in err
     assert main(args + ["--tokenizers", str(folder)]) == 0
     assert (tmp_path / "cat.png").exists()
+
+
+def test_tokenizers_from_a_hub_repo(sd3, tmp_path, monkeypatch):
+    """tokenizers="owner/name" downloads the three tokenizer folders only (no weights)."""
+    import huggingface_hub
+
+    _, folder = sd3
+    bare = tmp_path / "without_tokenizers"
+    shutil.copytree(folder, bare, ignore=shutil.ignore_patterns("tokenizer", "tokenizer_2", "tokenizer_3"))
+    calls = []
+
+    def snapshot_download(**kwargs):
+        calls.append(kwargs)
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    pipe = load(bare, tokenizers="someone/sd3-tokenizers")
+    assert calls == [dict(repo_id="someone/sd3-tokenizers", revision=None,
+                          allow_patterns=["tokenizer/*", "tokenizer_2/*", "tokenizer_3/*"])]
+    assert pipe.text.tokenizer_t5 is not None
