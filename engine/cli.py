@@ -32,12 +32,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="make images: text-to-image (SD3) or class-to-image (DiT)")
     gen.add_argument("prompt", nargs="*", help="prompt(s) for text-to-image models; one image set per prompt")
-    gen.add_argument("--model", required=True, help="pipeline folder, checkpoint file or hub repo id")
+    gen.add_argument("--model", default=None,
+                     help="pipeline folder, checkpoint file, hub repo id, or demo-sd3 / demo-dit (the small models "
+                          "shipped with dite). Default: demo-sd3 for a prompt, demo-dit for --class-label")
     gen.add_argument("--class-label", action="append", default=[], metavar="ID",
                      help="class index (or name, if the model has label names); repeat for several images")
     gen.add_argument("--negative-prompt", default=None, help="what to steer away from (text-to-image)")
     gen.add_argument("--images-per-prompt", type=int, default=1)
-    gen.add_argument("--max-sequence-length", type=int, default=256, help="T5 tokens (SD3; default 256)")
+    gen.add_argument("--max-sequence-length", type=int, default=None,
+                     help="T5 tokens (SD3; default: the model's recorded one, else 256)")
     gen.add_argument("--no-t5", action="store_true", help="SD3 without T5 (low memory; its tokens become zeros)")
     gen.add_argument("--steps", type=int, default=None, help="denoising steps (default: the family's, DiT 50, SD3 28)")
     gen.add_argument("--guidance", type=float, default=None,
@@ -86,6 +89,8 @@ def cmd_generate(args) -> int:
     from dite.engine.loader import load
 
     components = {"text_encoder_3": None} if args.no_t5 else {}
+    if args.model is None:  # the demo models shipped with dite: offline, seconds on a CPU
+        args.model = "demo-dit" if args.class_label and not args.prompt else "demo-sd3"
     pipe = load(args.model, device=args.device, dtype=args.dtype, vae=args.vae, scheduler=args.scheduler,
                 tokenizers=args.tokenizers, **components)
     width, height = args.size if args.size else (None, None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +20,9 @@ from dite.engine.pipeline import Pipeline
 from dite.engine.weights import open_weights
 from dite.schedulers import by_name
 from dite.schedulers.base import Scheduler
+
+# Trained demo models shipped as package data of dite.models.demo (see models/demo/README.md).
+DEMO_MODELS = {"demo-sd3": "sd3", "demo-dit": "dit"}
 
 DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,
@@ -46,6 +50,19 @@ def parse_device(device: torch.device | str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError("device 'cuda' was asked for but no CUDA GPU is available to torch; use device='cpu'")
     return device
+
+
+def demo_folder(source) -> "Path | None":
+    """The folder of a demo model shipped inside dite ("demo-sd3", "demo-dit"), or None."""
+    if not isinstance(source, str) or source not in DEMO_MODELS:
+        return None
+    from importlib.resources import files
+
+    folder = Path(str(files("dite.models.demo") / DEMO_MODELS[source]))
+    if not (folder / "model_index.json").is_file():
+        raise CheckpointError(f"the demo model {source!r} is not in this installation ({folder} is missing); "
+                              "reinstall dite, or train and export it with tools/train_all_demo.sh")
+    return folder
 
 
 def _families():
@@ -86,7 +103,8 @@ def load(
     without T5 (its tokens become zeros).
     """
     device, dtype = parse_device(device), parse_dtype(dtype)
-    path = resolve_source(source, revision=revision, variant=variant)
+    demo = demo_folder(source)
+    path = demo if demo is not None else resolve_source(source, revision=revision, variant=variant)
     options = dict(device=device, dtype=dtype, vae=vae, variant=variant, model_config=model_config or {},
                    components=components, tokenizers=tokenizers)
     if path.is_dir():
@@ -108,6 +126,9 @@ def load(
                 f"{', '.join(supported_pipelines())}"
             )
         pipe = family.load_folder(path, model_index, **options)
+        defaults = model_index.get("_dite") or {}
+        pipe.defaults = {k: v for k, v in defaults.items()
+                         if k in ("num_inference_steps", "guidance_scale", "max_sequence_length")}
     else:
         reader = open_weights(path)
         keys = reader.keys()

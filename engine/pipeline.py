@@ -38,6 +38,15 @@ class Pipeline:
         self.vae = vae
         self.scheduler = scheduler
         self.source = source
+        # Sampling defaults the model records for itself (model_index.json "_dite": e.g. the
+        # demo SD3's T5 length); an argument given explicitly always wins.
+        self.defaults: dict = {}
+
+    def default(self, name: str, value, family_default):
+        """`value` if given, else the model's recorded default, else the family's."""
+        if value is not None:
+            return value
+        return self.defaults.get(name, family_default)
 
     @property
     def device(self) -> torch.device:

@@ -53,8 +53,8 @@ class DiTPipeline(Pipeline):
     def __call__(
         self,
         class_labels: int | str | Sequence[int | str],
-        num_inference_steps: int = 50,
-        guidance_scale: float = 4.0,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         seed: int | None = 0,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
@@ -64,6 +64,9 @@ class DiTPipeline(Pipeline):
         width: int | None = None,
     ) -> GenerationOutput:
         check_output_type(output_type)
+        # None: the model's recorded default (model_index.json "_dite"), else DiT's 50 / 4.0.
+        num_inference_steps = self.default("num_inference_steps", num_inference_steps, 50)
+        guidance_scale = self.default("guidance_scale", guidance_scale, 4.0)
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise InputError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
         cfg = self.transformer.config

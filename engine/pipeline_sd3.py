@@ -61,9 +61,9 @@ class SD3Pipeline(Pipeline):
         negative_prompt: str | Sequence[str] | None = None,
         height: int | None = None,
         width: int | None = None,
-        num_inference_steps: int = 28,
-        guidance_scale: float = 7.0,
-        max_sequence_length: int = 256,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        max_sequence_length: int | None = None,
         seed: int | None = 0,
         latents: torch.Tensor | None = None,
         num_images_per_prompt: int = 1,
@@ -72,6 +72,10 @@ class SD3Pipeline(Pipeline):
         accel=None,
     ) -> GenerationOutput:
         check_output_type(output_type)
+        # None: the model's recorded default (model_index.json "_dite"), else SD3's 28 / 7.0 / 256.
+        num_inference_steps = self.default("num_inference_steps", num_inference_steps, 28)
+        guidance_scale = self.default("guidance_scale", guidance_scale, 7.0)
+        max_sequence_length = self.default("max_sequence_length", max_sequence_length, 256)
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise InputError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:

@@ -89,6 +89,21 @@ class CLIPTextConfig:
         )
 
 
+    def to_transformers(self) -> dict[str, Any]:
+        """The transformers `config.json` of this config (inverse of from_transformers): a
+        CLIPTextModelWithProjection, or a plain CLIPTextModel without a projection."""
+        return {
+            "architectures": ["CLIPTextModelWithProjection" if self.projection_dim else "CLIPTextModel"],
+            "model_type": "clip_text_model", "vocab_size": self.vocab_size, "hidden_size": self.width,
+            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads, "max_position_embeddings": self.max_positions,
+            "hidden_act": self.activation, "layer_norm_eps": self.layer_norm_eps,
+            "projection_dim": self.projection_dim or 512, "eos_token_id": self.eos_token_id,
+            "bos_token_id": 0, "pad_token_id": 1, "attention_dropout": 0.0, "dropout": 0.0,
+            "initializer_factor": 1.0, "initializer_range": 0.02,
+        }
+
+
 # ----------------------------------------------------------------------------- modules
 
 

@@ -103,6 +103,24 @@ class DiTConfig:
             mlp_norm_eps=config.get("norm_eps", 1e-5),
         )
 
+    def to_diffusers(self) -> dict:
+        """The diffusers DiTTransformer2DModel config.json of this config (inverse of from_diffusers).
+
+        diffusers' port fixes what the original makes a choice: the timestep divisor shift
+        (1), 256 frequency channels and a 4x MLP; other values have no diffusers config."""
+        if self.freq_shift != 1.0 or self.frequency_embedding_size != 256 or self.mlp_ratio != 4.0:
+            raise ConfigError(
+                f"no diffusers DiT config has freq_shift={self.freq_shift}, frequency_embedding_size="
+                f"{self.frequency_embedding_size}, mlp_ratio={self.mlp_ratio} (diffusers: 1.0, 256, 4.0)")
+        return {
+            "_class_name": "DiTTransformer2DModel", "num_attention_heads": self.num_heads,
+            "attention_head_dim": self.hidden_size // self.num_heads, "in_channels": self.in_channels,
+            "out_channels": self.out_channels, "num_layers": self.depth, "dropout": 0.0, "norm_num_groups": 32,
+            "attention_bias": True, "sample_size": self.input_size, "patch_size": self.patch_size,
+            "activation_fn": "gelu-approximate", "num_embeds_ada_norm": self.num_classes, "upcast_attention": False,
+            "norm_type": "ada_norm_zero", "norm_elementwise_affine": False, "norm_eps": self.mlp_norm_eps,
+        }
+
     def to_dict(self) -> dict:
         return asdict(self)
 

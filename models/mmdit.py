@@ -80,6 +80,18 @@ class MMDiTConfig:
             dual_attention_layers=tuple(config.get("dual_attention_layers") or ()),
         )
 
+    def to_diffusers(self) -> dict:
+        """The diffusers SD3Transformer2DModel config.json of this config (inverse of from_diffusers)."""
+        return {
+            "_class_name": "SD3Transformer2DModel", "sample_size": self.sample_size, "patch_size": self.patch_size,
+            "in_channels": self.in_channels, "out_channels": self.out_channels, "num_layers": self.depth,
+            "attention_head_dim": self.head_dim, "num_attention_heads": self.num_heads,
+            "joint_attention_dim": self.context_dim, "caption_projection_dim": self.hidden_size,
+            "pooled_projection_dim": self.pooled_dim, "pos_embed_max_size": self.pos_embed_max_size,
+            "dual_attention_layers": list(self.dual_attention_layers),
+            "qk_norm": "rms_norm" if self.qk_norm else None,
+        }
+
     def to_dict(self) -> dict:
         return asdict(self)
 

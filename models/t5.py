@@ -65,6 +65,21 @@ class T5Config:
         )
 
 
+    def to_transformers(self) -> dict[str, Any]:
+        """The transformers T5EncoderModel `config.json` of this config (inverse of
+        from_transformers; T5 v1.1's gated-GELU feed-forward)."""
+        return {
+            "architectures": ["T5EncoderModel"], "model_type": "t5", "vocab_size": self.vocab_size,
+            "d_model": self.d_model, "d_kv": self.d_kv, "d_ff": self.d_ff, "num_layers": self.layers,
+            "num_decoder_layers": self.layers, "num_heads": self.heads,
+            "relative_attention_num_buckets": self.relative_buckets,
+            "relative_attention_max_distance": self.relative_max_distance, "layer_norm_epsilon": self.eps,
+            "feed_forward_proj": "gated-gelu", "dense_act_fn": "gelu_new", "is_gated_act": True,
+            "dropout_rate": 0.0, "is_encoder_decoder": True, "pad_token_id": 0, "eos_token_id": 1,
+            "decoder_start_token_id": 0, "tie_word_embeddings": False, "initializer_factor": 1.0, "use_cache": False,
+        }
+
+
 # ----------------------------------------------------------------------------- modules
 
 
