@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dite.engine.errors import CheckpointError
-from dite.models import dit, mmdit
+from dite.models import dit, mmdit, pixart
 from dite.models.checkpoint import KeyMap, export_state_dict, take
 from dite.models.clip import clip_keymap, detect_clip
 from dite.models.t5 import T5Config, t5_keymap
@@ -88,6 +88,19 @@ def test_t5():
     config = T5Config.from_transformers(T5_TINY)
     keymap, ignore = t5_keymap(config, state.keys())
     assert_round_trip(state, keymap, ignore)
+
+
+@pytest.mark.parametrize("micro", [False, True])
+@pytest.mark.parametrize("layout", ["diffusers", "original"])
+def test_pixart(layout, micro):
+    from tiny_pixart import DEPTH, pixart_to_original, tiny_pixart_transformer
+
+    model = tiny_pixart_transformer(micro=micro)
+    state = model.state_dict()
+    if layout == "original":
+        state = pixart_to_original(state, DEPTH, null_caption=torch.zeros(120, 16), pos_embed=torch.zeros(1, 16, 24))
+    cfg = pixart.PixArtConfig.from_diffusers(dict(model.config), "alpha")
+    assert_round_trip(state, *pixart.keymap(cfg, layout))
 
 
 def test_disagreeing_state_is_refused():

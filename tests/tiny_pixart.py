@@ -1,0 +1,66 @@
+"""Tiny random PixArt reference models (diffusers) and the original-layout rename, for the
+PixArt tests. The rename follows the spec's §2.2 table, written independently of dite's
+key map so that each checks the other."""
+
+from __future__ import annotations
+
+import torch
+
+DEPTH = 2
+HEADS, HEAD_DIM = 2, 12  # hidden 24: divisible by 3 for the micro-condition embedders
+CAPTION = 16  # T5 width of the tiny pipelines
+
+
+def tiny_pixart_transformer(*, micro: bool = False, sample_size: int = 8, interpolation_scale=None,
+                            seed: int = 0, depth: int = DEPTH):
+    """A diffusers PixArtTransformer2DModel with random non-trivial weights (in eval mode)."""
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = PixArtTransformer2DModel(
+        num_attention_heads=HEADS, attention_head_dim=HEAD_DIM, in_channels=4, out_channels=8, num_layers=depth,
+        cross_attention_dim=HEADS * HEAD_DIM, sample_size=sample_size, patch_size=2, caption_channels=CAPTION,
+        interpolation_scale=interpolation_scale, use_additional_conditions=micro,
+    ).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model
+
+
+def pixart_to_original(state: dict[str, torch.Tensor], depth: int, *, null_caption: torch.Tensor | None = None,
+                       pos_embed: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Rename a diffusers PixArt state dict to the original release's names (a `.pth`'s
+    `state_dict`): fused self-attention qkv, fused cross-attention kv."""
+    out = {}
+    emb = "adaln_single.emb."
+    for p in ("weight", "bias"):
+        out[f"x_embedder.proj.{p}"] = state[f"pos_embed.proj.{p}"]
+        out[f"t_embedder.mlp.0.{p}"] = state[emb + f"timestep_embedder.linear_1.{p}"]
+        out[f"t_embedder.mlp.2.{p}"] = state[emb + f"timestep_embedder.linear_2.{p}"]
+        out[f"t_block.1.{p}"] = state[f"adaln_single.linear.{p}"]
+        if emb + f"resolution_embedder.linear_1.{p}" in state:
+            out[f"csize_embedder.mlp.0.{p}"] = state[emb + f"resolution_embedder.linear_1.{p}"]
+            out[f"csize_embedder.mlp.2.{p}"] = state[emb + f"resolution_embedder.linear_2.{p}"]
+            out[f"ar_embedder.mlp.0.{p}"] = state[emb + f"aspect_ratio_embedder.linear_1.{p}"]
+            out[f"ar_embedder.mlp.2.{p}"] = state[emb + f"aspect_ratio_embedder.linear_2.{p}"]
+        out[f"y_embedder.y_proj.fc1.{p}"] = state[f"caption_projection.linear_1.{p}"]
+        out[f"y_embedder.y_proj.fc2.{p}"] = state[f"caption_projection.linear_2.{p}"]
+        out[f"final_layer.linear.{p}"] = state[f"proj_out.{p}"]
+        for i in range(depth):
+            s, o = f"transformer_blocks.{i}.", f"blocks.{i}."
+            out[o + f"attn.qkv.{p}"] = torch.cat([state[s + f"attn1.to_{x}.{p}"] for x in "qkv"])
+            out[o + f"attn.proj.{p}"] = state[s + f"attn1.to_out.0.{p}"]
+            out[o + f"cross_attn.q_linear.{p}"] = state[s + f"attn2.to_q.{p}"]
+            out[o + f"cross_attn.kv_linear.{p}"] = torch.cat([state[s + f"attn2.to_{x}.{p}"] for x in "kv"])
+            out[o + f"cross_attn.proj.{p}"] = state[s + f"attn2.to_out.0.{p}"]
+            out[o + f"mlp.fc1.{p}"] = state[s + f"ff.net.0.proj.{p}"]
+            out[o + f"mlp.fc2.{p}"] = state[s + f"ff.net.2.{p}"]
+    for i in range(depth):
+        out[f"blocks.{i}.scale_shift_table"] = state[f"transformer_blocks.{i}.scale_shift_table"]
+    out["final_layer.scale_shift_table"] = state["scale_shift_table"]
+    if null_caption is not None:
+        out["y_embedder.y_embedding"] = null_caption
+    if pos_embed is not None:
+        out["pos_embed"] = pos_embed
+    return {k: v.contiguous().clone() for k, v in out.items()}
