@@ -15,21 +15,25 @@ from dite.engine.errors import ConfigError
 from dite.schedulers.base import Scheduler, SchedulerState
 from dite.schedulers.ddim import DDIMConfig, DDIMScheduler
 from dite.schedulers.ddpm import DDPMConfig, DDPMScheduler
+from dite.schedulers.dpm_solver import DPMSolverConfig, DPMSolverMultistepScheduler
 from dite.schedulers.flow_match import FlowMatchEulerConfig, FlowMatchEulerScheduler, FlowMatchState
 
-_CLASSES: tuple[type[Scheduler], ...] = (DDIMScheduler, DDPMScheduler, FlowMatchEulerScheduler)
+_CLASSES: tuple[type[Scheduler], ...] = (DDIMScheduler, DDPMScheduler, FlowMatchEulerScheduler,
+                                         DPMSolverMultistepScheduler)
 
 #: diffusers class name -> scheduler class
 SCHEDULERS: dict[str, type[Scheduler]] = {cls.diffusers_class: cls for cls in _CLASSES}
 #: short (CLI) name -> scheduler class
 BY_NAME: dict[str, type[Scheduler]] = {cls.name: cls for cls in _CLASSES}
 #: other names people use for a scheduler (ComfyUI and A1111 call flow-matching Euler "euler")
-ALIASES: dict[str, str] = {"euler": FlowMatchEulerScheduler.name}
+ALIASES: dict[str, str] = {"euler": FlowMatchEulerScheduler.name, "dpm++": DPMSolverMultistepScheduler.name,
+                           "dpmsolver": DPMSolverMultistepScheduler.name}
 
 CONFIG_NAME = "scheduler_config.json"
 
 __all__ = ["SCHEDULERS", "BY_NAME", "ALIASES", "Scheduler", "SchedulerState", "DDIMConfig", "DDIMScheduler",
-           "DDPMConfig", "DDPMScheduler", "FlowMatchEulerConfig", "FlowMatchEulerScheduler", "FlowMatchState",
+           "DDPMConfig", "DDPMScheduler", "DPMSolverConfig",
+           "DPMSolverMultistepScheduler", "FlowMatchEulerConfig", "FlowMatchEulerScheduler", "FlowMatchState",
            "from_diffusers_config", "load_scheduler", "by_name"]
 
 
