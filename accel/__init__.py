@@ -5,8 +5,8 @@ method); they are re-exported here, where plans are built and composed.
 """
 
 from dite.accel.build import as_methods, build_plans, resolve  # noqa: F401
+from dite.accel.fastattn import FastAttn  # noqa: F401
 from dite.accel.methods import (  # noqa: F401
-    METHODS,
     DeltaCache,
     DiTCache,
     Method,
@@ -14,6 +14,7 @@ from dite.accel.methods import (  # noqa: F401
     PromptGate,
     ToDo,
 )
+from dite.accel.registry import METHODS  # noqa: F401
 from dite.accel.spec import parse_spec  # noqa: F401
 from dite.models.plan import (  # noqa: F401
     FULL_ATTENTION,
@@ -27,6 +28,6 @@ from dite.models.plan import (  # noqa: F401
 
 __all__ = [
     "AttentionPolicy", "BlockPlan", "RangeOp", "StepPlan", "FULL_ATTENTION", "PLAIN_BLOCK", "PLAIN_STEP",
-    "Method", "DiTCache", "DeltaCache", "PromptGate", "ToDo", "METHODS", "PlanContext",
+    "Method", "DiTCache", "DeltaCache", "PromptGate", "ToDo", "FastAttn", "METHODS", "PlanContext",
     "as_methods", "build_plans", "resolve", "parse_spec",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Iterable
 
 from dite.accel.methods import Method, PlanContext, StepDraft
@@ -9,7 +10,8 @@ from dite.accel.spec import parse_spec
 from dite.engine.errors import ConfigError
 from dite.models.plan import FULL_ATTENTION, PLAIN_BLOCK, PLAIN_STEP, BlockPlan, StepPlan
 
-_WHAT = {"ranges": "cache block ranges", "cfg": "change the CFG batch", "attention": "set attention policies"}
+_WHAT = {"ranges": "cache block ranges", "cfg": "change the CFG batch", "kv": "downsample keys/values",
+         "kernel": "choose attention kernels per layer"}
 
 
 def as_methods(accel: str | Method | Iterable[Method] | None) -> list[Method]:
@@ -39,6 +41,47 @@ def resolve(methods: list[Method], ctx: PlanContext) -> list[Method]:
     return [m.resolved(ctx) for m in methods]
 
 
+def _runs(draft: StepDraft, block: int) -> bool:
+    return not any(r.action == "apply" and r.start <= block < r.stop for r in draft.ranges)
+
+
+def link_attention_caches(drafts: list[StepDraft], ctx: PlanContext) -> None:
+    """Make each computing step store what later steps of the same layer reuse.
+
+    Walks each layer over the steps where it really runs (a block skipped by a cached
+    range neither computes nor consumes), so the chain is right under DiTCache/Δ-Cache: a
+    WA-RS step takes the residual of the layer's last full step, an AST step the output of
+    its last computed step. CFG sharing is dropped on cond-only steps (PromptGate), where
+    there is no second half to share with.
+    """
+    for block in range(ctx.depth):
+        last_full = last_computed = None
+        for i, draft in enumerate(drafts):
+            policy = draft.attention[block]
+            if policy is None or not _runs(draft, block):
+                if policy is None and _runs(draft, block):
+                    last_full = last_computed = i
+                continue
+            if policy.cfg_share and draft.cfg_mode == "cond_only":
+                policy = replace(policy, cfg_share=None)
+            if policy.kind == "window":
+                if last_full is None:
+                    raise ConfigError(f"block {block} uses window attention at step {i} before any full step of it "
+                                      "has run: it has no residual to add")
+                source = drafts[last_full].attention[block] or FULL_ATTENTION
+                drafts[last_full].attention[block] = replace(source, store_residual=True, window=policy.window)
+            elif policy.kind == "share":
+                if last_computed is None:
+                    raise ConfigError(f"block {block} shares its attention output at step {i} before it has computed one")
+                source = drafts[last_computed].attention[block] or FULL_ATTENTION
+                drafts[last_computed].attention[block] = replace(source, store_output=True)
+            draft.attention[block] = policy
+            if policy.kind != "share":
+                last_computed = i
+            if policy.kind == "full":
+                last_full = i
+
+
 def build_plans(methods: list[Method], ctx: PlanContext) -> list[StepPlan]:
     """One plan per step; with no methods, the plain plan everywhere."""
     if not methods:
@@ -46,6 +89,7 @@ def build_plans(methods: list[Method], ctx: PlanContext) -> list[StepPlan]:
     drafts = [StepDraft(ranges=[], attention=[None] * ctx.depth) for _ in range(ctx.steps)]
     for m in methods:
         m.edit(drafts, ctx)
+    link_attention_caches(drafts, ctx)
     plans, interned = [], {}
     for d in drafts:
         blocks = ()

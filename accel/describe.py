@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from dite.accel.methods import METHODS, PlanContext
+from dite.accel.methods import PlanContext
+from dite.accel.registry import METHODS
 from dite.engine.errors import ConfigError
 
 # (family, depth, steps) of the reference models: SD3-medium 28 steps, PixArt-α/Σ XL-2

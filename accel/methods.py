@@ -18,14 +18,24 @@ from dite.models.plan import AttentionPolicy, RangeOp
 INTERPOLATION_MODES = ("bilinear", "bicubic", "nearest", "nearest-exact", "area")
 
 
+FAMILY_CFG_LAYOUT = {"dit": "cond_first", "sd3": "uncond_first", "pixart": "uncond_first"}
+
+
 @dataclass(frozen=True)
 class PlanContext:
-    """What plan building needs to know about one call."""
+    """What plan building needs to know about one call. `model_id` fingerprints the
+    weights (calibrated plans are refused on another model); `cfg_layout` is the layout of
+    the guided batch."""
 
     family: str
     depth: int
     steps: int
     guided: bool
+    model_id: str = ""
+
+    @property
+    def cfg_layout(self) -> str:
+        return FAMILY_CFG_LAYOUT.get(self.family, "uncond_first") if self.guided else "none"
 
 
 @dataclass
@@ -57,6 +67,17 @@ class Method:
     def spec(self) -> str:
         args = ",".join(f"{k}={_format(v)}" for k, v in self.settings().items())
         return f"{self.name}({args})"
+
+
+def merge_policy(draft: StepDraft, block: int, **fields) -> None:
+    """Set attention fields of one block in one step, keeping what other methods set.
+    ToDo's downsampled keys and WA-RS's band both assume their own key sequence, so the two
+    never share a layer."""
+    merged = replace(draft.attention[block] or AttentionPolicy(), **fields)
+    if merged.kind == "window" and merged.downsamples_kv:
+        raise ConfigError(f"block {block}: ToDo (downsampled keys) and DiTFastAttn's window attention cannot share "
+                          "a layer; restrict todo(blocks=...) to other blocks")
+    draft.attention[block] = merged
 
 
 def _format(value) -> str:
@@ -185,7 +206,7 @@ class ToDo(Method):
 
     name: ClassVar[str] = "todo"
     summary: ClassVar[str] = "downsample image keys/values on the token grid (ToDo, mindone's MMDiT port)"
-    edits: ClassVar[str] = "attention"
+    edits: ClassVar[str] = "kv"
     factor: float = 1.6
     blocks: tuple[int, int] | None = None
     mode: str = "bilinear"
@@ -200,11 +221,8 @@ class ToDo(Method):
         return replace(self, blocks=blocks, factor=float(self.factor))
 
     def edit(self, drafts: list[StepDraft], ctx: PlanContext) -> None:
-        policy = AttentionPolicy(kv_factor=self.factor, kv_mode=self.mode)
         for draft in drafts:
             for k in range(*self.blocks):
-                draft.attention[k] = policy
+                merge_policy(draft, k, kv_factor=self.factor, kv_mode=self.mode)
 
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (DiTCache, DeltaCache, PromptGate, ToDo)}
-ALIASES = {"delta-cache": "deltacache", "deltadit": "deltacache", "delta": "deltacache", "prompt-gate": "promptgate"}

@@ -50,7 +50,7 @@ def _convert(method: str, name: str, annotation: str, raw: str):
 
 
 def parse_method(text: str):
-    from dite.accel.methods import ALIASES, METHODS
+    from dite.accel.registry import ALIASES, METHODS
 
     match = _CALL.match(text)
     if not match:

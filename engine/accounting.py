@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from dite.accel.attention_cache import AttentionCache
 from dite.accel.cache import DeltaCache
 from dite.engine.step import run_step
 from dite.models.denoiser import Conditioning, Denoiser
@@ -31,19 +32,39 @@ def _to_meta(cond: Conditioning) -> Conditioning:
                                        if isinstance(getattr(cond, f.name), torch.Tensor)})
 
 
-def denoiser_flops(meta: Denoiser, plans: Sequence[StepPlan], x_shape: tuple[int, ...], cond: Conditioning) -> list[int]:
-    """FLOPs of each step's denoiser call under `plans` (x_shape: one CFG branch's latents).
+# Attention's own products (q.k and p.v): SDPA, which decomposes to bmm on the meta device
+# (the models' linear layers count as addmm/mm), and the band attention op.
+_ATTENTION_OPS = ("bmm", "scaled_dot_product", "window_attention")
+
+
+def _split(counter: FlopCounterMode) -> dict[str, int]:
+    counts = counter.get_flop_counts().get("Global", {})
+    attention = sum(v for op, v in counts.items() if any(name in str(op) for name in _ATTENTION_OPS))
+    return {"total": counter.get_total_flops(), "attention": attention}
+
+
+def denoiser_flops(meta: Denoiser, plans: Sequence[StepPlan], x_shape: tuple[int, ...], cond: Conditioning,
+                   part: str = "total") -> list[int]:
+    """FLOPs of each step's denoiser call under `plans` (x_shape: one CFG branch's
+    latents); `part` "attention" counts only attention's own products (q.k and p.v)."""
+    return [step[part] for step in step_flops(meta, plans, x_shape, cond)]
+
+
+def step_flops(meta: Denoiser, plans: Sequence[StepPlan], x_shape: tuple[int, ...],
+               cond: Conditioning) -> list[dict[str, int]]:
+    """{"total", "attention"} FLOPs of each step's denoiser call under `plans`.
 
     Steps are walked in order so cached ranges have a recorded delta to apply, and the
     batch halves where a plan turns cond-only, exactly as the sampling loop does."""
     cond = _to_meta(cond)
     dtype = next(meta.parameters()).dtype
-    cache, gated, per_signature, out = DeltaCache(), False, {}, []
+    cache, attn_cache, gated, per_signature, out = DeltaCache(), AttentionCache(), False, {}, []
     for plan in plans:
         step_cond = cond
         if plan.cfg_mode == "cond_only" and cond.guided:
             if not gated:
                 cache.select_rows(cond.cond_rows(2 * x_shape[0]))
+                attn_cache.select_rows(cond.cond_rows(2 * x_shape[0]))
                 gated = True
             step_cond = cond.conditional_only()
         rows = x_shape[0] * (2 if step_cond.guided else 1)
@@ -55,8 +76,8 @@ def denoiser_flops(meta: Denoiser, plans: Sequence[StepPlan], x_shape: tuple[int
             # a delta of the right shape, which is all an apply needs on meta.
             counter = FlopCounterMode(display=False)
             with counter:
-                run_step(meta, x, t, step_cond, plan, cache)
-            per_signature[signature] = counter.get_total_flops()
+                run_step(meta, x, t, step_cond, plan, cache, attn_cache)
+            per_signature[signature] = _split(counter)
         out.append(per_signature[signature])
     return out
 
@@ -81,10 +102,13 @@ def accel_stats(transformer: Denoiser, methods: list, plans: Sequence[StepPlan],
     memo = {} if memo is None else memo
     if key not in memo:
         meta = meta_copy(transformer)
-        memo[key] = (sum(denoiser_flops(meta, plans, x_shape, cond)),
-                     sum(denoiser_flops(meta, [PLAIN_STEP] * len(plans), x_shape, cond)))
-    flops, plain = memo[key]
-    stats.update(denoiser_flops=flops, plain_denoiser_flops=plain, flops_ratio=flops / plain)
+        steps = step_flops(meta, plans, x_shape, cond)
+        plain_steps = step_flops(meta, [PLAIN_STEP] * len(plans), x_shape, cond)
+        memo[key] = {part: (sum(s[part] for s in steps), sum(s[part] for s in plain_steps))
+                     for part in ("total", "attention")}
+    (flops, plain), (attention, plain_attention) = memo[key]["total"], memo[key]["attention"]
+    stats.update(denoiser_flops=flops, plain_denoiser_flops=plain, flops_ratio=flops / plain,
+                 attention_flops=attention, attention_flops_ratio=attention / max(plain_attention, 1))
     return stats
 
 

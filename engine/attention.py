@@ -32,7 +32,8 @@ def attention(
     (default 1/sqrt(head_dim); T5 uses 1). Returns [batch, heads, q_tokens, head_dim].
     """
     if policy.kind != "full":
-        raise ValueError(f"no attention backend implements policy {policy.kind!r}")
+        raise ValueError(f"attention() computes full attention; policy {policy.kind!r} is run by the attention "
+                         "module (window attention in engine/window_attention.py, sharing from the cache)")
     if bias is not None:
         # SDPA takes one mask: fold the boolean mask into the bias with the dtype's most
         # negative value (as transformers does), so padded keys get no weight.

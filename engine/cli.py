@@ -59,6 +59,23 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-o", "--output", default="out.png", help="PNG path; several images get -0, -1, ... suffixes")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    cal = sub.add_parser("calibrate", help="calibrate a DiTFastAttn plan (use it with --accel fastattn(plan=FILE))")
+    cal.add_argument("--model", default=None, help="as for generate (default: demo-sd3)")
+    cal.add_argument("--steps", type=int, required=True, help="plans are specific to the step count")
+    cal.add_argument("--threshold", type=float, default=0.05, help="loss threshold δ (the last layer's; grows with depth)")
+    cal.add_argument("--window", type=int, required=True, help="band half-width w in tokens (N/8 in the reference)")
+    cal.add_argument("--calib", type=int, default=4, help="calibration prompts / class labels")
+    cal.add_argument("--prompt", action="append", default=None, help="calibration prompt (repeat); default: built-in")
+    cal.add_argument("--guidance", type=float, default=None)
+    cal.add_argument("--negative-prompt", default="")
+    cal.add_argument("--metric", default="relative", help="relative (the reference's) or ssim")
+    cal.add_argument("--max-signatures", type=int, default=None,
+                     help="merge steps into at most K distinct step plans (graph executors compile one per plan)")
+    cal.add_argument("--size", type=_size, default=None, metavar="WxH")
+    cal.add_argument("--device", default="cpu")
+    cal.add_argument("--dtype", default="fp32")
+    cal.add_argument("-o", "--output", required=True, help="plan file (JSON)")
+
     acc = sub.add_parser("accel", help="list the acceleration methods, their parameters and defaults")
     acc.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -118,6 +135,21 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    from dite.engine.calibrate import calibrate
+    from dite.engine.loader import load
+
+    pipe = load(args.model or "demo-sd3", device=args.device, dtype=args.dtype)
+    width, height = args.size if args.size else (None, None)
+    plan = calibrate(pipe, args.output, steps=args.steps, threshold=args.threshold, window=args.window,
+                     n_calib=args.calib, guidance_scale=args.guidance, negative_prompt=args.negative_prompt,
+                     prompts=args.prompt, metric=args.metric, max_signatures=args.max_signatures,
+                     height=height, width=width)
+    counts = ", ".join(f"{k} {v}" for k, v in plan["counts"].items() if v)
+    print(f"{args.output}: {plan['signatures']} distinct step plans; {counts}", file=sys.stderr)
+    return 0
+
+
 def cmd_accel(args) -> int:
     from dite.accel.describe import describe_methods, format_methods
 
@@ -145,7 +177,7 @@ def cmd_inspect(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"generate": cmd_generate, "inspect": cmd_inspect, "accel": cmd_accel}[args.command](args)
+        return {"generate": cmd_generate, "inspect": cmd_inspect, "accel": cmd_accel, "calibrate": cmd_calibrate}[args.command](args)
     except DiteError as exc:
         if os.environ.get("DITE_DEBUG"):
             raise

@@ -73,9 +73,18 @@ class Pipeline:
                 )
         return height // self.vae_scale_factor, width // self.vae_scale_factor
 
+    @property
+    def model_id(self) -> str:
+        """Fingerprint of the denoiser (calibrated plans are tied to it); computed once."""
+        if "_model_id" not in self.__dict__:
+            from dite.accel.fastattn import model_fingerprint
+
+            self._model_id = model_fingerprint(self.transformer)
+        return self._model_id
+
     def plan_steps(self, accel, steps: int, guided: bool) -> tuple[list, list[StepPlan]]:
         """The accel methods (resolved for this call) and one plan per step."""
-        ctx = PlanContext(self.family, len(self.transformer.blocks), steps, guided)
+        ctx = PlanContext(self.family, len(self.transformer.blocks), steps, guided, self.model_id)
         methods = resolve(as_methods(accel), ctx)
         return methods, build_plans(methods, ctx)
 
@@ -90,18 +99,26 @@ class Pipeline:
 
     def finish(self, x: torch.Tensor, output_type: str, timings: dict[str, float], base: dict[str, Any],
                per_image: list[dict[str, Any]], latents_given: bool, seed: int, size: tuple[int, int],
-               stats: dict[str, Any] | None = None):
-        """Decode (unless "latent") and assemble the output with one parameter dict per image."""
+               stats: dict[str, Any] | None = None, resize_to: tuple[int, int] | None = None):
+        """Decode (unless "latent") and assemble the output with one parameter dict per image.
+        `resize_to` (height, width): the decoded images are scaled and centre-cropped to it
+        (PixArt's resolution binning generates at a bin size, then returns the requested one)."""
         from dite.engine.images import postprocess
         from dite.engine.output import GenerationOutput
 
         images = None
         if output_type != "latent":
             with timed(timings, "decode"):
-                images = postprocess(self.decode(x), output_type)
+                decoded = self.decode(x)
+                if resize_to is not None:
+                    from dite.engine.pixart_bins import resize_and_crop
+
+                    decoded = resize_and_crop(decoded, *resize_to)
+                images = postprocess(decoded, output_type)
         h, w = size
+        out_h, out_w = resize_to if resize_to is not None else (h * self.vae_scale_factor, w * self.vae_scale_factor)
         base = {"model": self.source, "family": self.family, "scheduler": self.scheduler.name,
-                "size": f"{w * self.vae_scale_factor}x{h * self.vae_scale_factor}", **base,
+                "size": f"{out_w}x{out_h}", **base,
                 "accel": (stats or {}).get("accel", "none"),
                 "dite_version": dite_version()}
         params = [{**base, **extra, "seed": seed + k, "latents": "given" if latents_given else "seeded"}

@@ -60,6 +60,7 @@ class DiTPipeline(Pipeline):
         output_type: str = "pil",
         progress: bool = True,
         accel=None,
+        plan_hook=None,
         height: int | None = None,
         width: int | None = None,
     ) -> GenerationOutput:
@@ -93,7 +94,7 @@ class DiTPipeline(Pipeline):
             state = GenerationState(scheduler=sched_state)
             x0_shape = x.shape
             x = denoise(
-                self.transformer, self.scheduler, x, cond, state, plans=plans,
+                self.transformer, self.scheduler, x, cond, state, plans=plans, plan_hook=plan_hook,
                 guidance_scale=guidance_scale,
                 prediction_channels=cfg.in_channels,
                 pass_model_variance=cfg.learned_sigma and getattr(self.scheduler, "uses_model_variance", False),

@@ -70,6 +70,7 @@ class SD3Pipeline(Pipeline):
         output_type: str = "pil",
         progress: bool = True,
         accel=None,
+        plan_hook=None,
     ) -> GenerationOutput:
         check_output_type(output_type)
         # None: the model's recorded default (model_index.json "_dite"), else SD3's 28 / 7.0 / 256.
@@ -109,7 +110,7 @@ class SD3Pipeline(Pipeline):
         with timed(timings, "denoise"):
             state = GenerationState(scheduler=sched_state)
             x0_shape = x.shape
-            x = denoise(self.transformer, self.scheduler, x, cond, state, plans=plans,
+            x = denoise(self.transformer, self.scheduler, x, cond, state, plans=plans, plan_hook=plan_hook,
                         guidance_scale=guidance_scale, prediction_channels=cfg.out_channels, progress=progress)
 
         return self.finish(

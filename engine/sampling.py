@@ -7,11 +7,12 @@ modules and the scheduler are only read, so two threads can sample at once.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+from dite.accel.attention_cache import AttentionCache
 from dite.accel.cache import DeltaCache
 from dite.engine.errors import ConfigError
 from dite.engine.step import run_step
@@ -28,6 +29,7 @@ class GenerationState:
     scheduler: SchedulerState
     step_index: int = 0
     deltas: DeltaCache = field(default_factory=DeltaCache)
+    attention: AttentionCache = field(default_factory=AttentionCache)
     steps_run: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -61,13 +63,15 @@ def denoise(
     pass_model_variance: bool = False,
     plans: Sequence[StepPlan] | None = None,
     progress: bool = True,
+    plan_hook: Callable | None = None,
 ) -> torch.Tensor:
     """Run every step of `state.scheduler` from `latents` (already scaled by the scheduler's
     init_noise_sigma) and return the final latents.
 
     `prediction_channels` is the number of output channels that are the prediction (the
     latent channels); with `pass_model_variance` the channels after them (a learned
-    variance) reach the scheduler too.
+    variance) reach the scheduler too. `plan_hook(i, model_in, t, cond, plan, state)`, if
+    given, may replace a step's plan right before it runs (DiTFastAttn calibration).
     """
     sched = state.scheduler
     x = latents
@@ -83,7 +87,9 @@ def denoise(
             if not gated:
                 # The unconditional rows leave the batch for good: every per-row cache
                 # keeps only the conditional rows, by the family's declared CFG layout.
-                state.deltas.select_rows(cond.cond_rows(2 * x.shape[0]))
+                rows = cond.cond_rows(2 * x.shape[0])
+                state.deltas.select_rows(rows)
+                state.attention.select_rows(rows)
                 gated = True
             step_cond = cond.conditional_only()
         elif gated:
@@ -91,7 +97,9 @@ def denoise(
                               "its caches were dropped, so a plan cannot do that")
         model_in = batch_for_cfg(scheduler.scale_model_input(x, i, sched), step_cond.cfg_layout)
         t = sched.timesteps[i].to(x.device).expand(model_in.shape[0])
-        out = run_step(transformer, model_in, t, step_cond, plan, state.deltas)
+        if plan_hook is not None:
+            plan = plan_hook(i, model_in, t, step_cond, plan, state)
+        out = run_step(transformer, model_in, t, step_cond, plan, state.deltas, state.attention)
         state.steps_run.append({"step": i, "rows": model_in.shape[0], "cfg": step_cond.cfg_layout != "none",
                                 "blocks": len(plan.computed_blocks(depth))})
         out = apply_guidance(out, step_cond.cfg_layout, guidance_scale, prediction_channels)

@@ -7,16 +7,21 @@ ranges this is exactly `transformer(x, t, cond, plan)`.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
+from dite.accel.attention_cache import AttentionCache
 from dite.accel.cache import DeltaCache
 from dite.models.denoiser import Conditioning, Denoiser
 from dite.models.plan import StepPlan
 
 
 def run_step(transformer: Denoiser, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, plan: StepPlan,
-             cache: DeltaCache) -> torch.Tensor:
+             cache: DeltaCache, attn_cache: AttentionCache | None = None) -> torch.Tensor:
     hidden = transformer.prepare(x, t, cond)
+    if attn_cache is not None:
+        hidden = replace(hidden, attn_cache=attn_cache)
     streams = transformer.streams
     for start, stop, action in plan.segments(len(transformer.blocks)):
         if action == "apply":

@@ -9,6 +9,7 @@ it, or change how attention computes, without knowing the family.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,6 +24,8 @@ class Hidden:
     image: [B, N, D] image tokens. text: [B, T, D_text] text tokens (MMDiT's second stream,
     PixArt's cross-attention context) or None. c: [B, D] modulation vector.
     grid: (h, w) of the image token grid. text_mask: [B, T] bool (True = real token) or None.
+    attn_cache: the call's per-layer attention cache (DiTFastAttn's stored outputs and
+    residuals), set by the step runner; attention layers read and write it by block index.
     """
 
     image: torch.Tensor
@@ -30,6 +33,7 @@ class Hidden:
     grid: tuple[int, int]
     text: torch.Tensor | None = None
     text_mask: torch.Tensor | None = None
+    attn_cache: Any = None
 
     def with_image(self, image: torch.Tensor) -> "Hidden":
         return replace(self, image=image)

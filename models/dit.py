@@ -128,8 +128,9 @@ class DiTConfig:
 class DiTBlock(nn.Module):
     """adaLN-Zero block: modulated self-attention and MLP, each gated, on the image tokens."""
 
-    def __init__(self, cfg: DiTConfig):
+    def __init__(self, cfg: DiTConfig, index: int = 0):
         super().__init__()
+        self.index = index  # the key of this block's entries in a call's attention cache
         dim = cfg.hidden_size
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = SelfAttention(dim, cfg.num_heads, qkv_bias=True)
@@ -140,7 +141,9 @@ class DiTBlock(nn.Module):
     def forward(self, hidden: Hidden, plan: BlockPlan) -> Hidden:
         x = hidden.image
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(hidden.c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), plan.attention, hidden.grid)
+        attn = self.attn(modulate(self.norm1(x), shift_msa, scale_msa), plan.attention, hidden.grid,
+                         hidden.attn_cache, self.index)
+        x = x + gate_msa.unsqueeze(1) * attn
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return hidden.with_image(x)
 
@@ -155,7 +158,7 @@ class DiT(Denoiser):
         self.x_embedder = PatchEmbed(cfg.in_channels, cfg.hidden_size, cfg.patch_size)
         self.t_embedder = TimestepEmbedder(cfg.hidden_size, cfg.frequency_embedding_size, cfg.freq_shift)
         self.y_embedder = LabelEmbedder(cfg.num_classes, cfg.hidden_size)
-        self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(DiTBlock(cfg, i) for i in range(cfg.depth))
         self.final_layer = FinalLayer(cfg.hidden_size, cfg.patch_size, cfg.out_channels)
         self.register_buffer("pos_embed", torch.empty(0), persistent=False)
         self._other_grids: dict = {}  # derived tables for non-training sizes; a pure function cache

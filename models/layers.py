@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dite.engine.attention import attention
+from dite.engine.window_attention import window_attention
 from dite.models.plan import FULL_ATTENTION, AttentionPolicy
 
 
@@ -188,8 +189,19 @@ def project_qkv(qkv: nn.Linear, x: torch.Tensor, policy: AttentionPolicy, grid: 
     return q, k, v
 
 
+def cond_half(rows: int, layout: str) -> slice:
+    """The conditional rows of a CFG batch in `layout`."""
+    half = rows // 2
+    return slice(0, half) if layout == "cond_first" else slice(half, rows)
+
+
 class SelfAttention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection, through the attention dispatch."""
+    """Multi-head self-attention with a fused qkv projection, through the attention dispatch.
+
+    Runs every attention policy of a step plan: full, ToDo's downsampled K/V, and
+    DiTFastAttn's window + residual (WA-RS), output sharing (AST) and CFG sharing (ASC),
+    reading and writing this layer's entries of the call's attention cache.
+    """
 
     def __init__(self, dim: int, heads: int, qkv_bias: bool = True):
         super().__init__()
@@ -200,10 +212,28 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, policy: AttentionPolicy = FULL_ATTENTION,
-                grid: tuple[int, int] | None = None) -> torch.Tensor:
-        q, k, v = project_qkv(self.qkv, x, policy, grid)
-        out = attention(split_heads(q, self.heads), split_heads(k, self.heads), split_heads(v, self.heads), policy=policy)
-        return self.proj(merge_heads(out))
+                grid: tuple[int, int] | None = None, cache=None, layer=None) -> torch.Tensor:
+        rows = x.shape[0]
+        if policy.kind == "share":
+            # AST: the projected output of this layer's last computed step; the block's
+            # gate of the current step is applied by the caller.
+            return cache.output(layer, rows)
+        half = cond_half(rows, policy.cfg_share) if policy.cfg_share else slice(None)
+        q, k, v = (split_heads(t, self.heads) for t in project_qkv(self.qkv, x[half], policy, grid))
+        if policy.kind == "window":
+            residual = cache.residual(layer, rows)[half]
+            out = window_attention(q, k, v, policy.window) + residual
+        else:
+            out = attention(q, k, v, policy=policy)
+            if policy.store_residual:
+                residual = out - window_attention(q, k, v, policy.window)
+                cache.store_residual(layer, torch.cat([residual, residual]) if policy.cfg_share else residual)
+        out = self.proj(merge_heads(out))
+        if policy.cfg_share:
+            out = torch.cat([out, out])  # ASC: the conditional half's output for both halves
+        if policy.store_output:
+            cache.store_output(layer, out)
+        return out
 
 
 class RMSNorm(nn.Module):

@@ -11,7 +11,7 @@ provides keys and values. Parameter names follow Stability's reference (`mmditx.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -175,7 +175,7 @@ class JointBlock(nn.Module):
         if not self.context_block.pre_only:
             ctx = self.context_block.post_attention(ctx, out[:, n:], c_mods, c_normed, FULL_ATTENTION, None)
         # A pre-only text side has nothing left to update; the stream passes through.
-        return Hidden(image=x, text=ctx, c=c, grid=hidden.grid, text_mask=hidden.text_mask)
+        return replace(hidden, image=x, text=ctx)
 
 
 class VectorEmbedder(nn.Module):

@@ -18,22 +18,51 @@ CFG_MODES = ("both", "cond_only")
 RANGE_ACTIONS = ("record", "apply")
 
 
+ATTENTION_KINDS = ("full", "window", "share")
+KIND_RANK = {"full": 0, "window": 1, "share": 2}  # how far from exact attention
+
+
 @dataclass(frozen=True)
 class AttentionPolicy:
     """How one attention layer computes for one step.
 
-    kind "full" is exact attention. `kv_factor` > 1 (ToDo) computes the image tokens' keys
-    and values from their 2-D token grid resized by 1/kv_factor per side (`kv_mode`
-    interpolation) before the K/V projections; queries and text tokens stay full.
+    kind "full" is exact attention; "window" (DiTFastAttn's WA-RS) is band attention of
+    half-width `window` tokens plus the residual (full - window) stored by this layer's
+    last full step; "share" (AST) returns this layer's output from its last computed step.
+    `cfg_share` (ASC) names the batch's CFG layout: attention runs on the conditional half
+    only and its output is copied to both halves. `store_residual` / `store_output` make a
+    computing step keep what a later step of the same layer will use.
+
+    `kv_factor` > 1 (ToDo) computes the image tokens' keys and values from their 2-D token
+    grid resized by 1/kv_factor per side (`kv_mode` interpolation) before the K/V
+    projections; queries and text tokens stay full.
     """
 
     kind: str = "full"
+    window: int = 0
+    cfg_share: str | None = None
+    store_residual: bool = False
+    store_output: bool = False
     kv_factor: float = 1.0
     kv_mode: str = "bilinear"
+
+    def __post_init__(self):
+        if self.kind not in ATTENTION_KINDS:
+            raise ConfigError(f"attention kind must be one of {ATTENTION_KINDS}, got {self.kind!r}")
+        if self.cfg_share not in (None, "cond_first", "uncond_first"):
+            raise ConfigError(f"cfg_share must be None, 'cond_first' or 'uncond_first', got {self.cfg_share!r}")
+        if (self.kind == "window" or self.store_residual) and self.window < 0:
+            raise ConfigError(f"window half-width must be >= 0, got {self.window}")
 
     @property
     def downsamples_kv(self) -> bool:
         return self.kv_factor != 1.0
+
+    @property
+    def label(self) -> str:
+        """DiTFastAttn's name of the method (for plan files and stats)."""
+        name = {"full": "full_attn", "window": "residual_window_attn", "share": "output_share"}[self.kind]
+        return name + ("+cfg_attn_share" if self.cfg_share else "")
 
 
 FULL_ATTENTION = AttentionPolicy()
