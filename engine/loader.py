@@ -67,9 +67,9 @@ def demo_folder(source) -> "Path | None":
 
 def _families():
     # Imported here so that `import dite.engine` stays light.
-    from dite.engine import load_dit, load_sd3
+    from dite.engine import load_dit, load_pixart, load_sd3
 
-    return [load_dit, load_sd3]
+    return [load_dit, load_sd3, load_pixart]
 
 
 def supported_pipelines() -> list[str]:
@@ -137,7 +137,7 @@ def load(
             sample = ", ".join(sorted(keys)[:4])
             raise CheckpointError(
                 f"{path}: cannot tell which model this checkpoint is (tensors such as {sample}); "
-                "dite reads DiT and SD3 checkpoints in their original or diffusers layouts"
+                "dite reads DiT, SD3 and PixArt checkpoints in their original or diffusers layouts"
             )
         pipe = family.load_file(path, reader, **options)
     pipe.source = str(source)

@@ -64,3 +64,47 @@ def pixart_to_original(state: dict[str, torch.Tensor], depth: int, *, null_capti
     if pos_embed is not None:
         out["pos_embed"] = pos_embed
     return {k: v.contiguous().clone() for k, v in out.items()}
+
+
+def tiny_pixart_pipeline(root, *, variant: str = "alpha", micro: bool = False, sample_size: int = 8,
+                         scheduler: str = "dpm", vae_levels: int = 2):
+    """A tiny PixArtAlphaPipeline / PixArtSigmaPipeline saved at root/"pipe"; returns
+    (reference in eval mode, folder). `vae_levels` 4 gives the real VAE factor 8."""
+    import transformers
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtSigmaPipeline
+
+    from tiny import tiny_diffusers_vae
+    from tiny_tokenizers import t5_reference_tokenizer, train_t5_spiece
+
+    tokenizer = t5_reference_tokenizer(train_t5_spiece(root / "spm"))
+    torch.manual_seed(0)
+    t5 = transformers.T5EncoderModel(transformers.T5Config(
+        vocab_size=760, d_model=CAPTION, d_kv=8, d_ff=32, num_layers=2, num_heads=2, feed_forward_proj="gated-gelu",
+        relative_attention_num_buckets=8, relative_attention_max_distance=16)).eval()
+    if scheduler == "dpm":
+        sched = DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2, beta_schedule="linear",
+                                            lower_order_final=True, timestep_spacing="linspace")
+    else:
+        sched = DDIMScheduler(beta_schedule="linear", clip_sample=False)
+    channels = (8, 8, 16, 16)[:vae_levels]
+    vae = tiny_diffusers_vae(block_out_channels=channels, down_block_types=("DownEncoderBlock2D",) * vae_levels,
+                             up_block_types=("UpDecoderBlock2D",) * vae_levels,
+                             scaling_factor=0.18215 if variant == "alpha" else 0.13025)
+    cls = PixArtAlphaPipeline if variant == "alpha" else PixArtSigmaPipeline
+    interpolation = None if variant == "alpha" else sample_size * 8 / 512
+    pipe = cls(tokenizer=tokenizer, text_encoder=t5, vae=vae, scheduler=sched,
+               transformer=tiny_pixart_transformer(micro=micro, sample_size=sample_size,
+                                                   interpolation_scale=interpolation))
+    pipe.save_pretrained(root / "pipe")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, root / "pipe"
+
+
+def reference_images(pipe, prompts, negative, steps, guidance, size, seed, factor, **kwargs):
+    """diffusers' images (output_type "np") and the initial latents they started from;
+    `size` is the size generated at (the bin, with binning on)."""
+    h, w = size
+    latents = torch.randn(len(prompts), 4, h // factor, w // factor, generator=torch.Generator().manual_seed(seed))
+    images = pipe(prompt=prompts, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
+                  latents=latents.clone(), output_type="np", clean_caption=False, **kwargs).images
+    return images, latents
