@@ -7,7 +7,7 @@ the whole engine.
 
 from __future__ import annotations
 
-__all__ = ["load", "DiteError"]
+__all__ = ["load", "convert", "DiteError"]
 
 
 def __getattr__(name: str):
@@ -15,6 +15,10 @@ def __getattr__(name: str):
         from dite.engine.loader import load
 
         return load
+    if name == "convert":
+        from dite.engine.converter import convert
+
+        return convert
     if name == "DiteError":
         from dite.engine.errors import DiteError
 

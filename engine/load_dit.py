@@ -56,11 +56,15 @@ def load_file(path: Path, reader: WeightReader, *, device, dtype, vae, variant, 
             f"{path} is an original DiT checkpoint, which has no VAE: pass vae=PATH (the DiT "
             "release uses stabilityai/sd-vae-ft-ema or sd-vae-ft-mse)"
         )
-    # The original sampler: 1000-step linear-beta DDPM with the learned-range variance,
-    # respaced evenly (IDDPM's space_timesteps == diffusers' "linspace" spacing).
-    scheduler = by_name("ddpm", timestep_spacing="linspace", clip_sample=False,
-                        variance_type="learned_range" if cfg.learned_sigma else "fixed_small")
-    return DiTPipeline(transformer, resolve_vae(vae, None, device=device, dtype=dtype, variant=variant), scheduler)
+    return DiTPipeline(transformer, resolve_vae(vae, None, device=device, dtype=dtype, variant=variant),
+                       original_scheduler(cfg))
+
+
+def original_scheduler(cfg: dit.DiTConfig):
+    """The original sampler: 1000-step linear-beta DDPM with the learned-range variance,
+    respaced evenly (IDDPM's space_timesteps == diffusers' "linspace" spacing)."""
+    return by_name("ddpm", timestep_spacing="linspace", clip_sample=False,
+                   variance_type="learned_range" if cfg.learned_sigma else "fixed_small")
 
 
 def _no_components(components: dict, tokenizers) -> None:

@@ -115,7 +115,7 @@ def load_file(path: Path, reader: WeightReader, *, device, dtype, vae, variant, 
     text_encoders/) and tokenizers (beside it, or `tokenizers`). Everything is located and
     checked before any weights are read, so a missing part fails at once."""
     skip_t5 = _skip_t5(components)
-    hints = _hints(model_config)
+    hints = component_hints(model_config)
     keys = reader.keys()
     prefix = sd3_files.transformer_prefix(keys)
     if prefix is None:
@@ -180,7 +180,7 @@ def without_projection(model: CLIPTextModel) -> CLIPTextModel:
     return model
 
 
-def _hints(model_config: dict) -> dict:
+def component_hints(model_config: dict) -> dict:
     """model_config of a single file -> {component: its dite config or None}."""
     unknown = set(model_config) - {"num_heads", *HINTS}
     if unknown:

@@ -16,6 +16,7 @@ import torch
 
 from dite.engine.errors import CheckpointError, ConfigError
 from dite.engine.weights import WeightReader, find_weights_file, load_weights, open_weights
+from dite.models.checkpoint import KeyMap
 from dite.models.clip import (
     CLIPTextConfig, CLIPTextModel, clip_keymap, clip_layout, clip_projection_dim, detect_clip, find_clip_prefix,
 )
@@ -56,16 +57,7 @@ def load_clip(
     the model has a text_projection is always read from the file.
     """
     reader, folder_config = _open(path_or_reader, variant)
-    keys = reader.keys()
-    prefix = _find(find_clip_prefix, reader, "a CLIP text model") if prefix is None else prefix
-    layout = clip_layout(keys, prefix)
-    shapes = {k: reader.shape(k) for k in keys if k.startswith(prefix)}
-    if config is None and folder_config is not None:
-        config = CLIPTextConfig.from_transformers(folder_config)
-    if config is None:
-        config, _ = detect_clip(keys, shapes, prefix=prefix)
-    config = replace(config, projection_dim=clip_projection_dim(keys, shapes, prefix, layout))
-    keymap, ignore = clip_keymap(config, layout, keys, prefix)
+    config, keymap, ignore = clip_parts(reader, config=config, folder_config=folder_config, prefix=prefix)
     with torch.device("meta"):
         model = CLIPTextModel(config)
     return load_weights(model, keymap, reader, ignore=ignore, dtype=dtype, device=device)
@@ -88,6 +80,39 @@ def load_t5(
     transformers, because T5-XXL's activations overflow fp16 there; prefer bf16 or fp32.
     """
     reader, folder_config = _open(path_or_reader, variant)
+    config, keymap, ignore = t5_parts(reader, config=config, folder_config=folder_config, prefix=prefix)
+    with torch.device("meta"):
+        model = T5Encoder(config).to(dtype)
+        if dtype == torch.float16:
+            for block in model.blocks:
+                block.ff.wo.float()
+    # dtype=None: each tensor is cast to its meta parameter's dtype, so an fp32 `wo` is read
+    # straight from the file, not rounded through fp16.
+    return load_weights(model, keymap, reader, ignore=ignore, dtype=None, device=device)
+
+
+def clip_parts(reader: WeightReader, *, config: CLIPTextConfig | None = None, folder_config: dict | None = None,
+               prefix: str | None = None) -> tuple[CLIPTextConfig, KeyMap, set[str]]:
+    """(config, key map, keys to ignore) of the CLIP text model in `reader` under `prefix`
+    (found if None): `config`, else the folder's config.json, else detected from shapes.
+    Whether it has a text_projection is always read from the file. Shared by loading and
+    conversion."""
+    keys = reader.keys()
+    prefix = _find(find_clip_prefix, reader, "a CLIP text model") if prefix is None else prefix
+    layout = clip_layout(keys, prefix)
+    shapes = {k: reader.shape(k) for k in keys if k.startswith(prefix)}
+    if config is None and folder_config is not None:
+        config = CLIPTextConfig.from_transformers(folder_config)
+    if config is None:
+        config, _ = detect_clip(keys, shapes, prefix=prefix)
+    config = replace(config, projection_dim=clip_projection_dim(keys, shapes, prefix, layout))
+    keymap, ignore = clip_keymap(config, layout, keys, prefix)
+    return config, keymap, ignore
+
+
+def t5_parts(reader: WeightReader, *, config: T5Config | None = None, folder_config: dict | None = None,
+             prefix: str | None = None) -> tuple[T5Config, KeyMap, set[str]]:
+    """(config, key map, keys to ignore) of the T5 encoder in `reader`, as clip_parts."""
     keys = reader.keys()
     prefix = _find(find_t5_prefix, reader, "a T5 encoder") if prefix is None else prefix
     scaled = [k for k in keys if k.startswith(prefix) and k.endswith(("scale_weight", "scaled_fp8"))]
@@ -99,14 +124,12 @@ def load_t5(
     if config is None:
         config = detect_t5(keys, {k: reader.shape(k) for k in keys if k.startswith(prefix)}, prefix=prefix)
     keymap, ignore = t5_keymap(config, keys, prefix)
-    with torch.device("meta"):
-        model = T5Encoder(config).to(dtype)
-        if dtype == torch.float16:
-            for block in model.blocks:
-                block.ff.wo.float()
-    # dtype=None: each tensor is cast to its meta parameter's dtype, so an fp32 `wo` is read
-    # straight from the file, not rounded through fp16.
-    return load_weights(model, keymap, reader, ignore=ignore, dtype=None, device=device)
+    return config, keymap, ignore
+
+
+def open_encoder(path_or_reader, variant: str | None = None) -> tuple[WeightReader, dict | None]:
+    """The reader of a text encoder folder or file, and the folder's config.json if any."""
+    return _open(path_or_reader, variant)
 
 
 def _open(path_or_reader, variant: str | None) -> tuple[WeightReader, dict | None]:

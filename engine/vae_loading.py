@@ -14,6 +14,7 @@ import torch
 
 from dite.engine.errors import ConfigError
 from dite.engine.weights import WeightReader, load_weights, open_weights
+from dite.models.checkpoint import KeyMap
 from dite.models.vae import AutoencoderKL, VAEConfig, detect_vae, find_vae_prefix, vae_keymap, vae_layout, with_scaling
 
 
@@ -47,6 +48,17 @@ def load_vae(
             config = VAEConfig.from_diffusers(_read_json(path / "config.json"))
         reader = open_weights(path)
 
+    config, keymap, ignore = vae_parts(reader, config=config, scaling_factor=scaling_factor,
+                                       shift_factor=shift_factor, prefix=prefix)
+    with torch.device("meta"):
+        vae = AutoencoderKL(config)
+    return load_weights(vae, keymap, reader, ignore=ignore, dtype=dtype, device=device)
+
+
+def vae_parts(reader: WeightReader, *, config: VAEConfig | None = None, scaling_factor: float | None = None,
+              shift_factor: float | None = None, prefix: str | None = None) -> tuple[VAEConfig, KeyMap, set[str]]:
+    """(config, key map, keys to ignore) of the VAE in `reader` under `prefix` (found if
+    None); the config detected from shapes unless given. Shared by loading and conversion."""
     keys = reader.keys()
     prefix = find_vae_prefix(keys) if prefix is None else prefix
     layout = vae_layout(keys, prefix)
@@ -54,11 +66,8 @@ def load_vae(
         shapes = {k: reader.shape(k) for k in keys if k.startswith(prefix)}
         config, _ = detect_vae(keys, shapes, prefix=prefix, scaling_factor=scaling_factor, shift_factor=shift_factor)
     config = with_scaling(config, scaling_factor, shift_factor)
-
     keymap, ignore = vae_keymap(config, layout, keys, prefix)
-    with torch.device("meta"):
-        vae = AutoencoderKL(config)
-    return load_weights(vae, keymap, reader, ignore=ignore, dtype=dtype, device=device)
+    return config, keymap, ignore
 
 
 def _read_json(path: Path) -> dict:

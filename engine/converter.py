@@ -1,0 +1,292 @@
+"""`convert(src, dst, to=...)`: a checkpoint in another layout, tensor by tensor.
+
+Every direction is the loader's key maps: the source's map builds each module tensor, the
+target layout's map (engine/convert_layouts.py) unbuilds it into the keys to write. Output
+is safetensors with metadata (family, variant, config, source, dite version), written
+streaming (engine/tensor_stream.py, engine/safetensors_writer.py) into a temporary sibling
+of `dst` that replaces `dst` only when everything is written, so a failed conversion leaves
+nothing half-done. An existing `dst` is refused unless `force=True`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dite.engine.checkpoint_parts import Parts, find_parts
+from dite.engine.convert_layouts import (
+    SD3_PREFIX, WEIGHTS_STEM, diffusers_config, diffusers_target, fp32_only, is_identity, original_target,
+)
+from dite.engine.convert_pipelines import model_index, scheduler_config, tokenizer_folders
+from dite.engine.errors import CheckpointError, InputError
+from dite.engine.safetensors_writer import SafetensorsWriter, ShardedWriter, parse_size
+from dite.engine.tensor_stream import Component, PrecisionWarning, Target, iter_tensors, plan, require_clean
+
+LAYOUTS = ("diffusers", "original")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+T5_FILE_BY_DTYPE = {torch.float16: "t5xxl_fp16.safetensors", torch.bfloat16: "t5xxl_bf16.safetensors",
+                    torch.float32: "t5xxl_fp32.safetensors"}
+SD3_ENCODER_FILES = {"text_encoder": "clip_l.safetensors", "text_encoder_2": "clip_g.safetensors"}
+
+
+@dataclass
+class ConversionResult:
+    destination: Path
+    files: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise InputError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _metadata(parts: Parts, component: Component, source: Path) -> dict[str, str]:
+    from dite.engine.pipeline import dite_version
+
+    config = component.config.to_dict() if hasattr(component.config, "to_dict") else component.config.__dict__
+    return {"format": "pt", "family": parts.family, "component": component.name, "kind": component.kind,
+            "variant": parts.variant or "", "config": json.dumps(config, default=list), "source": str(source),
+            "dite_version": dite_version()}
+
+
+def _stream(writer, component: Component, target: Target, dtype, keep) -> None:
+    for key, tensor in iter_tensors(component, target, dtype=dtype, keep=keep):
+        writer.write(key, tensor)
+
+
+def _warn_fp32_only(component: Component, planned, keep) -> None:
+    kept = [p.key for p in planned if keep(p.key)]
+    if kept:
+        warnings.warn(f"{len(kept)} tensor(s) of {component.name} stay fp32 in this fp16 conversion ({kept[0]}, ...): "
+                      "T5-XXL's feed-forward overflows fp16 there, so transformers and dite keep them in fp32",
+                      PrecisionWarning, stacklevel=3)
+
+
+def _write_component_folder(folder: Path, parts: Parts, component: Component, dtype, max_shard_size) -> list[Path]:
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(diffusers_config(component), indent=2) + "\n")
+    target = diffusers_target(component)
+    keep = fp32_only(component, dtype)
+    planned = plan(component, target, dtype=dtype, keep=keep)
+    _warn_fp32_only(component, planned, keep)
+    writer = ShardedWriter(folder, WEIGHTS_STEM[component.kind], planned, max_shard_size,
+                           _metadata(parts, component, parts.path))
+    _stream(writer, component, target, dtype, keep)
+    writer.close()
+    return writer.files + [folder / "config.json"]
+
+
+def _to_diffusers(parts: Parts, out: Path, selected: list[str], dtype, max_shard_size, result: ConversionResult):
+    single = parts.family in ("vae", "clip", "t5") or (parts.layout == "diffusers" and parts.model_index is None)
+    if single:  # one component: `out` is its folder
+        (component,) = (parts.components[name] for name in selected)
+        result.files += _write_component_folder(out, parts, component, dtype, max_shard_size)
+        return
+    out.mkdir(parents=True)
+    for name in selected:
+        result.files += _write_component_folder(out / name, parts, parts.components[name], dtype, max_shard_size)
+    scheduler = scheduler_config(parts)
+    (out / "scheduler").mkdir()
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")
+    copied = tokenizer_folders(parts, out)
+    (out / "model_index.json").write_text(json.dumps(model_index(parts, selected, copied, out), indent=2) + "\n")
+
+
+def _original_targets(parts: Parts, selected: list[str], bundled: bool) -> list[tuple[Component, Target]]:
+    """(component, target) per component of an original-layout output, with SD3's prefixes."""
+    pairs = []
+    for name in selected:
+        component = parts.components[name]
+        prefix = SD3_PREFIX[name] if parts.family == "sd3" and (bundled or name in ("transformer", "vae")) else ""
+        target = original_target(component, prefix)
+        if parts.family == "sd3" and name == "text_encoder" and "text_projection.weight" in component.keymap:
+            _drop_identity_projection(component, target, parts)
+        pairs.append((component, target))
+    return pairs
+
+
+def _drop_identity_projection(component: Component, target: Target, parts: Parts) -> None:
+    """SD3's CLIP-L projection, unused by the original layout's loaders: an identity (what
+    single files come from) is left out, as releases carry none; another is kept, with a note."""
+    source = component.keymap["text_projection.weight"]
+    projection = source.build([component.reader.get(k) for k in source.keys])
+    if is_identity(projection):
+        target.drop.add("text_projection.weight")
+    else:
+        parts.notes.append("CLIP-L's text_projection is not the identity: it is written, but SD3 single-file loaders "
+                           "(Stability's, ComfyUI, diffusers, dite) ignore it, so their images differ from this "
+                           "folder's in diffusers")
+
+
+def _write_file(path: Path, parts: Parts, pairs: list[tuple[Component, Target]], dtype) -> Path:
+    planned = []
+    keeps = []
+    for component, target in pairs:
+        keep = fp32_only(component, dtype)
+        keeps.append(keep)
+        planned_part = plan(component, target, dtype=dtype, keep=keep)
+        _warn_fp32_only(component, planned_part, keep)
+        planned += planned_part
+    components = [c for c, _ in pairs]
+    metadata = _metadata(parts, components[0], parts.path)
+    if len(components) > 1:
+        metadata["component"] = ",".join(c.name for c in components)
+        metadata["config"] = json.dumps({c.name: json.loads(_metadata(parts, c, parts.path)["config"])
+                                         for c in components})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix in (".pt", ".pth"):
+        # torch.save needs the whole state dict at once: not streamed (use .safetensors for that).
+        state = {}
+        for (component, target), keep in zip(pairs, keeps):
+            state.update(iter_tensors(component, target, dtype=dtype, keep=keep))
+        torch.save(state, path)
+        return path
+    writer = SafetensorsWriter(path, planned, metadata)
+    for (component, target), keep in zip(pairs, keeps):
+        _stream(writer, component, target, dtype, keep)
+    writer.close()
+    return path
+
+
+def _to_original(parts: Parts, out: Path, selected: list[str], dtype, text_encoders: str, result: ConversionResult):
+    if out.suffix not in (".safetensors", ".pt", ".pth"):
+        raise InputError(f"{out}: an original-layout checkpoint is one file; name it *.safetensors "
+                         "(or *.pt for DiT's torch format)")
+    if out.suffix != ".safetensors" and parts.family != "dit":
+        raise InputError(f"{out}: {parts.family} original files are safetensors; name it *.safetensors")
+    bundled = text_encoders == "bundled"
+    if parts.family == "dit" and "vae" in selected:
+        # DiT's release is the transformer alone; its VAE is a file of its own.
+        selected = [name for name in selected if name != "vae"]
+        parts.notes.append("the VAE is not part of DiT's original checkpoint and was not written; convert the vae/ "
+                           "folder on its own (to an LDM-named file) if you need it")
+    pairs = _original_targets(parts, selected, bundled)
+    if parts.family == "sd3" and not bundled:
+        main = [(c, t) for c, t in pairs if c.name in ("transformer", "vae")]
+        for component, target in pairs:
+            if component.name.startswith("text_encoder"):
+                path = out.parent / "text_encoders" / _encoder_file(component, dtype)
+                result.files.append(_write_file(path, parts, [(component, target)], dtype))
+        pairs = main
+    if pairs:
+        result.files.append(_write_file(out, parts, pairs, dtype))
+
+
+def _majority_dtype(component: Component) -> torch.dtype:
+    from dite.engine.safetensors_writer import TORCH_DTYPES
+
+    key = component.keymap["embed_tokens.weight"].keys[0] if component.kind == "t5" else next(
+        iter(component.keymap.values())).keys[0]
+    return TORCH_DTYPES.get(component.reader.dtype(key), torch.float16)
+
+
+def _outputs(parts: Parts, dst: Path, to: str, selected: list[str], dtype, text_encoders: str) -> list[Path]:
+    """Every path the conversion creates (to check for overwriting before writing anything)."""
+    paths = [dst]
+    if to == "original" and parts.family == "sd3" and text_encoders == "separate":
+        paths += [dst.parent / "text_encoders" / _encoder_file(parts.components[name], dtype)
+                  for name in selected if name.startswith("text_encoder")]
+    return paths
+
+
+def _encoder_file(component: Component, dtype) -> str:
+    """The file name Stability gives a text encoder (engine/sd3_files.py finds them by it)."""
+    if component.name in SD3_ENCODER_FILES:
+        return SD3_ENCODER_FILES[component.name]
+    return T5_FILE_BY_DTYPE.get(dtype or _majority_dtype(component), "t5xxl_fp16.safetensors")
+
+
+def _select(parts: Parts, components) -> list[str]:
+    available = list(parts.components)
+    if components is None:
+        return available
+    wanted = [c.strip() for c in (components.split(",") if isinstance(components, str) else components) if c.strip()]
+    unknown = [c for c in wanted if c not in available]
+    if unknown:
+        raise InputError(f"{parts.path} has no component {', '.join(unknown)}; it has {', '.join(available)}")
+    return [c for c in available if c in wanted]
+
+
+def convert(source: str | os.PathLike, destination: str | os.PathLike, *, to: str, dtype=None,
+            max_shard_size: str | int | None = None, components=None, force: bool = False,
+            tokenizers: str | os.PathLike | None = None, model_config: dict | None = None,
+            text_encoders: str = "bundled", variant: str | None = None,
+            vae: str | os.PathLike | None = None) -> ConversionResult:
+    """Convert the checkpoint at `source` (file or folder) to `to` ("diffusers": a folder;
+    "original": a release-style single file) at `destination`.
+
+    dtype: "fp32", "fp16", "bf16" (default: each tensor keeps its own). max_shard_size:
+    "5GB"-style limit per weights file of a diffusers folder. components: the diffusers
+    names to convert (e.g. "transformer,vae"). tokenizers: folder holding tokenizer/,
+    tokenizer_2/, tokenizer_3/ for an SD3 single file's diffusers folder (default: beside
+    the file). model_config: what shapes cannot tell, as for `load()`. text_encoders: SD3 to
+    original, "bundled" into the file (as `*_incl_clips_t5xxlfp16`) or "separate" files in
+    text_encoders/ beside it. vae: a VAE (file or folder, any layout) to add, for sources
+    without one (an original DiT .pt) or to replace theirs.
+    """
+    if to not in LAYOUTS:
+        raise InputError(f"unknown target layout {to!r}; use one of {', '.join(LAYOUTS)}")
+    if text_encoders not in ("bundled", "separate"):
+        raise InputError(f"text_encoders must be 'bundled' or 'separate', not {text_encoders!r}")
+    dtype, limit = _dtype(dtype), parse_size(max_shard_size)
+    src, dst = Path(source), Path(destination)
+    parts = find_parts(src, model_config=model_config, tokenizers=tokenizers, variant=variant)
+    if vae is not None:
+        parts.components["vae"] = next(iter(find_parts(vae, variant=variant).components.values()))
+        parts.components["vae"].name = "vae"
+    selected = _select(parts, components)
+    existing = [p for p in _outputs(parts, dst, to, selected, dtype, text_encoders) if p.exists()]
+    if existing and not force:
+        raise CheckpointError(f"{existing[0]} exists; pass --force (force=True) to replace it")
+    for name in selected:
+        require_clean(parts.components[name])
+    result = ConversionResult(dst)
+    for name in selected:
+        result.notes += parts.components[name].notes
+    partial = dst.with_name(f"{dst.stem}.dite-partial{dst.suffix}")
+    _remove(partial)
+    try:
+        if to == "diffusers":
+            _to_diffusers(parts, partial, selected, dtype, limit, result)
+        else:
+            _to_original(parts, partial, selected, dtype, text_encoders, result)
+    except BaseException:
+        _remove(partial)
+        raise
+    _remove(dst)
+    os.replace(partial, dst)
+    result.files = [dst if f == partial else (dst / f.relative_to(partial) if _under(f, partial) else f)
+                    for f in result.files]
+    result.notes += parts.notes
+    for note in result.notes:
+        warnings.warn(note, ConversionNote, stacklevel=2)
+    return result
+
+
+class ConversionNote(UserWarning):
+    """Something conversion left out or made up, and why."""
+
+
+def _under(path: Path, folder: Path) -> bool:
+    try:
+        path.relative_to(folder)
+        return True
+    except ValueError:
+        return False
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
