@@ -79,6 +79,25 @@ def build_parser() -> argparse.ArgumentParser:
     acc = sub.add_parser("accel", help="list the acceleration methods, their parameters and defaults")
     acc.add_argument("--json", action="store_true", help="machine-readable output")
 
+    conv = sub.add_parser("convert", help="convert a checkpoint between the original and diffusers layouts")
+    conv.add_argument("source", help="checkpoint file or folder")
+    conv.add_argument("destination", help="folder (--to diffusers) or file (--to original)")
+    conv.add_argument("--to", required=True, choices=["diffusers", "original"])
+    conv.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
+                      help="cast floating tensors (default: keep each tensor's own)")
+    conv.add_argument("--max-shard-size", default=None, metavar="SIZE",
+                      help="largest weights file of a diffusers folder, e.g. 5GB (default: one file)")
+    conv.add_argument("--components", default=None, metavar="NAMES",
+                      help="comma-separated diffusers component names to convert (default: all)")
+    conv.add_argument("--force", action="store_true", help="replace an existing destination")
+    conv.add_argument("--tokenizers", default=None, metavar="PATH",
+                      help="SD3 single file -> diffusers: folder holding tokenizer/, tokenizer_2/, tokenizer_3/")
+    conv.add_argument("--vae", default=None, metavar="PATH", help="VAE to include (an original DiT .pt has none)")
+    conv.add_argument("--text-encoders", default="bundled", choices=["bundled", "separate"],
+                      help="SD3 -> original: encoders inside the file, or in text_encoders/ beside it")
+    conv.add_argument("--model-config", default=None, metavar="JSON",
+                      help="what shapes cannot tell, as load(model_config=...): a JSON string or file")
+
     ins = sub.add_parser("inspect", help="describe a model source without loading it")
     ins.add_argument("source")
     ins.add_argument("--json", action="store_true", help="machine-readable output")
@@ -157,6 +176,31 @@ def cmd_accel(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    import warnings
+
+    from dite.engine.converter import convert
+
+    model_config = None
+    if args.model_config:
+        text = Path(args.model_config).read_text() if Path(args.model_config).is_file() else args.model_config
+        try:
+            model_config = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DiteError(f"--model-config is not valid JSON ({exc})") from None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = convert(args.source, args.destination, to=args.to, dtype=args.dtype,
+                         max_shard_size=args.max_shard_size, components=args.components, force=args.force,
+                         tokenizers=args.tokenizers, vae=args.vae, text_encoders=args.text_encoders,
+                         model_config=model_config)
+    for warning in caught:
+        print(f"dite: note: {warning.message}", file=sys.stderr)
+    for path in result.files:
+        print(path)
+    return 0
+
+
 def cmd_inspect(args) -> int:
     from dite.engine.inspect import inspect_source
 
@@ -177,7 +221,8 @@ def cmd_inspect(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"generate": cmd_generate, "inspect": cmd_inspect, "accel": cmd_accel, "calibrate": cmd_calibrate}[args.command](args)
+        return {"generate": cmd_generate, "inspect": cmd_inspect, "accel": cmd_accel, "calibrate": cmd_calibrate,
+                "convert": cmd_convert}[args.command](args)
     except DiteError as exc:
         if os.environ.get("DITE_DEBUG"):
             raise
