@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from dite.engine import sd3_files
-from dite.engine.errors import CheckpointError
+from dite.engine.errors import CheckpointError, DiteError
 from dite.engine.hub import resolve_source
+from dite.engine.inspect_parts import describe_parts
 from dite.engine.weights import WeightReader, find_weights_file, open_weights
-from dite.models import dit, mmdit
+from dite.models import dit, mmdit, pixart
 from dite.models.sd3_variants import sd3_variant
 
 
@@ -31,6 +32,30 @@ def _tensor_summary(reader: WeightReader) -> dict[str, Any]:
 
 
 def inspect_source(source: str, *, variant: str | None = None) -> dict[str, Any]:
+    """What `source` is (family, layout, config, parts) and, per component (engine/
+    inspect_parts.py), its kind, config, dtypes, parameter count and any missing,
+    unexpected or mis-shaped keys. Files no family claims get the closest family and why."""
+    path = resolve_source(source, variant=variant)
+    try:
+        info = _inspect_source(source, variant=variant)
+    except CheckpointError as exc:
+        if "not a checkpoint dite recognises" not in str(exc):
+            raise
+        return {"source": str(source), "format": "single file", **describe_parts(path)}
+    try:
+        parts = describe_parts(path, variant=variant)
+    except DiteError as exc:  # e.g. sizes no release has: the summary above still stands
+        info["components_error"] = str(exc)
+        return info
+    components = info.setdefault("components", {})
+    for name, summary in parts["components"].items():
+        components.setdefault(name, {}).update(summary)
+    if parts.get("clean") is False:
+        info["clean"] = False
+    return info
+
+
+def _inspect_source(source: str, *, variant: str | None = None) -> dict[str, Any]:
     path = resolve_source(source, variant=variant)
     if path.is_dir():
         index = path / "model_index.json"
@@ -46,6 +71,11 @@ def inspect_source(source: str, *, variant: str | None = None) -> dict[str, Any]
             info["family"] = "sd3"
             cfg = mmdit.MMDiTConfig.from_diffusers(json.loads((path / "transformer/config.json").read_text()))
             info["variant"], info["config"] = sd3_variant(cfg), cfg.to_dict()
+        elif model_index.get("_class_name") in ("PixArtAlphaPipeline", "PixArtSigmaPipeline"):
+            info["family"] = "pixart"
+            variant = "alpha" if model_index["_class_name"] == "PixArtAlphaPipeline" else "sigma"
+            cfg = pixart.PixArtConfig.from_diffusers(json.loads((path / "transformer/config.json").read_text()), variant)
+            info.update(_pixart_summary(cfg))
         for name, spec in model_index.items():
             if name.startswith("_") or not isinstance(spec, list) or not (path / name).is_dir():
                 continue
@@ -59,6 +89,8 @@ def inspect_source(source: str, *, variant: str | None = None) -> dict[str, Any]
     reader = open_weights(path)
     if sd3_files.transformer_prefix(reader.keys()) is not None or mmdit.detect_layout(reader.keys()):
         return {"source": str(source), **_sd3_file(path, reader), **_tensor_summary(reader)}
+    if pixart.detect_layout(reader.keys()) is not None:
+        return {"source": str(source), **_pixart_file(reader), **_tensor_summary(reader)}
     layout = dit.detect_layout(reader.keys())
     if layout is None:
         raise CheckpointError(f"{path}: not a checkpoint dite recognises")
@@ -90,4 +122,20 @@ def _sd3_file(path: Path, reader: WeightReader) -> dict[str, Any]:
         source = sd3_files.find_encoder(path, reader, part)
         parts[part] = "missing" if source is None else source.where
     info["parts"] = parts
+    return info
+
+
+def _pixart_summary(cfg: pixart.PixArtConfig) -> dict[str, Any]:
+    """Variant (alpha / sigma), the training resolution in pixels and the config."""
+    return {"variant": cfg.variant, "resolution": cfg.sample_size * 8, "config": cfg.to_dict()}
+
+
+def _pixart_file(reader: WeightReader) -> dict[str, Any]:
+    layout = pixart.detect_layout(reader.keys())
+    info: dict[str, Any] = {"format": "single file", "family": "pixart", "layout": layout}
+    if layout == "original":
+        try:
+            info.update(_pixart_summary(pixart.detect_config(reader.shapes())))
+        except Exception as exc:  # no null caption, a non-standard width: report what is known
+            info["config_error"] = str(exc)
     return info

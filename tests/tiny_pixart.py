@@ -67,7 +67,7 @@ def pixart_to_original(state: dict[str, torch.Tensor], depth: int, *, null_capti
 
 
 def tiny_pixart_pipeline(root, *, variant: str = "alpha", micro: bool = False, sample_size: int = 8,
-                         scheduler: str = "dpm", vae_levels: int = 2):
+                         scheduler: str = "dpm", vae_levels: int = 2, depth: int = DEPTH):
     """A tiny PixArtAlphaPipeline / PixArtSigmaPipeline saved at root/"pipe"; returns
     (reference in eval mode, folder). `vae_levels` 4 gives the real VAE factor 8."""
     import transformers
@@ -94,7 +94,7 @@ def tiny_pixart_pipeline(root, *, variant: str = "alpha", micro: bool = False, s
     interpolation = None if variant == "alpha" else sample_size * 8 / 512
     pipe = cls(tokenizer=tokenizer, text_encoder=t5, vae=vae, scheduler=sched,
                transformer=tiny_pixart_transformer(micro=micro, sample_size=sample_size,
-                                                   interpolation_scale=interpolation))
+                                                   interpolation_scale=interpolation, depth=depth))
     pipe.save_pretrained(root / "pipe")
     pipe.set_progress_bar_config(disable=True)
     return pipe, root / "pipe"
