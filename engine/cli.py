@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dite {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="make images: text-to-image (SD3) or class-to-image (DiT)")
+    gen = sub.add_parser("generate", help="make images: text-to-image (SD3, PixArt) or class-to-image (DiT)")
     gen.add_argument("prompt", nargs="*", help="prompt(s) for text-to-image models; one image set per prompt")
     gen.add_argument("--model", default=None,
                      help="pipeline folder, checkpoint file, hub repo id, or demo-sd3 / demo-dit (the small models "
@@ -40,18 +40,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--negative-prompt", default=None, help="what to steer away from (text-to-image)")
     gen.add_argument("--images-per-prompt", type=int, default=1)
     gen.add_argument("--max-sequence-length", type=int, default=None,
-                     help="T5 tokens (SD3; default: the model's recorded one, else 256)")
+                     help="T5 tokens (default: the model's recorded one, else SD3 256, PixArt-α 120, PixArt-Σ 300)")
     gen.add_argument("--no-t5", action="store_true", help="SD3 without T5 (low memory; its tokens become zeros)")
-    gen.add_argument("--steps", type=int, default=None, help="denoising steps (default: the family's, DiT 50, SD3 28)")
+    gen.add_argument("--steps", type=int, default=None, help="denoising steps (default: the family's, DiT 50, SD3 28, PixArt 20)")
     gen.add_argument("--guidance", type=float, default=None,
-                     help="classifier-free guidance scale (default: the family's, DiT 4.0, SD3 7.0)")
+                     help="classifier-free guidance scale (default: the family's, DiT 4.0, SD3 7.0, PixArt 4.5)")
     gen.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed+k (default 0)")
     gen.add_argument("--size", type=_size, default=None, metavar="WxH", help="image size (default: the model's)")
-    gen.add_argument("--scheduler", default=None, help="replace the model's scheduler: ddim, ddpm or flow_euler (alias euler)")
-    gen.add_argument("--vae", default=None, help="VAE for checkpoints without one (original DiT .pt)")
+    gen.add_argument("--scheduler", default=None, help="replace the model's scheduler: ddim, ddpm, dpm (DPM-Solver++) or flow_euler (alias euler)")
+    gen.add_argument("--vae", default=None, help="VAE for checkpoints without one (original DiT .pt, PixArt .pth)")
     gen.add_argument("--tokenizers", default=None, metavar="PATH",
-                     help="SD3 single files: folder (or hub repo id) holding tokenizer/, tokenizer_2/, tokenizer_3/ "
-                          "(default: looked up beside the file)")
+                     help="SD3 single files: folder (or hub repo id) holding tokenizer/, tokenizer_2/, tokenizer_3/; "
+                          "PixArt .pth: one holding tokenizer/ (default: looked up beside the file)")
     gen.add_argument("--accel", default=None, metavar="SPEC",
                      help='training-free acceleration, e.g. "ditcache+promptgate+todo" (see `dite accel`)')
     gen.add_argument("--device", default="cpu")
