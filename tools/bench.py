@@ -37,6 +37,7 @@ PRESETS = {
     "sd3.5-large": ("sd3", 16, 8, 1024, 28),
     "dit-xl-2-256": ("dit", 4, 8, 256, 50),
     "dit-xl-2-512": ("dit", 4, 8, 512, 50),
+    "pixart-xl-2-1024": ("pixart", 4, 8, 1024, 20),
 }
 
 
@@ -51,6 +52,14 @@ def preset_denoiser(name: str, t5_tokens: int):
             model = MMDiT(cfg).to(torch.float16)
             cond = Conditioning(context=torch.empty(2, 77 + t5_tokens, 4096), pooled=torch.empty(2, 2048),
                                 cfg_layout="uncond_first")
+            return model, cond
+        if name.startswith("pixart"):
+            from dite.models.pixart import PixArt, PixArtConfig
+
+            # PixArt-α-XL-2-1024-MS: micro-conditions, T5 length 120 (the --max-sequence-length is SD3's)
+            model = PixArt(PixArtConfig(micro_conditions=True)).to(torch.float16)
+            cond = Conditioning(context=torch.empty(2, 120, 4096), context_mask=torch.ones(2, 120, dtype=torch.bool),
+                                pooled=torch.empty(2, 3), cfg_layout="uncond_first")
             return model, cond
         from dite.models.dit import DiT, DiTConfig
 
