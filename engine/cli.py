@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="describe a model source without loading it")
     ins.add_argument("source")
     ins.add_argument("--json", action="store_true", help="machine-readable output")
+    ins.add_argument("--model-config", default=None, metavar="JSON",
+                     help="what shapes cannot tell, as load(model_config=...): a JSON string or file")
     return parser
 
 
@@ -176,18 +178,24 @@ def cmd_accel(args) -> int:
     return 0
 
 
+def _model_config(text: str | None) -> dict | None:
+    """--model-config: a JSON object, or a file holding one."""
+    if not text:
+        return None
+    if Path(text).is_file():
+        text = Path(text).read_text()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DiteError(f"--model-config is not valid JSON ({exc})") from None
+
+
 def cmd_convert(args) -> int:
     import warnings
 
     from dite.engine.converter import convert
 
-    model_config = None
-    if args.model_config:
-        text = Path(args.model_config).read_text() if Path(args.model_config).is_file() else args.model_config
-        try:
-            model_config = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DiteError(f"--model-config is not valid JSON ({exc})") from None
+    model_config = _model_config(args.model_config)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = convert(args.source, args.destination, to=args.to, dtype=args.dtype,
@@ -204,7 +212,7 @@ def cmd_convert(args) -> int:
 def cmd_inspect(args) -> int:
     from dite.engine.inspect import inspect_source
 
-    info = inspect_source(args.source)
+    info = inspect_source(args.source, model_config=_model_config(args.model_config))
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True))
         return 0

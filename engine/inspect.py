@@ -31,19 +31,20 @@ def _tensor_summary(reader: WeightReader) -> dict[str, Any]:
     return {"tensors": len(shapes), "parameters": count, "dtypes": dict(dtypes)}
 
 
-def inspect_source(source: str, *, variant: str | None = None) -> dict[str, Any]:
+def inspect_source(source: str, *, variant: str | None = None, model_config: dict | None = None) -> dict[str, Any]:
     """What `source` is (family, layout, config, parts) and, per component (engine/
     inspect_parts.py), its kind, config, dtypes, parameter count and any missing,
-    unexpected or mis-shaped keys. Files no family claims get the closest family and why."""
+    unexpected or mis-shaped keys. Files no family claims get the closest family and why.
+    model_config: what shapes cannot tell, as for `load()` (e.g. a custom width's num_heads)."""
     path = resolve_source(source, variant=variant)
     try:
         info = _inspect_source(source, variant=variant)
     except CheckpointError as exc:
         if "not a checkpoint dite recognises" not in str(exc):
             raise
-        return {"source": str(source), "format": "single file", **describe_parts(path)}
+        return {"source": str(source), "format": "single file", **describe_parts(path, model_config=model_config)}
     try:
-        parts = describe_parts(path, variant=variant)
+        parts = describe_parts(path, variant=variant, model_config=model_config)
     except DiteError as exc:  # e.g. sizes no release has: the summary above still stands
         info["components_error"] = str(exc)
         return info

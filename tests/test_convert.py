@@ -275,3 +275,41 @@ def test_corrupted_file_is_refused_by_name(dit_pipe, tmp_path):
     with pytest.raises(CheckpointError, match=r"1 missing \(e.g. blocks.1.mlp.fc2.bias\); 1 unexpected "
                                               r"\(e.g. extra.weight\); 1 mis-shaped \(e.g. blocks.2.attn.qkv.weight"):
         convert(tmp_path / "bad.safetensors", tmp_path / "out", to="diffusers", model_config={"num_heads": 2})
+
+
+# ----------------------------------------------------------------------------- inspect
+
+def test_inspect_lists_the_bad_keys_of_a_corrupted_file(dit_pipe, tmp_path, capsys):
+    _, folder = dit_pipe
+    state = dit_original_state(folder)
+    del state["blocks.1.mlp.fc2.bias"]
+    state["blocks.2.attn.qkv.weight"] = state["blocks.2.attn.qkv.weight"][:-1].contiguous()
+    state["extra.weight"] = torch.zeros(2)
+    path = tmp_path / "DiT-tiny.safetensors"
+    save_file(state, path)
+    assert main(["inspect", str(path), "--json", "--model-config", '{"num_heads": 2}']) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["family"] == "dit" and info["clean"] is False
+    problems = info["components"]["transformer"]["problems"]
+    assert problems["missing"] == ["blocks.1.mlp.fc2.bias"] and problems["unexpected"] == ["extra.weight"]
+    assert problems["misshaped"] == [{"key": "blocks.2.attn.qkv.weight", "shape": [95, 32], "expected": [96, 32]}]
+
+
+def test_inspect_components_of_files_and_folders(dit_pipe, tmp_path, capsys):
+    _, folder = dit_pipe
+    assert main(["inspect", str(folder), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    vae = info["components"]["vae"]
+    assert vae["kind"] == "vae" and vae["config"]["block_out_channels"] == [8, 16] and "problems" not in vae
+    ldm = tmp_path / "vae.safetensors"
+    convert(folder / "vae", ldm, to="original", dtype="fp16")
+    hints = tmp_path / "hints.json"  # the tiny VAE's 4 norm groups are not in its shapes
+    hints.write_text(json.dumps({"vae": json.loads((folder / "vae" / "config.json").read_text())}))
+    assert main(["inspect", str(ldm), "--json", "--model-config", str(hints)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["family"], info["layout"]) == ("vae", "original")
+    assert info["components"]["vae"]["dtypes"] == {"F16": info["components"]["vae"]["tensors"]}
+    unknown = tmp_path / "unknown.safetensors"
+    save_file({"t_block.1.weight": torch.zeros(6, 2), "y_embedding": torch.zeros(3, 2)}, unknown)
+    assert main(["inspect", str(unknown)]) == 2
+    assert "closest is pixart" in capsys.readouterr().err
