@@ -33,6 +33,12 @@ class AttentionCache:
     def residual(self, layer, rows: int) -> torch.Tensor:
         return self._get(self.residuals, layer, "residual", rows)
 
+    def has(self, what: str, block: int) -> bool:
+        """Whether block `block` stored an output / residual (keys are the block index, or
+        (index, stream) for MMDiT's two streams)."""
+        store = self.outputs if what == "output" else self.residuals
+        return any(k == block or (isinstance(k, tuple) and k[0] == block) for k in store)
+
     def store_output(self, layer, value: torch.Tensor) -> None:
         if self.writes:
             self.outputs[layer] = value

@@ -120,8 +120,7 @@ def calibrate(pipe, out_path, *, steps: int, threshold: float, window: int, n_ca
                     limit = (layer + 1) / depth * threshold
                     for label in candidates:
                         kind = LABELS[label][0]
-                        stored = attention.residuals if kind == "window" else attention.outputs
-                        if kind != "full" and layer not in stored:
+                        if kind != "full" and not attention.has("residual" if kind == "window" else "output", layer):
                             continue
                         trial = labels[:layer] + [label] + labels[layer + 1:]
                         out = run_step(model, x, t, cond, _plan(trial, window, layout), DeltaCache(), attention)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from dite.engine.attention import attention
+from dite.engine.window_attention import window_attention
 from dite.engine.errors import CheckpointError, ConfigError
 from dite.models.checkpoint import KeyMap, Source, concat, count_indexed, take, transformed
 from dite.models.denoiser import Conditioning, Denoiser, Hidden
@@ -26,6 +27,7 @@ from dite.models.layers import (
     PatchEmbed,
     RMSNorm,
     TimestepEmbedder,
+    cond_half,
     merge_heads,
     modulate,
     project_qkv,
@@ -138,42 +140,89 @@ class StreamBlock(nn.Module):
         chunks = 2 if pre_only else (9 if dual else 6)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, chunks * dim))
 
-    def pre_attention(self, x: torch.Tensor, c: torch.Tensor, policy: AttentionPolicy = FULL_ATTENTION,
-                      grid: tuple[int, int] | None = None):
-        """(q, k, v, modulation chunks, the normalised x) for this stream; `policy` and
-        `grid` only for the image stream (ToDo shrinks image keys/values, never text)."""
+    def modulation(self, x: torch.Tensor, c: torch.Tensor):
+        """(adaLN chunks, the normalised x) for this stream."""
         mods = self.adaLN_modulation(c).chunk(2 if self.pre_only else (9 if self.dual else 6), dim=1)
-        normed = self.norm1(x)
-        q, k, v = self.attn.qkv_heads(modulate(normed, mods[0], mods[1]), policy, grid)
-        return (q, k, v), mods, normed
+        return mods, self.norm1(x)
 
-    def post_attention(self, x, attn_out, mods, normed, policy: AttentionPolicy, grid) -> torch.Tensor:
+    def qkv(self, normed: torch.Tensor, mods, policy: AttentionPolicy = FULL_ATTENTION,
+            grid: tuple[int, int] | None = None):
+        """q, k, v heads of this stream; `policy` and `grid` only for the image stream (ToDo
+        shrinks image keys/values, never text)."""
+        return self.attn.qkv_heads(modulate(normed, mods[0], mods[1]), policy, grid)
+
+    def post_attention(self, x, projected, mods, normed, policy: AttentionPolicy, grid) -> torch.Tensor:
+        """Gate and add the projected attention output, then (MMDiT-X) the image-only
+        attention and the MLP. The second attention takes only ToDo's part of the policy:
+        DiTFastAttn's kernels apply to the joint attention."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[:6]
-        x = x + gate_msa.unsqueeze(1) * self.attn.proj(attn_out)
+        x = x + gate_msa.unsqueeze(1) * projected
         if self.dual:
             shift2, scale2, gate2 = mods[6:9]
-            x = x + gate2.unsqueeze(1) * self.attn2.self_attention(modulate(normed, shift2, scale2), policy, grid)
+            kv_only = AttentionPolicy(kv_factor=policy.kv_factor, kv_mode=policy.kv_mode)
+            x = x + gate2.unsqueeze(1) * self.attn2.self_attention(modulate(normed, shift2, scale2), kv_only, grid)
         return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
 
 class JointBlock(nn.Module):
+    """Both streams' halves and the one joint attention over [image; text].
+
+    DiTFastAttn on a joint attention (our choice; the reference has no MMDiT version): the
+    window applies to image queries, which see the image keys within +-w raster positions
+    and every text key; text queries keep full attention. The stored residual is the
+    image rows' full - window. Output sharing stores and reuses both streams' projected
+    outputs; CFG sharing runs both streams' conditional rows and copies them.
+    """
+
     def __init__(self, cfg: MMDiTConfig, index: int):
         super().__init__()
+        self.index = index  # the key of this block's entries in a call's attention cache
         self.x_block = StreamBlock(cfg, dual=index in cfg.dual_attention_layers)
         self.context_block = StreamBlock(cfg, pre_only=index == cfg.depth - 1)
 
-    def forward(self, hidden: Hidden, plan: BlockPlan) -> Hidden:
-        x, ctx, c = hidden.image, hidden.text, hidden.c
-        (qx, kx, vx), x_mods, x_normed = self.x_block.pre_attention(x, c, plan.attention, hidden.grid)
-        (qc, kc, vc), c_mods, c_normed = self.context_block.pre_attention(ctx, c)
+    def joint_attention(self, x_normed, x_mods, c_normed, c_mods, policy: AttentionPolicy, grid, cache):
+        """Projected attention outputs (image, text or None) under `policy`."""
+        rows, n = x_normed.shape[0], x_normed.shape[1]
+        image_key, text_key = (self.index, "image"), (self.index, "text")
+        pre_only = self.context_block.pre_only
+        if policy.kind == "share":
+            return cache.output(image_key, rows), None if pre_only else cache.output(text_key, rows)
+        half = cond_half(rows, policy.cfg_share) if policy.cfg_share else slice(None)
+        x_mods, c_mods = [m[half] for m in x_mods], [m[half] for m in c_mods]
+        qx, kx, vx = self.x_block.qkv(x_normed[half], x_mods, policy, grid)
+        qc, kc, vc = self.context_block.qkv(c_normed[half], c_mods)
         # Image tokens first, as diffusers orders them (the reference puts text first; with
         # no mask or position term inside attention only the split offset depends on it).
-        out = attention(torch.cat([qx, qc], 2), torch.cat([kx, kc], 2), torch.cat([vx, vc], 2), policy=plan.attention)
+        if policy.kind == "window":
+            image = window_attention(qx, kx, vx, policy.window, kc, vc) + cache.residual(image_key, rows)[half]
+            text = attention(qc, torch.cat([kx, kc], 2), torch.cat([vx, vc], 2))
+            out = torch.cat([image, text], 2)
+        else:
+            out = attention(torch.cat([qx, qc], 2), torch.cat([kx, kc], 2), torch.cat([vx, vc], 2), policy=policy)
+            if policy.store_residual:
+                residual = out[:, :, :n] - window_attention(qx, kx, vx, policy.window, kc, vc)
+                cache.store_residual(image_key, torch.cat([residual, residual]) if policy.cfg_share else residual)
         out = merge_heads(out)
-        n = x.shape[1]
-        x = self.x_block.post_attention(x, out[:, :n], x_mods, x_normed, plan.attention, hidden.grid)
+        image = self.x_block.attn.proj(out[:, :n])
+        text = None if pre_only else self.context_block.attn.proj(out[:, n:])
+        if policy.cfg_share:  # ASC: the conditional rows' outputs for both halves
+            image = torch.cat([image, image])
+            text = None if text is None else torch.cat([text, text])
+        if policy.store_output:
+            cache.store_output(image_key, image)
+            if text is not None:
+                cache.store_output(text_key, text)
+        return image, text
+
+    def forward(self, hidden: Hidden, plan: BlockPlan) -> Hidden:
+        x, ctx, c = hidden.image, hidden.text, hidden.c
+        x_mods, x_normed = self.x_block.modulation(x, c)
+        c_mods, c_normed = self.context_block.modulation(ctx, c)
+        image, text = self.joint_attention(x_normed, x_mods, c_normed, c_mods, plan.attention, hidden.grid,
+                                           hidden.attn_cache)
+        x = self.x_block.post_attention(x, image, x_mods, x_normed, plan.attention, hidden.grid)
         if not self.context_block.pre_only:
-            ctx = self.context_block.post_attention(ctx, out[:, n:], c_mods, c_normed, FULL_ATTENTION, None)
+            ctx = self.context_block.post_attention(ctx, text, c_mods, c_normed, FULL_ATTENTION, None)
         # A pre-only text side has nothing left to update; the stream passes through.
         return replace(hidden, image=x, text=ctx)
 

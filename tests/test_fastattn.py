@@ -203,3 +203,45 @@ def test_cli_calibrate_then_generate(pipe, tmp_path, capsys):
     assert main(["generate", "--model", folder, "--class-label", "1", "--steps", "4", "--quiet",
                  "--accel", f"fastattn(plan={plan})", "-o", str(tmp_path / "x.png")]) == 2
     assert "calibrated for 3 steps" in capsys.readouterr().err
+
+
+def test_joint_attention_window_plus_residual_reproduces_full_on_the_same_input():
+    """SD3: image queries see the band and every text key; with the residual of a full step
+    on the same input, WA-RS gives back the full result (text queries are always full)."""
+    from dite.models.denoiser import Hidden
+    from dite.models.mmdit import JointBlock, MMDiTConfig
+    from dite.models.plan import BlockPlan
+
+    torch.manual_seed(0)
+    cfg = MMDiTConfig(depth=2, num_heads=2, head_dim=8, in_channels=4, out_channels=4, pos_embed_max_size=8,
+                      context_dim=8, pooled_dim=6)
+    for index in (0, 1):  # 1 is the pre-only last block
+        block = JointBlock(cfg, index).eval()
+        cache = AttentionCache()
+        h = Hidden(image=torch.randn(2, 12, 16), text=torch.randn(2, 5, 16), c=torch.randn(2, 16), grid=(3, 4),
+                   attn_cache=cache)
+        full = block(h, BlockPlan(AttentionPolicy(store_residual=True, window=2, store_output=True)))
+        windowed = block(h, BlockPlan(AttentionPolicy(kind="window", window=2)))
+        shared = block(h, BlockPlan(AttentionPolicy(kind="share")))
+        assert torch.allclose(windowed.image, full.image, atol=1e-5) and torch.allclose(windowed.text, full.text, atol=1e-5)
+        assert torch.equal(shared.image, full.image) and torch.equal(shared.text, full.text)
+        asc = block(h, BlockPlan(AttentionPolicy(cfg_share="uncond_first")))
+        # Both halves got the conditional (second) row's attention; with equal rows it is exact.
+        h2 = Hidden(image=h.image[1:].expand(2, -1, -1), text=h.text[1:].expand(2, -1, -1), c=h.c[1:].expand(2, -1),
+                    grid=(3, 4), attn_cache=cache)
+        assert torch.allclose(block(h2, BlockPlan(AttentionPolicy(cfg_share="uncond_first"))).image,
+                              block(h2, BlockPlan()).image, atol=1e-6)
+        assert asc.image.shape == full.image.shape
+
+
+def test_sd3_calibration_extremes(sd3, tmp_path):
+    _, folder = sd3
+    pipe = load(folder)
+    kw = dict(steps=3, window=2, n_calib=1, progress=False, height=32, width=32)
+    strict = calibrate(pipe, tmp_path / "s.json", threshold=0.0, **kw)
+    assert {label for layer in strict["layers"] for label in layer} == {"full_attn"}
+    loose = calibrate(pipe, tmp_path / "l.json", threshold=1e9, **kw)
+    assert all(layer == ["full_attn", "output_share", "output_share"] for layer in loose["layers"])
+    out = pipe(prompt="a red circle", num_inference_steps=3, height=32, width=32, output_type="np", progress=False,
+               accel=f"fastattn(plan={tmp_path / 'l.json'})")
+    assert out.stats["attention_flops_ratio"] == pytest.approx(1 / 3)
