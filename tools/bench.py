@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from dite.accel import PlanContext, as_methods, build_plans, resolve
-from dite.engine.accounting import denoiser_flops
+from dite.engine.accounting import step_flops
 from dite.models.denoiser import Conditioning
 
 PRESETS = {
@@ -68,21 +68,56 @@ def preset_denoiser(name: str, t5_tokens: int):
                                                         cfg_layout="cond_first")
 
 
+PATTERNS = {
+    # Uniform DiTFastAttn plans for FLOP tables of full-size configs (no weights to calibrate
+    # on): every layer, every step after the first, one method.
+    "window": "residual_window_attn",
+    "window+asc": "residual_window_attn+cfg_attn_share",
+    "asc": "full_attn+cfg_attn_share",
+    "share-alternate": None,  # output_share on every other step
+}
+
+
+def pattern_plan(pattern: str, depth: int, steps: int, window: int, folder: Path) -> str:
+    """Write a uniform plan file for `pattern`; returns the accel spec that loads it."""
+    from dite.accel.fastattn import write_plan
+
+    def label(step: int) -> str:
+        if step == 0:
+            return "full_attn"
+        if pattern == "share-alternate":
+            return "output_share" if step % 2 else "full_attn"
+        return PATTERNS[pattern]
+
+    path = folder / f"fastattn-{pattern}-{steps}.json"
+    write_plan(path, [[label(s) for s in range(steps)] for _ in range(depth)],
+               {"model": "uniform pattern", "model_id": "", "steps": steps, "window": window, "pattern": pattern})
+    return f"fastattn(plan={path})"
+
+
 def flops_rows(args) -> list[dict]:
     family, channels, factor, size, steps = PRESETS[args.preset]
     steps = args.steps or steps
     w, h = args.size or (size, size)
     model, cond = preset_denoiser(args.preset, args.max_sequence_length)
-    ctx = PlanContext(family, len(model.blocks), steps, True)
+    depth = len(model.blocks)
+    ctx = PlanContext(family, depth, steps, True)
+    tokens = (h // factor // model.config.patch_size) * (w // factor // model.config.patch_size)
+    folder = Path(args.out).parent / "plans"
+    folder.mkdir(parents=True, exist_ok=True)
+    specs = list(args.accel) + [pattern_plan(p, depth, steps, tokens // 8, folder) for p in args.fastattn_pattern]
+    names = list(args.accel) + [f"fastattn {p}, w=N/8={tokens // 8}" for p in args.fastattn_pattern]
     rows, plain = [], None
-    for spec in args.accel:
+    for name, spec in zip(names, specs):
         methods = resolve(as_methods(spec), ctx)
         plans = build_plans(methods, ctx)
-        flops = sum(denoiser_flops(model, plans, (1, channels, h // factor, w // factor), cond))
-        evaluations = sum((2 if p.cfg_mode == "both" else 1) * len(p.computed_blocks(len(model.blocks))) for p in plans)
-        plain = plain or (flops, evaluations)
-        rows.append({"accel": spec or "none", "resolved": "+".join(m.spec() for m in methods) or "none",
+        per_step = step_flops(model, plans, (1, channels, h // factor, w // factor), cond)
+        flops, attention = sum(s["total"] for s in per_step), sum(s["attention"] for s in per_step)
+        evaluations = sum((2 if p.cfg_mode == "both" else 1) * len(p.computed_blocks(depth)) for p in plans)
+        plain = plain or (flops, attention)
+        rows.append({"accel": name or "none", "resolved": "+".join(m.spec() for m in methods) or "none",
                      "tflops": flops / 1e12, "flops_ratio": flops / plain[0],
+                     "attention_flops_ratio": attention / plain[1],
                      "block_evaluations": evaluations, "speedup_bound": plain[0] / flops})
     return rows
 
@@ -178,7 +213,7 @@ def wall_rows(args) -> list[dict]:
 
 
 def markdown(rows: list[dict], title: str) -> str:
-    cols = [c for c in ("accel", "resolved", "tflops", "flops_ratio", "speedup_bound", "block_evaluations",
+    cols = [c for c in ("accel", "resolved", "tflops", "flops_ratio", "attention_flops_ratio", "speedup_bound", "block_evaluations",
                         "denoise_s", "wall_ratio", "peak_mem_gb", "psnr_db", "max_abs_diff") if c in rows[0]]
     lines = [f"### {title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
@@ -228,6 +263,8 @@ def main(argv=None) -> int:
     src.add_argument("--preset", choices=sorted(PRESETS), help="FLOPs only, full-size config on the meta device")
     p.add_argument("--accel", nargs="+", default=["", "ditcache", "ditcache+promptgate", "todo"],
                    help='specs to compare; "" is the plain run')
+    p.add_argument("--fastattn-pattern", nargs="*", default=[], choices=sorted(PATTERNS),
+                   help="presets: add rows for uniform DiTFastAttn plans (window w = N/8 as in the reference)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--size", type=_size, default=None, metavar="WxH")
     p.add_argument("--guidance", type=float, default=None)
