@@ -27,6 +27,7 @@ from dite.engine.convert_pipelines import model_index, scheduler_config, tokeniz
 from dite.engine.errors import CheckpointError, InputError
 from dite.engine.safetensors_writer import SafetensorsWriter, ShardedWriter, parse_size
 from dite.engine.tensor_stream import Component, PrecisionWarning, Target, iter_tensors, plan, require_clean
+from dite.engine.weights import READ_WITHOUT_MMAP
 
 LAYOUTS = ("diffusers", "original")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -240,6 +241,17 @@ def convert(source: str | os.PathLike, destination: str | os.PathLike, *, to: st
         raise InputError(f"text_encoders must be 'bundled' or 'separate', not {text_encoders!r}")
     dtype, limit = _dtype(dtype), parse_size(max_shard_size)
     src, dst = Path(source), Path(destination)
+    token = READ_WITHOUT_MMAP.set(True)  # each tensor is read once: no memory map (see weights.py)
+    try:
+        return _convert(src, dst, to=to, dtype=dtype, limit=limit, components=components, force=force,
+                        tokenizers=tokenizers, model_config=model_config, text_encoders=text_encoders,
+                        variant=variant, vae=vae)
+    finally:
+        READ_WITHOUT_MMAP.reset(token)
+
+
+def _convert(src: Path, dst: Path, *, to, dtype, limit, components, force, tokenizers, model_config, text_encoders,
+             variant, vae) -> ConversionResult:
     parts = find_parts(src, model_config=model_config, tokenizers=tokenizers, variant=variant)
     if vae is not None:
         parts.components["vae"] = next(iter(find_parts(vae, variant=variant).components.values()))
@@ -269,7 +281,7 @@ def convert(source: str | os.PathLike, destination: str | os.PathLike, *, to: st
                     for f in result.files]
     result.notes += parts.notes
     for note in result.notes:
-        warnings.warn(note, ConversionNote, stacklevel=2)
+        warnings.warn(note, ConversionNote, stacklevel=3)
     return result
 
 

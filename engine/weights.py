@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -46,10 +47,19 @@ class WeightReader:
         return {k: self.shape(k) for k in self.keys()}
 
 
+# Conversion reads every tensor exactly once: it sets this so that safetensors files are read
+# with plain positioned reads instead of through a memory map, whose touched pages stay in
+# the process's resident set and would count the whole file against it (tools/
+# bench_convert_memory.py measures both).
+READ_WITHOUT_MMAP: ContextVar[bool] = ContextVar("READ_WITHOUT_MMAP", default=False)
+
+
 class SafetensorsReader(WeightReader):
     def __init__(self, files: Iterable[str | os.PathLike], key_prefix: str = ""):
         from safetensors import safe_open
 
+        self._pread = READ_WITHOUT_MMAP.get()
+        self._headers: dict[str, tuple[int, dict]] = {}  # file -> (header length, header), for pread
         self._handles = {}
         self._file_of: dict[str, str] = {}
         self._prefix = key_prefix
@@ -92,6 +102,11 @@ class SafetensorsReader(WeightReader):
 
     def get(self, key: str) -> torch.Tensor:
         handle, full = self._handle(key)
+        if self._pread:
+            file = self._file_of[full]
+            if file not in self._headers:
+                self._headers[file] = _read_header(file)
+            return _pread_tensor(file, *self._headers[file], full)
         try:
             return handle.get_tensor(full)
         except Exception as exc:
@@ -99,6 +114,29 @@ class SafetensorsReader(WeightReader):
 
     def where(self, key: str) -> str:
         return self._file_of.get(self._prefix + key, "?")
+
+
+def _read_header(file: str) -> tuple[int, dict]:
+    with open(file, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        return header_len, json.loads(f.read(header_len))
+
+
+def _pread_tensor(file: str, header_len: int, header: dict, key: str) -> torch.Tensor:
+    """One tensor of a safetensors file read with positioned reads (no memory map)."""
+    from dite.engine.safetensors_writer import TORCH_DTYPES
+
+    entry = header[key]
+    begin, end = entry["data_offsets"]
+    dtype, shape = TORCH_DTYPES[entry["dtype"]], entry["shape"]
+    if end == begin:
+        return torch.empty(shape, dtype=dtype)
+    data = bytearray(end - begin)
+    with open(file, "rb") as f:
+        f.seek(8 + header_len + begin)
+        if f.readinto(data) != end - begin:
+            raise CheckpointError(f"{file} is truncated inside {key}; download it again")
+    return torch.frombuffer(data, dtype=dtype).reshape(shape)
 
 
 def _check_extent(file: str, size: int) -> None:
