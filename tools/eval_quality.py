@@ -1,0 +1,168 @@
+"""The fidelity harness: accuracy of generated demo scenes, and fidelity to the plain image,
+for a list of accel specs against the fewer-steps baseline at the same FLOPs.
+
+    python tools/eval_quality.py --model demo-sd3 --prompts 100 \
+        --accel ditcache promptgate ditcache+promptgate todo deltacache --out bench/quality-demo-sd3
+    python tools/eval_quality.py --model demo-dit --prompts 54 --accel ditcache deltacache --out bench/quality-demo-dit
+
+Prompts are held-out captions of the demo dataset (tools/demo_scenes.py: never seen in
+training); a class-conditional model gets their class (shape x colour). Each image is read
+by tools/scene_checker.py and scored on what was asked: colour and position (text models;
+the headline "accuracy" needs both right), shape and size too (reported separately). PSNR
+and SSIM are against the plain run's image of the same seed.
+
+Every method is shown next to the plain model run with proportionally fewer steps at the
+same denoiser FLOPs (`steps = round(T * flops_ratio)`): a method is only worth having if it
+beats simply sampling with fewer steps. Writes NAME.md, NAME.json and NAME.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from demo_scenes import heldout_scenes  # noqa: E402
+from scene_checker import detect, score  # noqa: E402
+
+from dite.engine.calibrate import ssim_loss  # noqa: E402
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    ta, tb = (torch.from_numpy(x).permute(0, 3, 1, 2).float() for x in (a, b))
+    return float(1 - ssim_loss(ta, tb))
+
+
+def generate(pipe, scenes, args, steps: int | None, accel: str | None):
+    """Images [N, H, W, 3] in [0, 1], the stats of the first batch, and the denoise seconds."""
+    images, stats, seconds = [], None, 0.0
+    for start in range(0, len(scenes), args.batch):
+        chunk = scenes[start:start + args.batch]
+        kw = dict(seed=args.seed + start, output_type="np", progress=False, accel=accel)
+        if steps is not None:
+            kw["num_inference_steps"] = steps
+        if args.guidance is not None:
+            kw["guidance_scale"] = args.guidance
+        if pipe.family == "dit":
+            out = pipe(class_labels=[s.attributes.class_id for s in chunk], **kw)
+        else:
+            out = pipe(prompt=[s.caption for s in chunk], **kw)
+        images.append(out.images)
+        stats = stats or out.stats
+        seconds += out.timings["denoise"]
+    return np.concatenate(images), stats, seconds
+
+
+def evaluate(images, scenes, family: str) -> dict[str, float]:
+    checks = [score(detect(img), sc.attributes) for img, sc in zip(images, scenes)]
+    asked = ("colour", "shape") if family == "dit" else ("colour", "position")
+    out = {k: float(np.mean([c[k] for c in checks])) for k in ("colour", "shape", "position", "size")}
+    out["accuracy"] = float(np.mean([all(c[k] for k in asked) for c in checks]))
+    return out
+
+
+def row(name, images, stats, seconds, plain, scenes, family, steps, base_seconds):
+    r = {"method": name, "steps": steps, "flops_ratio": stats["flops_ratio"], "wall_ratio": seconds / base_seconds,
+         **evaluate(images, scenes, family)}
+    if plain["images"] is not None:
+        r["psnr_db"] = psnr(images, plain["images"])
+        r["ssim"] = ssim(images, plain["images"])
+    return r
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="demo-sd3")
+    p.add_argument("--prompts", type=int, default=100, help="held-out captions (classes for a DiT)")
+    p.add_argument("--accel", nargs="*", default=["ditcache", "promptgate", "ditcache+promptgate", "todo", "deltacache"])
+    p.add_argument("--steps", type=int, default=None, help="default: the model's")
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=25)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default="bench/quality")
+    args = p.parse_args(argv)
+
+    from dite.engine import load
+
+    pipe = load(args.model, device=args.device)
+    scenes = heldout_scenes(args.prompts, seed=args.seed)
+    images, stats, seconds = generate(pipe, scenes, args, args.steps, None)
+    steps = args.steps or len(stats["steps"])
+    plain = {"images": images, "steps": steps}
+    rows = [row("plain", images, stats, seconds, plain, scenes, pipe.family, steps, seconds)]
+    base_seconds = seconds
+    fewer = set()
+    for spec in args.accel:
+        start = time.perf_counter()
+        imgs, st, sec = generate(pipe, scenes, args, args.steps, spec)
+        rows.append(row(spec, imgs, st, sec, plain, scenes, pipe.family, steps, base_seconds))
+        fewer.add(max(1, round(steps * st["flops_ratio"])))
+        print(f"{spec}: {time.perf_counter() - start:.1f}s", file=sys.stderr)
+    for n in sorted(fewer - {steps}):
+        imgs, st, sec = generate(pipe, scenes, args, n, None)
+        rows.append(row(f"fewer steps ({n})", imgs, st, sec, plain, scenes, pipe.family, n, base_seconds))
+    for r in rows:
+        if r["method"].startswith("fewer steps"):  # same plan every step: FLOPs scale with steps
+            r["flops_ratio"] = r["steps"] / steps
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cols = ["method", "steps", "flops_ratio", "wall_ratio", "accuracy", "colour", "shape", "position", "size",
+            "psnr_db", "ssim"]
+    title = f"{args.model}, {len(scenes)} held-out prompts, {steps} steps, seed {args.seed}"
+    lines = [f"### {title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, "—"))
+                                       for c in cols) + " |")
+    table = "\n".join(lines) + "\n"
+    out.with_suffix(".md").write_text(table)
+    out.with_suffix(".json").write_text(json.dumps({"title": title, "rows": rows}, indent=2))
+    plot(rows, out.with_suffix(".png"), title)
+    print(table)
+    return 0
+
+
+def plot(rows, path: Path, title: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("no plot: install matplotlib (pip install 'dite[bench]')", file=sys.stderr)
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    baseline = sorted((r for r in rows if r["method"].startswith("fewer steps") or r["method"] == "plain"),
+                      key=lambda r: r["flops_ratio"])
+    for ax, key, label in ((axes[0], "accuracy", "accuracy"), (axes[1], "psnr_db", "PSNR vs plain (dB, capped 60)")):
+        values = lambda rs: [min(r.get(key, 0.0), 60.0) for r in rs]  # noqa: E731
+        ax.plot([r["flops_ratio"] for r in baseline], values(baseline), "k--o", label="fewer steps")
+        for r in rows:
+            if r in baseline:
+                continue
+            ax.scatter(r["flops_ratio"], values([r])[0])
+            ax.annotate(r["method"], (r["flops_ratio"], values([r])[0]), fontsize=7)
+        ax.set_xlabel("denoiser FLOPs / plain")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
