@@ -25,8 +25,8 @@ def describe_methods() -> list[dict]:
         for family, ctx, _ in REFERENCE_CONTEXTS:
             try:
                 defaults[family] = cls().resolved(ctx).spec()
-            except ConfigError as exc:  # pragma: no cover - every default resolves today
-                defaults[family] = f"unavailable: {exc}"
+            except ConfigError as exc:  # a method that needs an argument (fastattn's plan file)
+                defaults[family] = f"no default: {exc}"
         params = {f.name: {"type": str(f.type), "default": f.default} for f in dataclasses.fields(cls)}
         doc = " ".join((cls.__doc__ or "").split())
         out.append({"name": name, "summary": cls.summary, "parameters": params, "defaults": defaults, "doc": doc})
