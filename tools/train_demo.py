@@ -208,7 +208,7 @@ def train_vae(args):
     model = AutoencoderKL(config).train()
     run = Run(name, model, args, lr=args.lr or 1.5e-3, ema_decay=0.995, warmup=50)
     started = time.time()
-    while run.step < args.steps:
+    while run.step < (args.stop_at or args.steps):
         images, found = scenes.sample_scenes(args.seed, args.batch, start=run.step * args.batch)
         x = scenes.to_tensor(images)
         # Object pixels weigh `object_weight` times more: the object is ~5 % of the image,
@@ -458,7 +458,7 @@ def train_mmdit(args):
     model.train()
     run = Run(name, model, args, lr=args.lr or 5e-4, ema_decay=0.999, warmup=200)
     started, avg = time.time(), None
-    while run.step < args.steps:
+    while run.step < (args.stop_at or args.steps):
         g = generator(args.seed, name, run.step)
         idx = torch.randint(0, len(pool), (args.batch,), generator=g)
         x0 = pool[idx]
@@ -565,7 +565,7 @@ def train_dit(args):
     diffusion = GaussianDiffusion()
     run = Run(name, model, args, lr=args.lr or 5e-4, ema_decay=0.999, warmup=200)
     started, avg = time.time(), None
-    while run.step < args.steps:
+    while run.step < (args.stop_at or args.steps):
         g = generator(args.seed, name, run.step)
         idx = torch.randint(0, len(pool), (args.batch,), generator=g)
         x0 = pool[idx]
@@ -612,6 +612,9 @@ def main(argv=None):
     p.add_argument("--object-weight", type=float, default=20.0, help="extra loss weight of object pixels (VAE)")
     p.add_argument("--drop", type=float, default=0.1, help="caption / class dropout for CFG")
     p.add_argument("--max-minutes", type=float, default=0, help="stop early after this long (0: never)")
+    p.add_argument("--stop-at", type=int, default=0,
+                   help="stop after this step, the learning-rate schedule still planned for --steps (this is how "
+                        "a run that --max-minutes cut short is reproduced exactly)")
     p.add_argument("--checkpoint-minutes", type=float, default=3.0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--fp32", action="store_true", help="no bf16 autocast")
