@@ -313,3 +313,21 @@ def test_inspect_components_of_files_and_folders(dit_pipe, tmp_path, capsys):
     save_file({"shared.weight": torch.zeros(6, 2), "encoder.final_layer_norm.weight": torch.zeros(2)}, unknown)
     assert main(["inspect", str(unknown)]) == 2
     assert "not a supported model: closest is t5" in capsys.readouterr().err
+
+
+def test_convert_folder_tool(tmp_path, capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import convert_folder
+
+    batch = tmp_path / "in"
+    vae_reference("sd").save_pretrained(batch / "sd-vae")
+    convert(batch / "sd-vae", batch / "vae-ldm.safetensors", to="original")
+    save_file({"foo": torch.zeros(1)}, batch / "junk.safetensors")
+    assert convert_folder.main([str(batch), str(tmp_path / "out"), "--to", "original"]) == 1  # junk fails
+    captured = capsys.readouterr()
+    assert "sd-vae ->" in captured.out and "junk.safetensors: FAILED: " in captured.err
+    assert_same(load_file(tmp_path / "out" / "sd-vae.safetensors"), load_file(batch / "vae-ldm.safetensors"))
+    assert_same(load_file(tmp_path / "out" / "vae-ldm.safetensors"), load_file(batch / "vae-ldm.safetensors"))
