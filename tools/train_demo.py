@@ -456,7 +456,7 @@ def train_mmdit(args):
     m, base = cfg.pos_embed_max_size, cfg.sample_size // cfg.patch_size
     model.pos_embed.copy_(sincos_pos_embed_2d(cfg.hidden_size, m, m, base_size=base).unsqueeze(0))
     model.train()
-    run = Run(name, model, args, lr=args.lr or 5e-4, ema_decay=0.999, warmup=200)
+    run = Run(name, model, args, lr=args.lr or 8e-4, ema_decay=0.999, warmup=100)
     started, avg = time.time(), None
     while run.step < (args.stop_at or args.steps):
         g = generator(args.seed, name, run.step)
@@ -594,7 +594,7 @@ def train_dit(args):
 
 DEFAULTS = {  # stage -> (steps, batch, pool)
     "vae": (1200, 8, 0),
-    "mmdit": (1500, 48, 8000),
+    "mmdit": (2000, 24, 8000),
     "dit": (3000, 64, 8000),
 }
 
