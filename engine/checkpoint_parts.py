@@ -24,7 +24,7 @@ from dite.engine.tensor_stream import Component
 from dite.engine.text_encoder_loading import clip_parts, open_encoder, t5_parts
 from dite.engine.vae_loading import vae_parts
 from dite.engine.weights import WeightReader, find_weights_file, open_weights
-from dite.models import dit, mmdit
+from dite.models import dit, mmdit, pixart
 from dite.models.clip import clip_keymap, clip_layout, clip_prefixes, find_clip_prefix
 from dite.models.sd3_variants import sd3_variant
 from dite.models.vae import VAEConfig
@@ -74,6 +74,21 @@ def _read_json(path: Path) -> dict:
 
 # ----------------------------------------------------------------------------- folders
 
+# diffusers drops PixArt's learned null caption; conversion keeps it beside the weights.
+PIXART_SIDE_FILE = "dite_null_caption.safetensors"
+PIXART_PIPELINES = {"PixArtAlphaPipeline": "alpha", "PixArtSigmaPipeline": "sigma"}
+
+
+def pixart_component(reader: WeightReader, cfg, layout: str, side_file: Path | None = None) -> Component:
+    keymap, ignore = pixart.keymap(cfg, layout)
+    component = Component("transformer", "pixart", cfg, reader, keymap, set(ignore))
+    if layout == "original" and pixart.NULL_CAPTION_KEY in reader.keys():
+        component.side[pixart.NULL_CAPTION_KEY] = (reader, pixart.NULL_CAPTION_KEY)
+    elif side_file is not None and side_file.exists():
+        component.side[pixart.NULL_CAPTION_KEY] = (open_weights(side_file), pixart.NULL_CAPTION_KEY)
+    return component
+
+
 def _dit_component(reader: WeightReader, cfg: dit.DiTConfig, layout: str) -> Component:
     keymap, ignore = dit.keymap(cfg, layout)
     return Component("transformer", "dit", cfg, reader, keymap, set(ignore))
@@ -100,7 +115,8 @@ def _t5_component(reader: WeightReader, name: str, **options) -> Component:
     return Component(name, "t5", config, reader, keymap, ignore)
 
 
-def component_folder(folder: Path, name: str | None = None, variant: str | None = None) -> Component:
+def component_folder(folder: Path, name: str | None = None, variant: str | None = None,
+                     pixart_variant: str | None = None) -> Component:
     """One diffusers / transformers component folder (config.json + weights)."""
     config = _read_json(folder / "config.json")
     name = name or folder.name
@@ -111,6 +127,10 @@ def component_folder(folder: Path, name: str | None = None, variant: str | None 
     if cls in ("DiTTransformer2DModel", "Transformer2DModel"):
         reader = open_weights(find_weights_file(folder, variant=variant))
         return _dit_component(reader, dit.DiTConfig.from_diffusers(config), "diffusers")
+    if cls == "PixArtTransformer2DModel":
+        reader = open_weights(find_weights_file(folder, variant=variant))
+        return pixart_component(reader, pixart.PixArtConfig.from_diffusers(config, pixart_variant or "alpha"),
+                                "diffusers", side_file=folder / PIXART_SIDE_FILE)
     if cls == "SD3Transformer2DModel":
         reader = open_weights(find_weights_file(folder, variant=variant))
         return _mmdit_component(reader, mmdit.MMDiTConfig.from_diffusers(config), "diffusers")
@@ -127,18 +147,20 @@ def component_folder(folder: Path, name: str | None = None, variant: str | None 
 def _pipeline_folder(path: Path, variant: str | None) -> Parts:
     index = _read_json(path / "model_index.json")
     cls = index.get("_class_name")
-    if cls not in ("DiTPipeline", "StableDiffusion3Pipeline"):
-        raise ConfigError(f"{path / 'model_index.json'} describes a {cls!r}; dite converts DiTPipeline and "
-                          "StableDiffusion3Pipeline folders")
+    if cls not in ("DiTPipeline", "StableDiffusion3Pipeline", *PIXART_PIPELINES):
+        raise ConfigError(f"{path / 'model_index.json'} describes a {cls!r}; dite converts DiTPipeline, "
+                          "StableDiffusion3Pipeline and PixArtAlpha/SigmaPipeline folders")
     components = {}
     for name, spec in index.items():
         weighted = name in ("transformer", "vae") or name.startswith("text_encoder")
         if weighted and isinstance(spec, list) and spec[0] is not None and (path / name).is_dir():
-            components[name] = component_folder(path / name, name, variant)
-    family = "dit" if cls == "DiTPipeline" else "sd3"
+            components[name] = component_folder(path / name, name, variant, PIXART_PIPELINES.get(cls))
+    family = {"DiTPipeline": "dit", "StableDiffusion3Pipeline": "sd3"}.get(cls, "pixart")
     parts = Parts(family, "diffusers", path, components, model_index=index, tokenizer_places=[path])
     if family == "sd3" and "transformer" in components:
         parts.variant = sd3_variant(components["transformer"].config)
+    if family == "pixart":
+        parts.variant = PIXART_PIPELINES[cls]
     scheduler = path / "scheduler" / "scheduler_config.json"
     parts.scheduler_config = _read_json(scheduler) if scheduler.exists() else None
     return parts
@@ -204,6 +226,8 @@ def _single_file(path: Path, model_config: dict, tokenizers: Path | None) -> Par
     keys = reader.keys()
     if sd3_files.transformer_prefix(keys) is not None:
         return _sd3_file(path, reader, model_config, tokenizers)
+    if pixart.detect_layout(keys) == "original":
+        return _pixart_file(path, reader, model_config, tokenizers)
     layout = dit.detect_layout(keys)
     if layout == "original":
         cfg = dit.detect_config(reader.shapes(), num_heads=model_config.get("num_heads"))
@@ -226,6 +250,24 @@ def _single_file(path: Path, model_config: dict, tokenizers: Path | None) -> Par
     raise unsupported(path, keys)
 
 
+def _pixart_file(path: Path, reader: WeightReader, model_config: dict, tokenizers: Path | None) -> Parts:
+    """An original PixArt .pth, with the T5, tokenizer and VAE folders `load()` finds beside it."""
+    from dite.engine.load_pixart import PIXART_SCHEDULER, _beside
+
+    cfg = pixart.detect_config(reader.shapes(), num_heads=model_config.get("num_heads"),
+                               variant=model_config.get("variant"), sample_size=model_config.get("sample_size"))
+    components = {"transformer": pixart_component(reader, cfg, "original")}
+    encoder, vae = _beside(path, "text_encoder"), _beside(path, "vae", cfg.variant)
+    if encoder is not None:
+        components["text_encoder"] = component_folder(encoder, "text_encoder")
+    if vae is not None:
+        components["vae"] = component_folder(vae, "vae")
+        components["vae"].config = replace(components["vae"].config, scaling_factor=pixart.VAE_SCALE[cfg.variant])
+    places = [tokenizers] if tokenizers is not None else [path.parent]
+    return Parts("pixart", "original", path, components, variant=cfg.variant, tokenizer_places=places,
+                 scheduler_config=dict(PIXART_SCHEDULER))
+
+
 def _vae_layout_name(reader: WeightReader) -> str:
     from dite.models.vae import find_vae_prefix, vae_layout
 
@@ -244,8 +286,7 @@ def unsupported(path: Path, keys: list[str]) -> CheckpointError:
         return CheckpointError(f"{path} is not a supported model: none of its {len(keys)} tensors ({sample}, ...) "
                                "looks like DiT, SD3, PixArt, a VAE, CLIP or T5")
     lacking = [a for a in ANCHORS[family] if a not in found]
-    support = "" if family != "pixart" else " (PixArt conversion is not available yet)"
-    return CheckpointError(f"{path} is not a supported model{support}: closest is {family}, which it shares "
+    return CheckpointError(f"{path} is not a supported model: closest is {family}, which it shares "
                            f"{len(found)} of {len(ANCHORS[family])} anchor tensors with ({', '.join(found)}) but "
                            f"lacks {', '.join(lacking)}")
 
@@ -262,6 +303,9 @@ def find_parts(path: str | Path, *, model_config: dict | None = None, tokenizers
         if (path / "config.json").exists():
             component = component_folder(path, variant=variant)
             family = {"dit": "dit", "mmdit": "sd3"}.get(component.kind, component.kind)
+            if component.kind == "pixart":
+                return Parts("pixart", "diffusers", path, {component.name: component},
+                             variant=component.config.variant)
             return Parts(family, "diffusers", path, {component.name: component})
         raise CheckpointError(f"{path} has neither model_index.json (a pipeline folder) nor config.json (a component "
                               "folder)")

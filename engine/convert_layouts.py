@@ -14,7 +14,7 @@ from dataclasses import replace
 import torch
 
 from dite.engine.tensor_stream import Component, Target
-from dite.models import dit, mmdit
+from dite.models import dit, mmdit, pixart
 from dite.models.clip import clip_keymap
 from dite.models.layers import sincos_pos_embed_2d
 from dite.models.t5 import t5_keymap
@@ -26,7 +26,7 @@ TRANSFORMERS_VERSION = "5.23.0"
 SD3_PREFIX = {"transformer": "model.diffusion_model.", "vae": "first_stage_model.",
               "text_encoder": "text_encoders.clip_l.transformer.", "text_encoder_2": "text_encoders.clip_g.transformer.",
               "text_encoder_3": "text_encoders.t5xxl.transformer."}
-WEIGHTS_STEM = {"dit": "diffusion_pytorch_model", "mmdit": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
+WEIGHTS_STEM = {"dit": "diffusion_pytorch_model", "mmdit": "diffusion_pytorch_model", "pixart": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
                 "clip": "model", "t5": "model"}
 
 
@@ -37,7 +37,7 @@ def diffusers_config(component: Component) -> dict:
         # diffusers' DiT fixes the timestep divisor shift at 1 (the original uses 0); the
         # same weights, diffusers' own numerics (README: Numerics worth knowing).
         config = replace(cfg, freq_shift=1.0).to_diffusers()
-    elif component.kind in ("mmdit", "vae"):
+    elif component.kind in ("mmdit", "vae", "pixart"):
         config = cfg.to_diffusers()
     else:
         config = {**cfg.to_transformers(), "transformers_version": TRANSFORMERS_VERSION}
@@ -51,6 +51,8 @@ def diffusers_target(component: Component) -> Target:
         return Target(dit.keymap(cfg, "diffusers")[0])
     if component.kind == "mmdit":
         return Target(mmdit.keymap(cfg, "diffusers")[0])
+    if component.kind == "pixart":
+        return Target(pixart.keymap(cfg, "diffusers")[0])
     if component.kind == "vae":
         return Target(vae_keymap(cfg, "diffusers", [])[0])
     if component.kind == "clip":
@@ -70,6 +72,14 @@ def original_target(component: Component, prefix: str = "") -> Target:
         return Target(dit.keymap(cfg, "original")[0], extras={"pos_embed": table})
     if component.kind == "mmdit":
         return Target(mmdit.keymap(cfg, "original", prefix)[0])
+    if component.kind == "pixart":
+        # The original stores its training-size position table and the learned null caption.
+        side = cfg.sample_size // cfg.patch_size
+        table = sincos_pos_embed_2d(cfg.hidden_size, side, side, base_size=side,
+                                    interpolation_scale=cfg.interpolation_scale).unsqueeze(0)
+        extras = {"pos_embed": table}
+        extras.update({key: reader.get(stored) for key, (reader, stored) in component.side.items()})
+        return Target(pixart.keymap(cfg, "original")[0], extras=extras)
     if component.kind == "vae":
         return Target(vae_keymap(cfg, "ldm", [], prefix)[0])
     if component.kind == "clip":

@@ -15,15 +15,18 @@ from pathlib import Path
 from dite.engine.checkpoint_parts import Parts
 from dite.engine.convert_layouts import DIFFUSERS_VERSION
 
-PIPELINE_CLASS = {"sd3": "StableDiffusion3Pipeline", "dit": "DiTPipeline"}
+PIPELINE_CLASS = {"sd3": "StableDiffusion3Pipeline", "dit": "DiTPipeline", "alpha": "PixArtAlphaPipeline",
+                  "sigma": "PixArtSigmaPipeline"}
 COMPONENT_CLASSES = {
-    "transformer": {"sd3": ["diffusers", "SD3Transformer2DModel"], "dit": ["diffusers", "DiTTransformer2DModel"]},
+    "transformer": {"sd3": ["diffusers", "SD3Transformer2DModel"], "dit": ["diffusers", "DiTTransformer2DModel"],
+                    "pixart": ["diffusers", "PixArtTransformer2DModel"]},
     "vae": ["diffusers", "AutoencoderKL"],
-    "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+    "text_encoder": {"sd3": ["transformers", "CLIPTextModelWithProjection"], "pixart": ["transformers", "T5EncoderModel"]},
     "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
     "text_encoder_3": ["transformers", "T5EncoderModel"],
 }
-SD3_TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3")
+TOKENIZERS = {"sd3": ("tokenizer", "tokenizer_2", "tokenizer_3"), "pixart": ("tokenizer",)}
+TEXT_ENCODERS = {"sd3": ("text_encoder", "text_encoder_2", "text_encoder_3"), "pixart": ("text_encoder",)}
 
 
 def scheduler_config(parts: Parts) -> dict:
@@ -44,10 +47,8 @@ def scheduler_config(parts: Parts) -> dict:
 def tokenizer_folders(parts: Parts, out: Path) -> list[str]:
     """Copy SD3's tokenizer folders into `out` from the first place that has each; the
     names copied. A missing one is noted: diffusers then loads the pipeline without it."""
-    if parts.family != "sd3":
-        return []
     copied = []
-    for name in SD3_TOKENIZERS:
+    for name in TOKENIZERS.get(parts.family, ()):
         folder = next((place / name for place in parts.tokenizer_places if (place / name).is_dir()), None)
         if folder is None:
             looked = " or ".join(str(p) for p in parts.tokenizer_places) or "nowhere"
@@ -59,8 +60,8 @@ def tokenizer_folders(parts: Parts, out: Path) -> list[str]:
     return copied
 
 
-def _tokenizer_class(out_folder_has_json: bool, name: str) -> list[str]:
-    if name == "tokenizer_3":
+def _tokenizer_class(out_folder_has_json: bool, name: str, family: str) -> list[str]:
+    if name == "tokenizer_3" or family == "pixart":
         return ["transformers", "T5TokenizerFast" if out_folder_has_json else "T5Tokenizer"]
     return ["transformers", "CLIPTokenizer"]
 
@@ -75,18 +76,18 @@ def model_index(parts: Parts, written: list[str], tokenizers: list[str], out: Pa
             if name.startswith(("transformer", "vae", "text_encoder")) and name not in written:
                 index[name] = [None, None]
         return index
-    index = {"_class_name": PIPELINE_CLASS[family], "_diffusers_version": DIFFUSERS_VERSION}
+    index = {"_class_name": PIPELINE_CLASS[parts.variant if family == "pixart" else family],
+             "_diffusers_version": DIFFUSERS_VERSION}
     if family == "sd3":
         index.update({"feature_extractor": [None, None], "image_encoder": [None, None]})
     scheduler = scheduler_config(parts)["_class_name"]
     index["scheduler"] = ["diffusers", scheduler]
-    names = ["transformer", "vae"] + (["text_encoder", "text_encoder_2", "text_encoder_3"] if family == "sd3" else [])
+    names = ["transformer", "vae", *TEXT_ENCODERS.get(family, ())]
     for name in names:
         spec = COMPONENT_CLASSES[name]
         spec = spec[family] if isinstance(spec, dict) else spec
         index[name] = spec if name in written else [None, None]
-    if family == "sd3":
-        for name in SD3_TOKENIZERS:
-            has_json = out is not None and (out / name / "tokenizer.json").exists()
-            index[name] = _tokenizer_class(has_json, name) if name in tokenizers else [None, None]
+    for name in TOKENIZERS.get(family, ()):
+        has_json = out is not None and (out / name / "tokenizer.json").exists()
+        index[name] = _tokenizer_class(has_json, name, family) if name in tokenizers else [None, None]
     return dict(sorted(index.items()))

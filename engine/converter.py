@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 
-from dite.engine.checkpoint_parts import Parts, find_parts
+from dite.engine.checkpoint_parts import PIXART_SIDE_FILE, Parts, find_parts
 from dite.engine.convert_layouts import (
     SD3_PREFIX, WEIGHTS_STEM, diffusers_config, diffusers_target, fp32_only, is_identity, original_target,
 )
 from dite.engine.convert_pipelines import model_index, scheduler_config, tokenizer_folders
 from dite.engine.errors import CheckpointError, InputError
-from dite.engine.safetensors_writer import SafetensorsWriter, ShardedWriter, parse_size
+from dite.engine.safetensors_writer import PlannedTensor, SafetensorsWriter, ShardedWriter, parse_size
 from dite.engine.tensor_stream import Component, PrecisionWarning, Target, iter_tensors, plan, require_clean
 from dite.engine.weights import READ_WITHOUT_MMAP
 
@@ -84,7 +84,23 @@ def _write_component_folder(folder: Path, parts: Parts, component: Component, dt
                            _metadata(parts, component, parts.path))
     _stream(writer, component, target, dtype, keep)
     writer.close()
-    return writer.files + [folder / "config.json"]
+    return writer.files + [folder / "config.json"] + _write_side_tensors(folder, component, dtype)
+
+
+def _write_side_tensors(folder: Path, component: Component, dtype) -> list[Path]:
+    """PixArt's null caption, which diffusers' layout has no place for, in a file of its own
+    beside the weights (diffusers ignores it; converting back restores it)."""
+    if not component.side:
+        return []
+    tensors = {key: reader.get(stored) for key, (reader, stored) in component.side.items()}
+    tensors = {k: t.to(dtype) if dtype is not None and t.is_floating_point() else t for k, t in tensors.items()}
+    path = folder / PIXART_SIDE_FILE
+    writer = SafetensorsWriter(path, [PlannedTensor(k, tuple(t.shape), t.dtype) for k, t in tensors.items()],
+                               {"format": "pt", "what": "PixArt's learned null caption, for converting back"})
+    for key, tensor in tensors.items():
+        writer.write(key, tensor.contiguous())
+    writer.close()
+    return [path]
 
 
 def _to_diffusers(parts: Parts, out: Path, selected: list[str], dtype, max_shard_size, result: ConversionResult):
@@ -150,7 +166,8 @@ def _write_file(path: Path, parts: Parts, pairs: list[tuple[Component, Target]],
         state = {}
         for (component, target), keep in zip(pairs, keeps):
             state.update(iter_tensors(component, target, dtype=dtype, keep=keep))
-        torch.save(state, path)
+        # PixArt's releases wrap the weights as {"state_dict": ...}; DiT's are bare.
+        torch.save({"state_dict": state} if parts.family == "pixart" else state, path)
         return path
     writer = SafetensorsWriter(path, planned, metadata)
     for (component, target), keep in zip(pairs, keeps):
@@ -163,14 +180,21 @@ def _to_original(parts: Parts, out: Path, selected: list[str], dtype, text_encod
     if out.suffix not in (".safetensors", ".pt", ".pth"):
         raise InputError(f"{out}: an original-layout checkpoint is one file; name it *.safetensors "
                          "(or *.pt for DiT's torch format)")
-    if out.suffix != ".safetensors" and parts.family != "dit":
+    if out.suffix != ".safetensors" and parts.family not in ("dit", "pixart"):
         raise InputError(f"{out}: {parts.family} original files are safetensors; name it *.safetensors")
     bundled = text_encoders == "bundled"
-    if parts.family == "dit" and "vae" in selected:
-        # DiT's release is the transformer alone; its VAE is a file of its own.
-        selected = [name for name in selected if name != "vae"]
-        parts.notes.append("the VAE is not part of DiT's original checkpoint and was not written; convert the vae/ "
-                           "folder on its own (to an LDM-named file) if you need it")
+    others = [name for name in selected if name != "transformer"]
+    if parts.family in ("dit", "pixart") and others:
+        # DiT's and PixArt's releases are the transformer alone; VAE and T5 are files of their own.
+        selected = [name for name in selected if name == "transformer"]
+        parts.notes.append(f"the {' and '.join(others)} {'is' if len(others) == 1 else 'are'} not part of "
+                           f"{parts.family}'s original checkpoint and {'was' if len(others) == 1 else 'were'} not "
+                           "written; convert those folders on their own if you need them")
+    if parts.family == "pixart" and "transformer" in selected and not parts.components["transformer"].side:
+        parts.notes.append("no null caption to restore (y_embedder.y_embedding): this folder was not converted from "
+                           "an original file by dite, and diffusers drops it; the file is written without it, so "
+                           "PixArt's original code cannot run guidance from it (dite and diffusers use T5(\"\") "
+                           "then)")
     pairs = _original_targets(parts, selected, bundled)
     if parts.family == "sd3" and not bundled:
         main = [(c, t) for c, t in pairs if c.name in ("transformer", "vae")]

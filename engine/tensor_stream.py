@@ -31,12 +31,13 @@ class PrecisionWarning(UserWarning):
 
 
 def module_factory(kind: str) -> Callable[[Any], torch.nn.Module]:
-    from dite.models import dit, mmdit
+    from dite.models import dit, mmdit, pixart
     from dite.models.clip import CLIPTextModel
     from dite.models.t5 import T5Encoder
     from dite.models.vae import AutoencoderKL
 
-    return {"dit": dit.DiT, "mmdit": mmdit.MMDiT, "vae": AutoencoderKL, "clip": CLIPTextModel, "t5": T5Encoder}[kind]
+    return {"dit": dit.DiT, "mmdit": mmdit.MMDiT, "pixart": pixart.PixArt, "vae": AutoencoderKL, "clip": CLIPTextModel,
+            "t5": T5Encoder}[kind]
 
 
 def meta_state(kind: str, config) -> dict[str, torch.Tensor]:
@@ -60,6 +61,9 @@ class Component:
     ignore: set[str] = field(default_factory=set)
     synthesized: dict[str, torch.Tensor] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # Stored tensors that are not module tensors but must survive conversion, by name
+    # (PixArt's learned null caption): (reader holding it, its key there).
+    side: dict[str, tuple[WeightReader, str]] = field(default_factory=dict)
 
     def expected(self) -> dict[str, torch.Tensor]:
         return meta_state(self.kind, self.config)

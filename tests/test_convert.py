@@ -56,7 +56,7 @@ def dit_original_state(folder) -> dict:
 def test_dit_folder_to_original_and_back(dit_pipe, tmp_path):
     _, folder = dit_pipe
     original = tmp_path / "DiT-tiny.safetensors"
-    with pytest.warns(ConversionNote, match="VAE is not part of DiT"):
+    with pytest.warns(ConversionNote, match="the vae is not part of dit.s original checkpoint"):
         convert(folder, original, to="original")
     written = load_file(original)
     pos_embed = written.pop("pos_embed")
@@ -244,9 +244,9 @@ def test_t5_fp16_keeps_fp32_only_tensors(tmp_path):
 # ----------------------------------------------------------------------------- bad inputs
 
 def test_unknown_state_dict_names_the_closest_family(tmp_path):
-    path = tmp_path / "pixart.safetensors"
-    save_file({"t_block.1.weight": torch.zeros(6, 2), "y_embedding": torch.zeros(3, 2), "x": torch.zeros(1)}, path)
-    with pytest.raises(CheckpointError, match="not a supported model.*closest is pixart"):
+    path = tmp_path / "vae-part.safetensors"
+    save_file({"decoder.conv_out.weight": torch.zeros(3, 2, 3, 3), "encoder.conv_out.weight": torch.zeros(2)}, path)
+    with pytest.raises(CheckpointError, match="not a supported model: closest is vae, .* lacks decoder.conv_in.weight"):
         convert(path, tmp_path / "out", to="diffusers")
     save_file({"foo": torch.zeros(1)}, path)
     with pytest.raises(CheckpointError, match="not a supported model: none of its 1 tensors"):
