@@ -71,3 +71,33 @@ def test_diffusers_born_folder_says_what_is_lost(pixart_pipe, tmp_path):
     for name in ("transformer", "vae", "text_encoder"):
         assert sorted((again / name).glob("*.safetensors"))
     assert (again / "tokenizer").is_dir()
+
+
+def test_pth_with_its_folders_becomes_a_pipeline_diffusers_loads(pixart_pipe, tmp_path):
+    """T5, tokenizer and VAE folders beside the .pth (where load() finds them) go into the
+    folder; `components` converts a subset."""
+    import shutil
+
+    from diffusers import PixArtAlphaPipeline, PixArtSigmaPipeline
+
+    folder, variant = pixart_pipe
+    cfg = pixart.PixArtConfig.from_diffusers(json.loads((folder / "transformer" / "config.json").read_text()), variant)
+    release = tmp_path / "release"
+    for name in ("text_encoder", "tokenizer", "vae"):
+        shutil.copytree(folder / name, release / name)
+    original = pixart_to_original(transformer_state(folder), DEPTH,
+                                  null_caption=torch.randn(pixart.CAPTION_LENGTH[variant], cfg.caption_channels))
+    torch.save({"state_dict": original}, release / "PixArt-tiny.pth")
+    hints = {"num_heads": HEADS, "sample_size": cfg.sample_size}
+    out = tmp_path / "pipe"
+    convert(release / "PixArt-tiny.pth", out, to="diffusers", model_config=hints)
+    cls = PixArtAlphaPipeline if variant == "alpha" else PixArtSigmaPipeline
+    theirs = cls.from_pretrained(out)
+    reference = cls.from_pretrained(folder)
+    for name in ("transformer", "vae", "text_encoder"):
+        ours, expected = getattr(theirs, name).state_dict(), getattr(reference, name).state_dict()
+        assert all(torch.equal(ours[k], expected[k]) for k in expected), name
+    subset = tmp_path / "subset"
+    convert(release / "PixArt-tiny.pth", subset, to="diffusers", model_config=hints, components="transformer,vae")
+    index = json.loads((subset / "model_index.json").read_text())
+    assert index["text_encoder"] == [None, None] and not (subset / "text_encoder").exists()
