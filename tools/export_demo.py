@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import demo_scenes as scenes  # noqa: E402
 import train_demo as td  # noqa: E402
 
+from dite.engine.convert_layouts import DIFFUSERS_VERSION, TRANSFORMERS_VERSION  # noqa: E402  (one place)
 from dite.models import dit as dit_module  # noqa: E402
 from dite.models import mmdit as mmdit_module  # noqa: E402
 from dite.models.checkpoint import export_state_dict  # noqa: E402
@@ -35,8 +36,6 @@ from dite.models.vae import vae_keymap  # noqa: E402
 from dite.schedulers import DDIMConfig, DDIMScheduler, FlowMatchEulerConfig, FlowMatchEulerScheduler  # noqa: E402
 
 DEMO = td.ROOT / "models" / "demo"
-DIFFUSERS_VERSION = "0.42.1"
-TRANSFORMERS_VERSION = "5.23.0"
 # Sampling defaults recorded with each demo: dite reads them from model_index.json's
 # "_dite" entry (diffusers ignores keys starting with "_").
 SD3_DEFAULTS = {"max_sequence_length": td.T5_MAX_LENGTH, "num_inference_steps": 28, "guidance_scale": 5.0}
