@@ -1,16 +1,19 @@
 """Attention dispatch: the one function every model calls for attention.
 
-A leaf module (imports only torch) so models can use it without depending on the rest of
-the engine. Models hand over q, k, v already split into heads and an attention policy from
-the step plan; the backend is chosen here, per device. Today the backend is PyTorch SDPA
-(CPU and CUDA); the Ascend fused op and the windowed kernels plug in here later.
+A leaf module (imports only torch and the kernels) so models can use it without depending
+on the rest of the engine. Models hand over q, k, v already split into heads and an
+attention policy from the step plan. The kernel is the policy's `backend` (SDPA by
+default; "math" and Ascend's "npu" in engine/attention_backends.py): executors write the
+backend a pipeline was loaded with into every block's policy, so the choice travels with
+the plan into compiled frames instead of living in process-wide state. Attention outside
+the denoiser's blocks (text encoders, VAE) passes no policy and runs SDPA.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from dite.engine.attention_backends import KERNELS
 from dite.models.plan import AttentionPolicy, FULL_ATTENTION
 
 
@@ -34,9 +37,4 @@ def attention(
     if policy.kind != "full":
         raise ValueError(f"attention() computes full attention; policy {policy.kind!r} is run by the attention "
                          "module (window attention in engine/window_attention.py, sharing from the cache)")
-    if bias is not None:
-        # SDPA takes one mask: fold the boolean mask into the bias with the dtype's most
-        # negative value (as transformers does), so padded keys get no weight.
-        bias = bias.to(q.dtype)
-        mask = bias if mask is None else torch.where(mask, bias, torch.finfo(q.dtype).min)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return KERNELS[policy.backend](q, k, v, mask, bias, scale)

@@ -54,7 +54,19 @@ def build_parser() -> argparse.ArgumentParser:
                           "PixArt .pth: one holding tokenizer/ (default: looked up beside the file)")
     gen.add_argument("--accel", default=None, metavar="SPEC",
                      help='training-free acceleration, e.g. "ditcache+promptgate+todo" (see `dite accel`)')
-    gen.add_argument("--device", default="cpu")
+    gen.add_argument("--device", default="cpu", help="cpu, cuda, npu (Ascend, needs torch_npu + CANN) or auto")
+    gen.add_argument("--executor", default="eager", choices=["eager", "compiled", "npu-graph"],
+                     help="eager (default), compiled (torch.compile static graphs, warmed before the loop) or "
+                          "npu-graph (torchair on Ascend)")
+    gen.add_argument("--compile-backend", default=None, metavar="NAME",
+                     help="compiled: torch.compile backend (default inductor; aot_eager traces without codegen)")
+    gen.add_argument("--compile-mode", default=None, metavar="MODE",
+                     help="compiled: torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
+    gen.add_argument("--npu-route", default=None, choices=["ge", "aclgraph"],
+                     help="npu-graph: TorchAir GE graph mode (default) or aclgraph capture (npugraph_ex)")
+    gen.add_argument("--attention", default="sdpa", choices=["sdpa", "math", "npu"],
+                     help="attention kernel of the denoiser: PyTorch SDPA (default), the explicit math reference, "
+                          "or torch_npu's fused attention on Ascend")
     gen.add_argument("--dtype", default="fp32", help="fp32, fp16 or bf16")
     gen.add_argument("-o", "--output", default="out.png", help="PNG path; several images get -0, -1, ... suffixes")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -129,8 +141,11 @@ def cmd_generate(args) -> int:
     components = {"text_encoder_3": None} if args.no_t5 else {}
     if args.model is None:  # the demo models shipped with dite: offline, seconds on a CPU
         args.model = "demo-dit" if args.class_label and not args.prompt else "demo-sd3"
+    options = {k: v for k, v in (("backend", args.compile_backend), ("mode", args.compile_mode),
+                                 ("route", args.npu_route)) if v is not None}
     pipe = load(args.model, device=args.device, dtype=args.dtype, vae=args.vae, scheduler=args.scheduler,
-                tokenizers=args.tokenizers, **components)
+                tokenizers=args.tokenizers, executor=args.executor, attention=args.attention,
+                executor_options=options, **components)
     width, height = args.size if args.size else (None, None)
     common = dict(seed=args.seed, height=height, width=width, progress=not args.quiet, accel=args.accel)
     if args.steps is not None:

@@ -43,10 +43,19 @@ def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 
 def parse_device(device: torch.device | str) -> torch.device:
+    if str(device) == "auto":
+        from dite.engine.npu_env import auto_device
+
+        device = auto_device()
+    if str(device).startswith("npu"):
+        # torch knows "npu" only once torch_npu is imported; imported here, on request only.
+        from dite.engine.npu_env import require_npu
+
+        require_npu()
     try:
         device = torch.device(device)
     except RuntimeError:
-        raise InputError(f"unknown device {device!r}; use 'cpu', 'cuda', 'cuda:1', ...") from None
+        raise InputError(f"unknown device {device!r}; use 'cpu', 'cuda', 'cuda:1', 'npu', 'auto', ...") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError("device 'cuda' was asked for but no CUDA GPU is available to torch; use device='cpu'")
     return device
@@ -87,6 +96,9 @@ def load(
     revision: str | None = None,
     model_config: dict | None = None,
     tokenizers: str | os.PathLike | None = None,
+    executor: str = "eager",
+    attention: str = "sdpa",
+    executor_options: dict | None = None,
     **components: Any,
 ) -> Pipeline:
     """Load a pipeline from `source` (folder, file or hub repo id) onto `device` in `dtype`.
@@ -100,7 +112,10 @@ def load(
     folder (or hub repo id) holding tokenizer/, tokenizer_2/ and tokenizer_3/, for SD3
     single files, which carry none (default: looked up beside the file). Other keywords
     replace pipeline components by their diffusers name; `text_encoder_3=None` runs SD3
-    without T5 (its tokens become zeros).
+    without T5 (its tokens become zeros). device "auto": an Ascend NPU if torch_npu imports
+    and one is present, else CUDA, else CPU. executor: "eager", "compiled" or "npu-graph"
+    (engine/executors; `executor_options` go to it, e.g. {"backend": "inductor", "mode":
+    "reduce-overhead"}); attention: the denoiser's attention kernel, "sdpa", "math" or "npu".
     """
     device, dtype = parse_device(device), parse_dtype(dtype)
     demo = demo_folder(source)
@@ -141,6 +156,13 @@ def load(
             )
         pipe = family.load_file(path, reader, **options)
     pipe.source = str(source)
+    if device.type == "npu":
+        from dite.engine.npu_env import npu_weights
+
+        npu_weights(pipe.transformer)
+    from dite.engine.executors import make_executor
+
+    pipe.executor = make_executor(executor, attention=attention, **(executor_options or {}))
     if scheduler is not None:
         pipe.scheduler = by_name(scheduler) if isinstance(scheduler, str) else scheduler
     return pipe

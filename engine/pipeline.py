@@ -13,6 +13,7 @@ from dite.accel.build import as_methods, build_plans, resolve
 from dite.accel.methods import PlanContext
 from dite.engine.accounting import accel_stats
 from dite.engine.errors import InputError
+from dite.engine.executors.eager import EagerExecutor
 from dite.models.denoiser import Denoiser
 from dite.models.plan import StepPlan
 from dite.models.vae import AutoencoderKL
@@ -41,6 +42,9 @@ class Pipeline:
         # Sampling defaults the model records for itself (model_index.json "_dite": e.g. the
         # demo SD3's T5 length); an argument given explicitly always wins.
         self.defaults: dict = {}
+        # How each denoising step runs (engine/executors): eager unless load(executor=...)
+        # or an assignment says otherwise. It keeps compiled graphs, never per-call state.
+        self.executor = EagerExecutor()
 
     def default(self, name: str, value, family_default):
         """`value` if given, else the model's recorded default, else the family's."""
@@ -90,7 +94,9 @@ class Pipeline:
 
     def stats(self, methods, plans, state, x_shape, cond) -> dict[str, Any]:
         memo = self.__dict__.setdefault("_flops_memo", {})
-        return accel_stats(self.transformer, methods, plans, state.steps_run, tuple(x_shape), cond, memo)
+        stats = accel_stats(self.transformer, methods, plans, state.steps_run, tuple(x_shape), cond, memo)
+        stats["executor"] = state.executor
+        return stats
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Model-space latents -> images in [-1, 1]."""

@@ -98,7 +98,7 @@ class DiTPipeline(Pipeline):
                 guidance_scale=guidance_scale,
                 prediction_channels=cfg.in_channels,
                 pass_model_variance=cfg.learned_sigma and getattr(self.scheduler, "uses_model_variance", False),
-                progress=progress,
+                progress=progress, executor=self.executor,
             )
 
         return self.finish(x, output_type, timings,

@@ -147,7 +147,7 @@ class PixArtPipeline(Pipeline):
             state = GenerationState(scheduler=sched_state)
             x0_shape = x.shape
             x = denoise(self.transformer, self.scheduler, x, cond, state, plans=plans, guidance_scale=guidance_scale,
-                        prediction_channels=cfg.in_channels, progress=progress)
+                        prediction_channels=cfg.in_channels, progress=progress, executor=self.executor)
 
         return self.finish(
             x, output_type, timings,

@@ -111,6 +111,7 @@ class SD3Pipeline(Pipeline):
             state = GenerationState(scheduler=sched_state)
             x0_shape = x.shape
             x = denoise(self.transformer, self.scheduler, x, cond, state, plans=plans, plan_hook=plan_hook,
+                        executor=self.executor,
                         guidance_scale=guidance_scale, prediction_channels=cfg.out_channels, progress=progress)
 
         return self.finish(

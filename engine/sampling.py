@@ -15,7 +15,8 @@ from tqdm.auto import tqdm
 from dite.accel.attention_cache import AttentionCache
 from dite.accel.cache import DeltaCache
 from dite.engine.errors import ConfigError
-from dite.engine.step import run_step
+from dite.engine.executors.base import Executor, StepExample
+from dite.engine.executors.eager import EagerExecutor
 from dite.models.denoiser import Conditioning, Denoiser
 from dite.models.plan import PLAIN_STEP, StepPlan
 from dite.schedulers.base import Scheduler, SchedulerState
@@ -31,6 +32,7 @@ class GenerationState:
     deltas: DeltaCache = field(default_factory=DeltaCache)
     attention: AttentionCache = field(default_factory=AttentionCache)
     steps_run: list[dict[str, Any]] = field(default_factory=list)
+    executor: dict[str, Any] = field(default_factory=dict)  # what the executor did (graphs, hits)
 
 
 def batch_for_cfg(x: torch.Tensor, layout: str) -> torch.Tensor:
@@ -64,6 +66,7 @@ def denoise(
     plans: Sequence[StepPlan] | None = None,
     progress: bool = True,
     plan_hook: Callable | None = None,
+    executor: Executor | None = None,
 ) -> torch.Tensor:
     """Run every step of `state.scheduler` from `latents` (already scaled by the scheduler's
     init_noise_sigma) and return the final latents.
@@ -72,6 +75,8 @@ def denoise(
     latent channels); with `pass_model_variance` the channels after them (a learned
     variance) reach the scheduler too. `plan_hook(i, model_in, t, cond, plan, state)`, if
     given, may replace a step's plan right before it runs (DiTFastAttn calibration).
+    `executor` runs each step (default: eager); graph executors build and warm every graph
+    the plans need before the first step.
     """
     sched = state.scheduler
     x = latents
@@ -79,6 +84,8 @@ def denoise(
         raise ConfigError(f"{len(plans)} step plans for {sched.num_steps} steps")
     gated = False
     depth = len(transformer.blocks)
+    all_plans = list(plans) if plans is not None else [PLAIN_STEP] * sched.num_steps
+    run = (executor or EagerExecutor()).begin(transformer, all_plans, _examples(x, cond, all_plans, sched))
     for i in tqdm(range(sched.num_steps), disable=not progress, desc="denoise", leave=False):
         state.step_index = i
         plan = plans[i] if plans is not None else PLAIN_STEP
@@ -99,11 +106,29 @@ def denoise(
         t = sched.timesteps[i].to(x.device).expand(model_in.shape[0])
         if plan_hook is not None:
             plan = plan_hook(i, model_in, t, step_cond, plan, state)
-        out = run_step(transformer, model_in, t, step_cond, plan, state.deltas, state.attention)
+        out = run.step(model_in, t, step_cond, plan, state)
         state.steps_run.append({"step": i, "rows": model_in.shape[0], "cfg": step_cond.cfg_layout != "none",
                                 "blocks": len(plan.computed_blocks(depth))})
         out = apply_guidance(out, step_cond.cfg_layout, guidance_scale, prediction_channels)
         if not pass_model_variance:
             out = out[:, :prediction_channels]
         x = scheduler.step(out, i, x, sched)
+    state.executor = run.stats()
     return x
+
+
+def _examples(x: torch.Tensor, cond: Conditioning, plans: Sequence[StepPlan], sched: SchedulerState):
+    """The batch layouts the plans will run, as StepExamples (shapes are what count: the
+    latents stand in for the scaled model input). A callable, so eager runs never build it."""
+    def build() -> list[StepExample]:
+        t = sched.timesteps[0].to(x.device)
+        layouts = [(cond, False)]
+        if cond.guided and any(p.cfg_mode == "cond_only" for p in plans):
+            layouts.append((cond.conditional_only(), True))
+        out = []
+        for c, gated in layouts:
+            model_in = batch_for_cfg(x, c.cfg_layout)
+            out.append(StepExample(model_in, t.expand(model_in.shape[0]), c, cond_only=gated))
+        return out
+
+    return build

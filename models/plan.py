@@ -19,6 +19,9 @@ RANGE_ACTIONS = ("record", "apply")
 
 
 ATTENTION_KINDS = ("full", "window", "share")
+# Kernels of full attention (engine/attention_backends.py): PyTorch SDPA, the explicit
+# matmul-softmax-matmul reference, Ascend's torch_npu.npu_fusion_attention.
+ATTENTION_BACKENDS = ("sdpa", "math", "npu")
 KIND_RANK = {"full": 0, "window": 1, "share": 2}  # how far from exact attention
 
 
@@ -36,6 +39,9 @@ class AttentionPolicy:
     `kv_factor` > 1 (ToDo) computes the image tokens' keys and values from their 2-D token
     grid resized by 1/kv_factor per side (`kv_mode` interpolation) before the K/V
     projections; queries and text tokens stay full.
+
+    `backend` is the kernel of full attention (one of ATTENTION_BACKENDS); executors set it
+    from the pipeline's `attention` choice, so it is part of the plan a graph is built for.
     """
 
     kind: str = "full"
@@ -45,8 +51,11 @@ class AttentionPolicy:
     store_output: bool = False
     kv_factor: float = 1.0
     kv_mode: str = "bilinear"
+    backend: str = "sdpa"
 
     def __post_init__(self):
+        if self.backend not in ATTENTION_BACKENDS:
+            raise ConfigError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {self.backend!r}")
         if self.kind not in ATTENTION_KINDS:
             raise ConfigError(f"attention kind must be one of {ATTENTION_KINDS}, got {self.kind!r}")
         if self.cfg_share not in (None, "cond_first", "uncond_first"):

@@ -1,0 +1,122 @@
+"""Executors: eager is today's path; the compiled executor (aot_eager: Dynamo's real
+fullgraph tracing without code generation) equals it, builds exactly the planned graphs
+before the loop and never recompiles; one small inductor run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dite.accel import AttentionPolicy, BlockPlan, StepPlan
+from dite.engine.errors import ConfigError
+from dite.engine.executors import make_executor
+from dite.engine.executors.compiled import RecompileError
+from dite.engine.sampling import GenerationState, denoise
+from dite.models.dit import DiT, DiTConfig
+from dite.models.mmdit import MMDiT, MMDiTConfig
+from dite.schedulers import by_name
+from test_accel_runtime import dit_cond, plans_for, randomized, sd3_cond
+
+
+@pytest.fixture(scope="module")
+def mmdit():
+    cfg = MMDiTConfig(depth=6, num_heads=2, head_dim=8, in_channels=4, out_channels=4, pos_embed_max_size=8,
+                      context_dim=8, pooled_dim=6, sample_size=4)
+    return randomized(MMDiT(cfg))
+
+
+@pytest.fixture(scope="module")
+def dit():
+    model = randomized(DiT(DiTConfig(hidden_size=16, depth=4, num_heads=2, num_classes=10, input_size=8)), seed=1)
+    model.init_computed_buffers(torch.device("cpu"))
+    return model
+
+
+def generate(model, cond, plans, steps, executor=None, hook=None, latent=(4, 6, 4), scheduler="flow_euler"):
+    sched = by_name(scheduler)
+    state = GenerationState(scheduler=sched.start(steps))
+    x = torch.randn(1, *latent, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        out = denoise(model, sched, x, cond, state, guidance_scale=5.0, prediction_channels=4, plans=plans,
+                      progress=False, executor=executor, plan_hook=hook)
+    return out, state
+
+
+def planned_graphs(model, plans, guided=True):
+    """The graphs the plans need, counted here independently: per batch layout one prepare,
+    one finalize and one graph per distinct (segment, its blocks' plans)."""
+    total = 0
+    for gated in ([False, True] if guided and any(p.cfg_mode == "cond_only" for p in plans) else [False]):
+        layout = [p for p in plans if (p.cfg_mode == "cond_only") == gated]
+        segments = {(s, tuple(p.block(i) for i in range(s[0], s[1])) if s[2] != "apply" else ())
+                    for p in layout for s in p.segments(len(model.blocks))}
+        total += 2 + len(segments)
+    return total
+
+
+def test_eager_executor_is_the_default_path(mmdit):
+    plans = plans_for("ditcache+promptgate", mmdit, 8)
+    a, _ = generate(mmdit, sd3_cond(), plans, 8)
+    b, state = generate(mmdit, sd3_cond(), plans, 8, executor=make_executor("eager"))
+    assert torch.equal(a, b) and state.executor["name"] == "eager"
+
+
+def test_compiled_sd3_every_step_kind_equals_eager(mmdit):
+    """SD3 + DiTCache + PromptGate + ToDo: plain, record, apply steps on both batch sizes."""
+    torch._dynamo.reset()
+    plans = plans_for("ditcache+promptgate+todo", mmdit, 10)
+    eager, _ = generate(mmdit, sd3_cond(), plans, 10)
+    executor = make_executor("compiled", backend="aot_eager")
+    storage = {}
+
+    def watch(i, x, t, cond, plan, state):  # the delta buffers keep their storage once recorded
+        for key, delta in state.deltas.deltas.items():
+            storage.setdefault((key, delta["image"].shape[0]), set()).add(delta["image"].data_ptr())
+        return plan
+
+    out, state = generate(mmdit, sd3_cond(), plans, 10, executor=executor, hook=watch)
+    assert (out - eager).abs().max().item() <= 1e-5
+    stats = state.executor
+    assert stats["graphs_built"] == stats["expected_graphs"] == stats["graphs"] == planned_graphs(mmdit, plans)
+    assert sum(v for k, v in stats["hits"].items() if k.startswith("prepare")) == 10
+    assert storage and all(len(ptrs) == 1 for ptrs in storage.values())
+    # A second generation of the same shapes builds nothing and runs under fail_on_recompile.
+    again, state2 = generate(mmdit, sd3_cond(), plans, 10, executor=executor)
+    assert torch.equal(again, out) and state2.executor["graphs_built"] == 0
+
+
+def test_compiled_dit_deltacache_equals_eager(dit):
+    torch._dynamo.reset()
+    plans = plans_for("deltacache", dit, 8)
+    eager, _ = generate(dit, dit_cond(), plans, 8, latent=(4, 8, 8), scheduler="ddim")
+    out, state = generate(dit, dit_cond(), plans, 8, executor=make_executor("compiled", backend="aot_eager"),
+                          latent=(4, 8, 8), scheduler="ddim")
+    assert (out - eager).abs().max().item() <= 1e-5
+    assert state.executor["graphs_built"] == planned_graphs(dit, plans)
+
+
+def test_unplanned_shapes_and_fastattn_are_errors(dit):
+    torch._dynamo.reset()
+    executor = make_executor("compiled", backend="aot_eager")
+    plans = [StepPlan()] * 2
+    _, state = generate(dit, dit_cond(), plans, 2, executor=executor, latent=(4, 8, 8), scheduler="ddim")
+    run = executor.begin(dit, plans, lambda: [])  # graphs exist; a batch of another size has none
+    with pytest.raises(RecompileError, match="not built before the loop"):
+        with torch.inference_mode():
+            run.step(torch.zeros(4, 4, 8, 8), torch.zeros(4), dit_cond((1, 2)), plans[0], state)
+    share = StepPlan(blocks=tuple(BlockPlan(AttentionPolicy(kind="share")) for _ in dit.blocks))
+    with pytest.raises(ConfigError, match="fastattn plans with executor='eager'"):
+        executor.begin(dit, [share], lambda: [])
+    with pytest.raises(ConfigError, match="unknown executor"):
+        make_executor("jit")
+
+
+@pytest.mark.skipif(not __import__("shutil").which("g++"), reason="inductor on CPU needs a C++ compiler")
+def test_inductor_on_cpu(dit):
+    torch._dynamo.reset()
+    plans = [StepPlan()] * 2
+    eager, _ = generate(dit, dit_cond(), plans, 2, latent=(4, 8, 8), scheduler="ddim")
+    out, state = generate(dit, dit_cond(), plans, 2, executor=make_executor("compiled"), latent=(4, 8, 8),
+                          scheduler="ddim")
+    assert state.executor["backend"] == "inductor" and state.executor["graphs_built"] == 3
+    assert (out - eager).abs().max().item() <= 1e-4  # fused kernels reorder float sums
