@@ -231,14 +231,25 @@ def cmd_inspect(args) -> int:
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True))
         return 0
-    for key, value in info.items():
-        if isinstance(value, dict):
-            print(f"{key}:")
-            for k, v in value.items():
-                print(f"  {k}: {v}")
-        else:
-            print(f"{key}: {value}")
+    print_tree(info)
     return 0
+
+
+def print_tree(value, indent: int = 0) -> None:
+    """Nested dicts as indented `key: value` lines; inspect's problem keys one per line."""
+    pad = "  " * indent
+    for key, item in value.items():
+        if isinstance(item, dict) and item and key != "config":
+            print(f"{pad}{key}:")
+            print_tree(item, indent + 1)
+        elif key in ("missing", "unexpected", "misshaped") and item:
+            print(f"{pad}{key}:")
+            for entry in item:
+                text = (f"{entry['key']} is {tuple(entry['shape'])}, expected {tuple(entry['expected'])}"
+                        if isinstance(entry, dict) and "expected" in entry else entry)
+                print(f"{pad}  - {text}")
+        else:
+            print(f"{pad}{key}: {item}")
 
 
 def main(argv: list[str] | None = None) -> int:

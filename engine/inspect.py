@@ -51,6 +51,9 @@ def inspect_source(source: str, *, variant: str | None = None, model_config: dic
     components = info.setdefault("components", {})
     for name, summary in parts["components"].items():
         components.setdefault(name, {}).update(summary)
+    if "config_error" in info and "transformer" in parts["components"]:  # model_config told what shapes cannot
+        info.pop("config_error")
+        info["config"] = parts["components"]["transformer"]["config"]
     if parts.get("clean") is False:
         info["clean"] = False
     return info

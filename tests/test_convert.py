@@ -293,6 +293,10 @@ def test_inspect_lists_the_bad_keys_of_a_corrupted_file(dit_pipe, tmp_path, caps
     problems = info["components"]["transformer"]["problems"]
     assert problems["missing"] == ["blocks.1.mlp.fc2.bias"] and problems["unexpected"] == ["extra.weight"]
     assert problems["misshaped"] == [{"key": "blocks.2.attn.qkv.weight", "shape": [95, 32], "expected": [96, 32]}]
+    assert info["config"]["num_heads"] == 2 and "config_error" not in info
+    assert main(["inspect", str(path), "--model-config", '{"num_heads": 2}']) == 0
+    text = capsys.readouterr().out
+    assert "- blocks.1.mlp.fc2.bias" in text and "- blocks.2.attn.qkv.weight is (95, 32), expected (96, 32)" in text
 
 
 def test_inspect_components_of_files_and_folders(dit_pipe, tmp_path, capsys):
