@@ -25,6 +25,7 @@ from dite.engine.convert_layouts import (
 )
 from dite.engine.convert_pipelines import model_index, scheduler_config, tokenizer_folders
 from dite.engine.errors import CheckpointError, InputError
+from dite.engine.hub import resolve_source
 from dite.engine.safetensors_writer import PlannedTensor, SafetensorsWriter, ShardedWriter, parse_size
 from dite.engine.tensor_stream import Component, PrecisionWarning, Target, iter_tensors, plan, require_clean
 from dite.engine.weights import READ_WITHOUT_MMAP
@@ -264,7 +265,8 @@ def convert(source: str | os.PathLike, destination: str | os.PathLike, *, to: st
     if text_encoders not in ("bundled", "separate"):
         raise InputError(f"text_encoders must be 'bundled' or 'separate', not {text_encoders!r}")
     dtype, limit = _dtype(dtype), parse_size(max_shard_size)
-    src, dst = Path(source), Path(destination)
+    # A hub repo id ("owner/name", or "owner/name/file.safetensors") is downloaded as load() does.
+    src, dst = resolve_source(source, variant=variant), Path(destination)
     token = READ_WITHOUT_MMAP.set(True)  # each tensor is read once: no memory map (see weights.py)
     try:
         return _convert(src, dst, to=to, dtype=dtype, limit=limit, components=components, force=force,

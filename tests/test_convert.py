@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from dite.engine import convert, load
 from dite.engine.cli import main
 from dite.engine.converter import ConversionNote
-from dite.engine.errors import CheckpointError
+from dite.engine.errors import CheckpointError, DiteError
 from dite.engine.tensor_stream import PrecisionWarning
 from dite.models.denoiser import Conditioning
 from test_clip import COMMON, reference as clip_reference, to_openclip
@@ -335,3 +335,15 @@ def test_convert_folder_tool(tmp_path, capsys):
     assert "sd-vae ->" in captured.out and "junk.safetensors: FAILED: " in captured.err
     assert_same(load_file(tmp_path / "out" / "sd-vae.safetensors"), load_file(batch / "vae-ldm.safetensors"))
     assert_same(load_file(tmp_path / "out" / "vae-ldm.safetensors"), load_file(batch / "vae-ldm.safetensors"))
+
+
+def test_truncated_pt_is_refused(dit_pipe, tmp_path):
+    _, folder = dit_pipe
+    pt = tmp_path / "DiT.pt"
+    torch.save(dit_original_state(folder), pt)
+    data = pt.read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="not a readable torch checkpoint"):
+        convert(tmp_path / "cut.pt", tmp_path / "out", to="diffusers", model_config={"num_heads": 2})
+    with pytest.raises(DiteError, match="no such file or folder"):
+        convert(tmp_path / "missing.pt", tmp_path / "out", to="diffusers")
