@@ -122,5 +122,9 @@ def summary_line(stats: dict, timings: dict[str, float]) -> str:
     parts = [f"accel {stats['accel']}",
              f"blocks {stats['block_evaluations']}/{stats['plain_block_evaluations']}"]
     parts.append(f"denoiser FLOPs {stats['denoiser_flops'] / 1e12:.3g} T ({stats['flops_ratio']:.1%} of plain)")
+    executor = stats.get("executor") or {}
+    if "graphs" in executor:
+        parts.append(f"{executor['name']} {executor['graphs']} graphs ({executor['graphs_built']} built, "
+                     f"compile {executor['compile_seconds']:.1f}s)")
     parts.append(" ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
     return " | ".join(parts)
