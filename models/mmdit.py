@@ -159,7 +159,7 @@ class StreamBlock(nn.Module):
         x = x + gate_msa.unsqueeze(1) * projected
         if self.dual:
             shift2, scale2, gate2 = mods[6:9]
-            kv_only = AttentionPolicy(kv_factor=policy.kv_factor, kv_mode=policy.kv_mode)
+            kv_only = AttentionPolicy(kv_factor=policy.kv_factor, kv_mode=policy.kv_mode, backend=policy.backend)
             x = x + gate2.unsqueeze(1) * self.attn2.self_attention(modulate(normed, shift2, scale2), kv_only, grid)
         return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
@@ -195,7 +195,8 @@ class JointBlock(nn.Module):
         # no mask or position term inside attention only the split offset depends on it).
         if policy.kind == "window":
             image = window_attention(qx, kx, vx, policy.window, kc, vc) + cache.residual(image_key, rows)[half]
-            text = attention(qc, torch.cat([kx, kc], 2), torch.cat([vx, vc], 2))
+            text = attention(qc, torch.cat([kx, kc], 2), torch.cat([vx, vc], 2),
+                             policy=replace(FULL_ATTENTION, backend=policy.backend))
             out = torch.cat([image, text], 2)
         else:
             out = attention(torch.cat([qx, qc], 2), torch.cat([kx, kc], 2), torch.cat([vx, vc], 2), policy=policy)
