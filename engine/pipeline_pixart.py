@@ -102,6 +102,7 @@ class PixArtPipeline(Pipeline):
         progress: bool = True,
         accel=None,
         use_resolution_binning: bool = True,
+        plan_hook=None,
     ) -> GenerationOutput:
         check_output_type(output_type)
         cfg = self.transformer.config
@@ -147,7 +148,8 @@ class PixArtPipeline(Pipeline):
             state = GenerationState(scheduler=sched_state)
             x0_shape = x.shape
             x = denoise(self.transformer, self.scheduler, x, cond, state, plans=plans, guidance_scale=guidance_scale,
-                        prediction_channels=cfg.in_channels, progress=progress, executor=self.executor)
+                        prediction_channels=cfg.in_channels, progress=progress, executor=self.executor,
+                        plan_hook=plan_hook)
 
         return self.finish(
             x, output_type, timings,

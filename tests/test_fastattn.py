@@ -245,3 +245,16 @@ def test_sd3_calibration_extremes(sd3, tmp_path):
     out = pipe(prompt="a red circle", num_inference_steps=3, height=32, width=32, output_type="np", progress=False,
                accel=f"fastattn(plan={tmp_path / 'l.json'})")
     assert out.stats["attention_flops_ratio"] == pytest.approx(1 / 3)
+
+
+def test_pixart_calibration_runs_and_plan_loads(tmp_path):
+    from tiny_pixart import tiny_pixart_pipeline
+
+    _, folder = tiny_pixart_pipeline(tmp_path)
+    pipe = load(folder)
+    kw = dict(steps=3, window=2, n_calib=1, progress=False, height=16, width=16)
+    loose = calibrate(pipe, tmp_path / "p.json", threshold=1e9, **kw)
+    assert all(layer == ["full_attn", "output_share", "output_share"] for layer in loose["layers"])
+    out = pipe(prompt="a red circle", num_inference_steps=3, height=16, width=16, output_type="np", progress=False,
+               use_resolution_binning=False, accel=f"fastattn(plan={tmp_path / 'p.json'})")
+    assert out.stats["attention_flops_ratio"] < 1.0

@@ -29,15 +29,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from bench import psnr  # noqa: E402  (one PSNR for both tools)
 from demo_scenes import heldout_scenes  # noqa: E402
 from scene_checker import detect, score  # noqa: E402
 
 from dite.engine.calibrate import ssim_loss  # noqa: E402
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
 
 
 def ssim(a: np.ndarray, b: np.ndarray) -> float:
