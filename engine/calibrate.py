@@ -139,8 +139,11 @@ def calibrate(pipe, out_path, *, steps: int, threshold: float, window: int, n_ca
     if guidance_scale is not None:
         common["guidance_scale"] = guidance_scale
     if pipe.family == "dit":
-        labels = class_labels or torch.randint(0, pipe.transformer.config.num_classes, (n_calib,),
-                                               generator=torch.Generator().manual_seed(seed)).tolist()
+        # Default: seeded labels from the named classes when the model has names (a model trained
+        # on a few of its table's rows, like the demo DiT, is calibrated on those), else any class.
+        known = sorted(set(pipe.labels.values())) or list(range(pipe.transformer.config.num_classes))
+        picks = torch.randint(0, len(known), (n_calib,), generator=torch.Generator().manual_seed(seed)).tolist()
+        labels = class_labels or [known[k] for k in picks]
         pipe(class_labels=list(labels), **common)
         calibration = {"class_labels": list(labels)}
     else:

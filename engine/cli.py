@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--window", type=int, required=True, help="band half-width w in tokens (N/8 in the reference)")
     cal.add_argument("--calib", type=int, default=4, help="calibration prompts / class labels")
     cal.add_argument("--prompt", action="append", default=None, help="calibration prompt (repeat); default: built-in")
+    cal.add_argument("--class-label", action="append", default=None, metavar="ID",
+                     help="calibration class label, index or name (repeat; DiT); default: seeded, from the named classes")
     cal.add_argument("--guidance", type=float, default=None)
     cal.add_argument("--negative-prompt", default="")
     cal.add_argument("--metric", default="relative", help="relative (the reference's) or ssim")
@@ -155,7 +157,7 @@ def cmd_generate(args) -> int:
     if pipe.family == "dit":
         if args.prompt or not args.class_label:
             raise DiteError("this is a class-conditional DiT: give --class-label ID (one per image), not a prompt")
-        labels = [int(x) if x.lstrip("-").isdigit() else x for x in args.class_label]
+        labels = _labels(args.class_label)
         out = pipe(class_labels=labels, **common)
     else:
         if args.class_label or not args.prompt:
@@ -171,15 +173,24 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _labels(values: list[str] | None) -> list[int | str] | None:
+    """--class-label values: indices as ints, anything else a class name for the model's id2label."""
+    return [int(x) if x.lstrip("-").isdigit() else x for x in values] if values else None
+
+
 def cmd_calibrate(args) -> int:
     from dite.engine.calibrate import calibrate
     from dite.engine.loader import load
 
-    pipe = load(args.model or "demo-sd3", device=args.device, dtype=args.dtype)
+    pipe = load(args.model or ("demo-dit" if args.class_label else "demo-sd3"), device=args.device, dtype=args.dtype)
+    if pipe.family == "dit" and args.prompt:
+        raise DiteError("this is a class-conditional DiT: calibrate it with --class-label ID (repeat), not --prompt")
+    if pipe.family != "dit" and args.class_label:
+        raise DiteError(f"this is a text-to-image model ({pipe.family}): calibrate it with --prompt, not --class-label")
     width, height = args.size if args.size else (None, None)
     plan = calibrate(pipe, args.output, steps=args.steps, threshold=args.threshold, window=args.window,
                      n_calib=args.calib, guidance_scale=args.guidance, negative_prompt=args.negative_prompt,
-                     prompts=args.prompt, metric=args.metric, max_signatures=args.max_signatures,
+                     prompts=args.prompt, metric=args.metric, class_labels=_labels(args.class_label), max_signatures=args.max_signatures,
                      height=height, width=width)
     counts = ", ".join(f"{k} {v}" for k, v in plan["counts"].items() if v)
     print(f"{args.output}: {plan['signatures']} distinct step plans; {counts}", file=sys.stderr)

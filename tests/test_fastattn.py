@@ -203,6 +203,12 @@ def test_cli_calibrate_then_generate(pipe, tmp_path, capsys):
     assert main(["generate", "--model", folder, "--class-label", "1", "--steps", "4", "--quiet",
                  "--accel", f"fastattn(plan={plan})", "-o", str(tmp_path / "x.png")]) == 2
     assert "calibrated for 3 steps" in capsys.readouterr().err
+    assert main(["calibrate", "--model", folder, "--steps", "2", "--window", "4", "--class-label", "5",
+                 "--class-label", "2", "-o", str(plan)]) == 0
+    assert json.loads(plan.read_text())["calibration"]["class_labels"] == [5, 2]
+    assert main(["calibrate", "--model", folder, "--steps", "2", "--window", "4", "--prompt", "a cat",
+                 "-o", str(plan)]) == 2
+    assert "--class-label" in capsys.readouterr().err
 
 
 def test_joint_attention_window_plus_residual_reproduces_full_on_the_same_input():

@@ -13,7 +13,8 @@ and SSIM are against the plain run's image of the same seed.
 
 Every method is shown next to the plain model run with proportionally fewer steps at the
 same denoiser FLOPs (`steps = round(T * flops_ratio)`): a method is only worth having if it
-beats simply sampling with fewer steps. Writes NAME.md, NAME.json and NAME.png.
+beats simply sampling with fewer steps. Writes NAME.md, NAME.json and NAME.png (accuracy and
+PSNR against FLOPs), and with --samples NAME-samples.png, a grid of the plain images.
 """
 
 from __future__ import annotations
@@ -78,6 +79,48 @@ def row(name, images, stats, seconds, plain, scenes, family, steps, base_seconds
     return r
 
 
+def measure(pipe, scenes, args, specs, fewer_steps: bool = True) -> list[dict]:
+    """Rows for the plain run, each accel spec, and (if asked) the fewer-steps baselines."""
+    images, stats, seconds = generate(pipe, scenes, args, args.steps, None)
+    steps = args.steps or len(stats["steps"])
+    plain = {"images": images, "steps": steps}
+    rows = [row("plain", images, stats, seconds, plain, scenes, pipe.family, steps, seconds)]
+    fewer = set()
+    for spec in specs:
+        start = time.perf_counter()
+        imgs, st, sec = generate(pipe, scenes, args, args.steps, spec)
+        rows.append(row(spec, imgs, st, sec, plain, scenes, pipe.family, steps, seconds))
+        fewer.add(max(1, round(steps * st["flops_ratio"])))
+        print(f"{spec}: {time.perf_counter() - start:.1f}s", file=sys.stderr)
+    for n in sorted(fewer - {steps}) if fewer_steps else ():
+        imgs, st, sec = generate(pipe, scenes, args, n, None)
+        rows.append(row(f"fewer steps ({n})", imgs, st, sec, plain, scenes, pipe.family, n, seconds))
+        rows[-1]["flops_ratio"] = n / steps  # same plan every step: FLOPs scale with steps
+    rows[0]["images"] = images  # for --samples; dropped before writing
+    return rows
+
+
+# Slack between a recorded measurement and its floor: one prompt's worth of accuracy and 1 dB of
+# PSNR, so float differences between CPUs cannot fail the test but a broken method (a wrong
+# cache, a dropped gate: many dB, many prompts) does.
+PSNR_SLACK_DB = 1.0
+
+
+def record_floors(path: Path, args, rows: list[dict]) -> None:
+    """Write this run's settings and floors as the regression tests' entry for args.model."""
+    entry = {
+        "prompts": args.prompts, "seed": args.seed, "steps": args.steps, "guidance": args.guidance,
+        "batch": args.batch, "accuracy": rows[0]["accuracy"],
+        "accuracy_floor": max(0.0, rows[0]["accuracy"] - 1.0 / args.prompts),
+        "psnr_db": {r["method"]: r["psnr_db"] for r in rows[1:]},
+        "psnr_floor_db": {r["method"]: r["psnr_db"] - PSNR_SLACK_DB for r in rows[1:]},
+    }
+    floors = json.loads(path.read_text()) if path.exists() else {}
+    floors[args.model] = entry
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(floors, indent=2, sort_keys=True) + "\n")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="demo-sd3")
@@ -89,30 +132,19 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=25)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="bench/quality")
+    p.add_argument("--samples", action="store_true", help="also write a grid of the plain images")
+    p.add_argument("--record-floors", metavar="FILE", default=None,
+                   help="record this run's accuracy and PSNR floors for the regression tests (JSON, one entry per model)")
     args = p.parse_args(argv)
 
     from dite.engine import load
 
     pipe = load(args.model, device=args.device)
     scenes = heldout_scenes(args.prompts, seed=args.seed)
-    images, stats, seconds = generate(pipe, scenes, args, args.steps, None)
-    steps = args.steps or len(stats["steps"])
-    plain = {"images": images, "steps": steps}
-    rows = [row("plain", images, stats, seconds, plain, scenes, pipe.family, steps, seconds)]
-    base_seconds = seconds
-    fewer = set()
-    for spec in args.accel:
-        start = time.perf_counter()
-        imgs, st, sec = generate(pipe, scenes, args, args.steps, spec)
-        rows.append(row(spec, imgs, st, sec, plain, scenes, pipe.family, steps, base_seconds))
-        fewer.add(max(1, round(steps * st["flops_ratio"])))
-        print(f"{spec}: {time.perf_counter() - start:.1f}s", file=sys.stderr)
-    for n in sorted(fewer - {steps}):
-        imgs, st, sec = generate(pipe, scenes, args, n, None)
-        rows.append(row(f"fewer steps ({n})", imgs, st, sec, plain, scenes, pipe.family, n, base_seconds))
-    for r in rows:
-        if r["method"].startswith("fewer steps"):  # same plan every step: FLOPs scale with steps
-            r["flops_ratio"] = r["steps"] / steps
+    rows = measure(pipe, scenes, args, args.accel, fewer_steps=not args.record_floors)
+    steps = rows[0]["steps"]
+    if args.record_floors:
+        record_floors(Path(args.record_floors), args, rows)
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -125,10 +157,26 @@ def main(argv=None) -> int:
                                        for c in cols) + " |")
     table = "\n".join(lines) + "\n"
     out.with_suffix(".md").write_text(table)
+    images = rows[0].pop("images")
     out.with_suffix(".json").write_text(json.dumps({"title": title, "rows": rows}, indent=2))
     plot(rows, out.with_suffix(".png"), title)
+    if args.samples:
+        sample_grid(images).save(out.with_name(out.name + "-samples.png"))
     print(table)
     return 0
+
+
+def sample_grid(images: np.ndarray, columns: int = 10):
+    """The images [N, H, W, 3] in [0, 1] as one PIL image, `columns` wide, white-padded."""
+    from PIL import Image
+
+    n, h, w, _ = images.shape
+    rows = -(-n // columns)
+    canvas = np.ones((rows * h, columns * w, 3), dtype=np.float32)
+    for i, image in enumerate(images):
+        r, c = divmod(i, columns)
+        canvas[r * h:(r + 1) * h, c * w:(c + 1) * w] = image
+    return Image.fromarray((canvas * 255).round().astype(np.uint8))
 
 
 def plot(rows, path: Path, title: str) -> None:

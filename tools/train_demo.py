@@ -182,11 +182,19 @@ def autocast(args):
 
 
 def done(args, name: str) -> bool:
-    final = Path(args.work) / name / "final.pt"
-    if final.exists() and not args.fresh:
-        print(f"[{name}] {final} exists; skipping (use --fresh to retrain)", flush=True)
-        return True
-    return False
+    """True when the stage's final weights exist and reached the step asked for; a stage stopped
+    early (--stop-at, --max-minutes) resumes from last.pt when asked for more steps."""
+    folder = Path(args.work) / name
+    final, meta = folder / "final.pt", folder / "meta.json"
+    if not final.exists() or args.fresh:
+        return False
+    reached = json.loads(meta.read_text()).get("steps", 0) if meta.exists() else 0
+    target = getattr(args, "stop_at", 0) or getattr(args, "steps", 0) or 0
+    if target and reached < target and (folder / "last.pt").exists():
+        print(f"[{name}] {final} stopped at step {reached}; resuming towards {target}", flush=True)
+        return False
+    print(f"[{name}] {final} exists; skipping (use --fresh to retrain)", flush=True)
+    return True
 
 
 def write_meta(folder: Path, **meta):
