@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -62,6 +63,11 @@ def generate(pipe, scenes, args, steps: int | None, accel: str | None):
     return np.concatenate(images), stats, seconds
 
 
+def short(method: str) -> str:
+    """A method name for tables and plots: plan files by their stem, not their path."""
+    return re.sub(r"plan=([^,)]*/)?([^,)/]+?)(\.json)?(?=[,)])", r"plan=\2", method)
+
+
 def evaluate(images, scenes, family: str) -> dict[str, float]:
     checks = [score(detect(img), sc.attributes) for img, sc in zip(images, scenes)]
     asked = ("colour", "shape") if family == "dit" else ("colour", "position")
@@ -71,7 +77,8 @@ def evaluate(images, scenes, family: str) -> dict[str, float]:
 
 
 def row(name, images, stats, seconds, plain, scenes, family, steps, base_seconds):
-    r = {"method": name, "steps": steps, "flops_ratio": stats["flops_ratio"], "wall_ratio": seconds / base_seconds,
+    r = {"method": name, "steps": steps, "flops_ratio": stats["flops_ratio"],
+         "attn_flops_ratio": stats["attention_flops_ratio"], "wall_ratio": seconds / base_seconds,
          **evaluate(images, scenes, family)}
     if plain["images"] is not None:
         r["psnr_db"] = psnr(images, plain["images"])
@@ -95,7 +102,7 @@ def measure(pipe, scenes, args, specs, fewer_steps: bool = True) -> list[dict]:
     for n in sorted(fewer - {steps}) if fewer_steps else ():
         imgs, st, sec = generate(pipe, scenes, args, n, None)
         rows.append(row(f"fewer steps ({n})", imgs, st, sec, plain, scenes, pipe.family, n, seconds))
-        rows[-1]["flops_ratio"] = n / steps  # same plan every step: FLOPs scale with steps
+        rows[-1]["flops_ratio"] = rows[-1]["attn_flops_ratio"] = n / steps  # same plan every step
     rows[0]["images"] = images  # for --samples; dropped before writing
     return rows
 
@@ -148,13 +155,13 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    cols = ["method", "steps", "flops_ratio", "wall_ratio", "accuracy", "colour", "shape", "position", "size",
+    cols = ["method", "steps", "flops_ratio", "attn_flops_ratio", "wall_ratio", "accuracy", "colour", "shape", "position", "size",
             "psnr_db", "ssim"]
     title = f"{args.model}, {len(scenes)} held-out prompts, {steps} steps, seed {args.seed}"
     lines = [f"### {title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        lines.append("| " + " | ".join(f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, "—"))
-                                       for c in cols) + " |")
+        cells = [f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, "—")) for c in cols]
+        lines.append("| " + " | ".join([short(cells[0])] + cells[1:]) + " |")
     table = "\n".join(lines) + "\n"
     out.with_suffix(".md").write_text(table)
     images = rows[0].pop("images")
@@ -198,7 +205,7 @@ def plot(rows, path: Path, title: str) -> None:
             if r in baseline:
                 continue
             ax.scatter(r["flops_ratio"], values([r])[0])
-            ax.annotate(r["method"], (r["flops_ratio"], values([r])[0]), fontsize=7)
+            ax.annotate(short(r["method"]), (r["flops_ratio"], values([r])[0]), fontsize=7)
         ax.set_xlabel("denoiser FLOPs / plain")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)

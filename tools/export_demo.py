@@ -168,7 +168,10 @@ def export_dit(args):
     write_component(out / "transformer", cfg.to_diffusers(), export_state_dict(keymap, final["ema"]),
                     "diffusion_pytorch_model.safetensors", "diffusers")
     # DDIM, not the DDPM learned-range sampler: diffusers' DiTPipeline drops the variance channels.
-    export_scheduler(DDIMScheduler(DDIMConfig(clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing")),
+    # The cosine schedule's alpha_bar(999) is 2e-9, so sampling must not start at t = 999 (an
+    # epsilon error there is magnified 2e4x in x0): "leading" spacing with offset 1 starts at 981.
+    export_scheduler(DDIMScheduler(DDIMConfig(beta_schedule=td.DIT_BETA_SCHEDULE, clip_sample=False,
+                                              set_alpha_to_one=True, timestep_spacing="leading", steps_offset=1)),
                      out / "scheduler")
     model_index(out, {
         "_class_name": "DiTPipeline",
