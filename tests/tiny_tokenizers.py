@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from t5_reference_tokenizer import t5_reference_tokenizer  # noqa: E402,F401  (one builder for tests and export)
 
 WORDS = ("a photo of cat dog sitting on the red blue green wooden chair table astronaut riding horse in space "
          "painting by van gogh oil canvas highly detailed render portrait woman man city night rain neon "
@@ -85,31 +89,6 @@ def train_clip_files(folder):
     return vocab
 
 
-def protobuf_fields(buf: bytes):
-    """(field number, value) pairs of a protobuf message: enough to pull one bytes field
-    out of a SentencePiece model without the protobuf package."""
-    def varint(i):
-        value = shift = 0
-        while True:
-            byte = buf[i]
-            value, shift, i = value | (byte & 0x7F) << shift, shift + 7, i + 1
-            if byte < 0x80:
-                return value, i
-    i = 0
-    while i < len(buf):
-        key, i = varint(i)
-        wire = key & 7
-        if wire == 0:
-            value, i = varint(i)
-        elif wire == 2:
-            n, i = varint(i)
-            value, i = buf[i:i + n], i + n
-        else:
-            n = 8 if wire == 1 else 4
-            value, i = buf[i:i + n], i + n
-        yield key >> 3, value
-
-
 def t5_training_text(n: int = 1500) -> list[str]:
     # Latin text, digits and punctuation only: CJK, emoji and rarer letters stay unknown.
     rng = random.Random(2)
@@ -128,16 +107,3 @@ def train_t5_spiece(folder: Path) -> Path:
         pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2, num_threads=2)
     (folder / "spiece.vocab").unlink()
     return folder / "spiece.model"
-
-
-def t5_reference_tokenizer(spiece_model: Path):
-    """transformers' T5Tokenizer of a sentencepiece model, built from its pieces and its
-    normaliser table (ModelProto.normalizer_spec = 3, NormalizerSpec.precompiled_charsmap = 2)."""
-    import sentencepiece as spm
-    import transformers
-
-    sp = spm.SentencePieceProcessor(model_file=str(spiece_model))
-    normalizer = next(v for n, v in protobuf_fields(sp.serialized_model_proto()) if n == 3)
-    charsmap = next(v for n, v in protobuf_fields(normalizer) if n == 2)
-    return transformers.T5Tokenizer(vocab=[(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())],
-                                    _spm_precompiled_charsmap=charsmap)

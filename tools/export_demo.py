@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import demo_scenes as scenes  # noqa: E402
 import train_demo as td  # noqa: E402
+from t5_reference_tokenizer import t5_reference_tokenizer  # noqa: E402
 
 from dite.engine.convert_layouts import DIFFUSERS_VERSION, TRANSFORMERS_VERSION  # noqa: E402  (one place)
 from dite.models import dit as dit_module  # noqa: E402
@@ -69,42 +70,10 @@ def export_scheduler(scheduler, folder: Path):
     (folder / "scheduler_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def _fields(buf: bytes):
-    """(field number, value) pairs of a protobuf message (to read spiece.model's normaliser
-    table without the protobuf package)."""
-    def varint(i):
-        value = shift = 0
-        while True:
-            byte = buf[i]
-            value, shift, i = value | (byte & 0x7F) << shift, shift + 7, i + 1
-            if byte < 0x80:
-                return value, i
-    i = 0
-    while i < len(buf):
-        key, i = varint(i)
-        wire = key & 7
-        if wire == 0:
-            value, i = varint(i)
-        elif wire == 2:
-            n, i = varint(i)
-            value, i = buf[i:i + n], i + n
-        else:
-            n = 8 if wire == 1 else 4
-            value, i = buf[i:i + n], i + n
-        yield key >> 3, value
-
-
 def t5_tokenizer_json(folder: Path):
     """transformers' tokenizer.json for spiece.model (transformers 5 reads spiece.model only
     with protobuf installed; the tokenizers pipeline it builds matches sentencepiece)."""
-    import sentencepiece as spm
-    import transformers
-
-    sp = spm.SentencePieceProcessor(model_file=str(folder / "spiece.model"))
-    normalizer = next(v for n, v in _fields(sp.serialized_model_proto()) if n == 3)
-    charsmap = next(v for n, v in _fields(normalizer) if n == 2)
-    tok = transformers.T5Tokenizer(vocab=[(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())],
-                                   _spm_precompiled_charsmap=charsmap, extra_ids=0)
+    tok = t5_reference_tokenizer(folder / "spiece.model", extra_ids=0)
     tmp = folder.parent / (folder.name + ".tmp")
     tok.save_pretrained(tmp)
     shutil.copy(tmp / "tokenizer.json", folder / "tokenizer.json")
