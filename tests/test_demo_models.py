@@ -143,7 +143,8 @@ def test_demo_sd3_matches_diffusers():
 def test_demo_dit_matches_diffusers():
     folder = _needs("dit")
     pipe = load("demo-dit")
-    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    side = pipe.transformer.config.input_size
+    latents = torch.randn(2, 4, side, side, generator=torch.Generator().manual_seed(0))
     ours = pipe(class_labels=[0, 7], num_inference_steps=3, guidance_scale=4.0, latents=latents.clone(),
                 output_type="np", progress=False)
     ref = diffusers.DiTPipeline.from_pretrained(folder, torch_dtype=torch.float32)

@@ -8,9 +8,10 @@ import math
 import torch
 
 # The demo DiT's noise schedule: improved DDPM's cosine, not DiT-XL/2's linear 1e-4..0.02. On
-# 8x8 latents the linear schedule leaves half of the timesteps at SNR < 0.08 (alpha_bar(500) =
-# 0.078), where epsilon-prediction is nearly free and the model never learns the global layout:
-# trained with it for 3000 steps, the demo drew several blobs per image in the wrong colours.
+# small latents the linear schedule spends half of its timesteps at SNR < 0.1 (alpha_bar(500)
+# = 0.078), where epsilon-prediction is nearly free and teaches little; improved DDPM (Nichol
+# & Dhariwal 2021) found the same at 64x64 px and below. (It was not what made the earlier demo
+# DiT draw several blobs: that was the 8x-down 4-channel VAE, see models/demo/README.md.)
 DIT_BETA_SCHEDULE = "squaredcos_cap_v2"
 
 
