@@ -22,7 +22,8 @@ stage train_text text
 # 3. The denoisers: MMDiT (rectified flow, one thread), then DiT (DDPM cosine, hybrid loss, two).
 stage train_mmdit mmdit --stop-at "${MMDIT_STEPS:-2000}"
 stage train_dit dit --threads 2 --steps 3000
-stage train_dit_more dit --threads 2 --steps 5000   # resumed once, the schedule extended to 5000
+stage train_dit_5000 dit --threads 2 --steps 5000   # resumed, the cosine decay extended to 5000
+stage train_dit_7000 dit --threads 2 --steps 7000   # and once more to 7000
 # 4. The diffusers folders under models/demo/.
 python tools/export_demo.py sd3
 python tools/export_demo.py dit
