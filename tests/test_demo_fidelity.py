@@ -36,7 +36,7 @@ def test_demo_accuracy_and_accel_psnr_floors(model, monkeypatch):
                               batch=entry["batch"])
     pipe = load(model)
     scenes = heldout_scenes(entry["prompts"], seed=entry["seed"])
-    rows = eval_quality.measure(pipe, scenes, args, list(entry["psnr_floor_db"]), fewer_steps=False)
+    rows, _ = eval_quality.measure(pipe, scenes, args, list(entry["psnr_floor_db"]), fewer_steps=False)
     plain, accelerated = rows[0], rows[1:]
     assert plain["accuracy"] >= entry["accuracy_floor"], (model, plain)
     for r in accelerated:

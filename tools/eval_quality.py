@@ -76,35 +76,33 @@ def evaluate(images, scenes, family: str) -> dict[str, float]:
     return out
 
 
-def row(name, images, stats, seconds, plain, scenes, family, steps, base_seconds):
+def row(name, images, stats, seconds, plain_images, scenes, family, steps, base_seconds):
     r = {"method": name, "steps": steps, "flops_ratio": stats["flops_ratio"],
          "attn_flops_ratio": stats["attention_flops_ratio"], "wall_ratio": seconds / base_seconds,
          **evaluate(images, scenes, family)}
-    if plain["images"] is not None:
-        r["psnr_db"] = psnr(images, plain["images"])
-        r["ssim"] = ssim(images, plain["images"])
+    r["psnr_db"] = psnr(images, plain_images)
+    r["ssim"] = ssim(images, plain_images)
     return r
 
 
-def measure(pipe, scenes, args, specs, fewer_steps: bool = True) -> list[dict]:
-    """Rows for the plain run, each accel spec, and (if asked) the fewer-steps baselines."""
+def measure(pipe, scenes, args, specs, fewer_steps: bool = True) -> tuple[list[dict], np.ndarray]:
+    """Rows for the plain run, each accel spec and (if asked) the fewer-steps baselines, and
+    the plain images [N, H, W, 3]."""
     images, stats, seconds = generate(pipe, scenes, args, args.steps, None)
     steps = args.steps or len(stats["steps"])
-    plain = {"images": images, "steps": steps}
-    rows = [row("plain", images, stats, seconds, plain, scenes, pipe.family, steps, seconds)]
+    rows = [row("plain", images, stats, seconds, images, scenes, pipe.family, steps, seconds)]
     fewer = set()
     for spec in specs:
         start = time.perf_counter()
         imgs, st, sec = generate(pipe, scenes, args, args.steps, spec)
-        rows.append(row(spec, imgs, st, sec, plain, scenes, pipe.family, steps, seconds))
+        rows.append(row(spec, imgs, st, sec, images, scenes, pipe.family, steps, seconds))
         fewer.add(max(1, round(steps * st["flops_ratio"])))
         print(f"{spec}: {time.perf_counter() - start:.1f}s", file=sys.stderr)
     for n in sorted(fewer - {steps}) if fewer_steps else ():
         imgs, st, sec = generate(pipe, scenes, args, n, None)
-        rows.append(row(f"fewer steps ({n})", imgs, st, sec, plain, scenes, pipe.family, n, seconds))
+        rows.append(row(f"fewer steps ({n})", imgs, st, sec, images, scenes, pipe.family, n, seconds))
         rows[-1]["flops_ratio"] = rows[-1]["attn_flops_ratio"] = n / steps  # same plan every step
-    rows[0]["images"] = images  # for --samples; dropped before writing
-    return rows
+    return rows, images
 
 
 # Slack between a recorded measurement and its floor: one prompt's worth of accuracy and 1 dB of
@@ -148,7 +146,7 @@ def main(argv=None) -> int:
 
     pipe = load(args.model, device=args.device)
     scenes = heldout_scenes(args.prompts, seed=args.seed)
-    rows = measure(pipe, scenes, args, args.accel, fewer_steps=not args.record_floors)
+    rows, images = measure(pipe, scenes, args, args.accel, fewer_steps=not args.record_floors)
     steps = rows[0]["steps"]
     if args.record_floors:
         record_floors(Path(args.record_floors), args, rows)
@@ -164,7 +162,6 @@ def main(argv=None) -> int:
         lines.append("| " + " | ".join([short(cells[0])] + cells[1:]) + " |")
     table = "\n".join(lines) + "\n"
     out.with_suffix(".md").write_text(table)
-    images = rows[0].pop("images")
     out.with_suffix(".json").write_text(json.dumps({"title": title, "rows": rows}, indent=2))
     plot(rows, out.with_suffix(".png"), title)
     if args.samples:
