@@ -141,9 +141,11 @@ def calibrate(pipe, out_path, *, steps: int, threshold: float, window: int, n_ca
     if pipe.family == "dit":
         # Default: seeded labels from the named classes when the model has names (a model trained
         # on a few of its table's rows, like the demo DiT, is calibrated on those), else any class.
-        known = sorted(set(pipe.labels.values())) or list(range(pipe.transformer.config.num_classes))
-        picks = torch.randint(0, len(known), (n_calib,), generator=torch.Generator().manual_seed(seed)).tolist()
-        labels = class_labels or [known[k] for k in picks]
+        labels = class_labels
+        if not labels:
+            known = sorted(set(pipe.labels.values())) or list(range(pipe.transformer.config.num_classes))
+            picks = torch.randint(0, len(known), (n_calib,), generator=torch.Generator().manual_seed(seed))
+            labels = [known[k] for k in picks.tolist()]
         pipe(class_labels=list(labels), **common)
         calibration = {"class_labels": list(labels)}
     else:

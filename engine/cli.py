@@ -182,7 +182,8 @@ def cmd_calibrate(args) -> int:
     from dite.engine.calibrate import calibrate
     from dite.engine.loader import load
 
-    pipe = load(args.model or ("demo-dit" if args.class_label else "demo-sd3"), device=args.device, dtype=args.dtype)
+    default = "demo-dit" if args.class_label else "demo-sd3"
+    pipe = load(args.model or default, device=args.device, dtype=args.dtype)
     if pipe.family == "dit" and args.prompt:
         raise DiteError("this is a class-conditional DiT: calibrate it with --class-label ID (repeat), not --prompt")
     if pipe.family != "dit" and args.class_label:
@@ -190,8 +191,8 @@ def cmd_calibrate(args) -> int:
     width, height = args.size if args.size else (None, None)
     plan = calibrate(pipe, args.output, steps=args.steps, threshold=args.threshold, window=args.window,
                      n_calib=args.calib, guidance_scale=args.guidance, negative_prompt=args.negative_prompt,
-                     prompts=args.prompt, metric=args.metric, class_labels=_labels(args.class_label), max_signatures=args.max_signatures,
-                     height=height, width=width)
+                     prompts=args.prompt, class_labels=_labels(args.class_label), metric=args.metric,
+                     max_signatures=args.max_signatures, height=height, width=width)
     counts = ", ".join(f"{k} {v}" for k, v in plan["counts"].items() if v)
     print(f"{args.output}: {plan['signatures']} distinct step plans; {counts}", file=sys.stderr)
     return 0
