@@ -7,6 +7,7 @@ method); they are re-exported here, where plans are built and composed.
 from dite.accel.build import as_methods, build_plans, resolve  # noqa: F401
 from dite.accel.fastattn import FastAttn  # noqa: F401
 from dite.accel.methods import (  # noqa: F401
+    Adaptive,
     DeltaCache,
     DiTCache,
     Method,
@@ -28,6 +29,6 @@ from dite.models.plan import (  # noqa: F401
 
 __all__ = [
     "AttentionPolicy", "BlockPlan", "RangeOp", "StepPlan", "FULL_ATTENTION", "PLAIN_BLOCK", "PLAIN_STEP",
-    "Method", "DiTCache", "DeltaCache", "PromptGate", "ToDo", "FastAttn", "METHODS", "PlanContext",
+    "Method", "Adaptive", "DiTCache", "DeltaCache", "PromptGate", "ToDo", "FastAttn", "METHODS", "PlanContext",
     "as_methods", "build_plans", "resolve", "parse_spec",
 ]

@@ -13,12 +13,13 @@ from dataclasses import dataclass, fields, replace
 from typing import ClassVar
 
 from dite.engine.errors import ConfigError
-from dite.models.plan import AttentionPolicy, RangeOp
+from dite.engine.families import FAMILIES
+from dite.models.plan import ADAPTIVE_SIGNALS, FORECAST_COORDS, AttentionPolicy, RangeOp
 
 INTERPOLATION_MODES = ("bilinear", "bicubic", "nearest", "nearest-exact", "area")
 
 
-FAMILY_CFG_LAYOUT = {"dit": "cond_first", "sd3": "uncond_first", "pixart": "uncond_first"}
+FAMILY_CFG_LAYOUT = {f.name: f.cfg_layout for f in FAMILIES}
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,13 @@ def _check_blocks(name: str, blocks: tuple[int, int], depth: int) -> None:
         raise ConfigError(f"{name}: blocks={a}:{b} is not a range inside the model's {depth} blocks (0:{depth})")
 
 
+def check_forecast(name: str, order, coord) -> None:
+    if not isinstance(order, int) or isinstance(order, bool) or not 0 <= order <= 3:
+        raise ConfigError(f"{name}: order={order!r} must be 0 (re-add the last delta), 1, 2 or 3 (forecast)")
+    if coord not in FORECAST_COORDS:
+        raise ConfigError(f"{name}: coord={coord!r} must be one of {', '.join(FORECAST_COORDS)}")
+
+
 def _check_step(name: str, what: str, step: int, low: int, steps: int) -> None:
     if not low <= step < steps:
         raise ConfigError(f"{name}: {what}={step} must be in [{low}, {steps - 1}] for {steps} steps")
@@ -115,6 +123,8 @@ class DiTCache(Method):
     blocks: tuple[int, int] | None = None
     start_step: int | None = None
     stride: int = 2
+    order: int = 0
+    coord: str = "step"
 
     def resolved(self, ctx: PlanContext) -> "DiTCache":
         # SD3-medium: [1, 21) of 24 leaves block 0 and the last 3 (1/8) running; the same
@@ -125,13 +135,17 @@ class DiTCache(Method):
         _check_step(self.name, "start_step", start, 1, ctx.steps)
         if not isinstance(self.stride, int) or self.stride < 2:
             raise ConfigError(f"{self.name}: stride={self.stride} must be an integer >= 2 (1 would never reuse)")
+        check_forecast(self.name, self.order, self.coord)
         return replace(self, blocks=blocks, start_step=start)
 
     def edit(self, drafts: list[StepDraft], ctx: PlanContext) -> None:
         record = self.start_step - 1
-        for i in range(record, ctx.steps):
-            action = "record" if (i - record) % self.stride == 0 else "apply"
-            drafts[i].ranges.append(RangeOp(*self.blocks, action))
+        # A forecast needs order + 1 records: with order > 0 the steps before the schedule
+        # record too (they run the range anyway; recording costs one subtraction).
+        first = 0 if self.order else record
+        for i in range(first, ctx.steps):
+            action = "record" if i < record or (i - record) % self.stride == 0 else "apply"
+            drafts[i].ranges.append(RangeOp(*self.blocks, action, order=self.order, coord=self.coord))
 
 
 @dataclass(frozen=True)
@@ -150,6 +164,8 @@ class DeltaCache(Method):
     interval: int = 2
     cached_blocks: int | None = None
     boundary: int | None = None
+    order: int = 0
+    coord: str = "step"
 
     def resolved(self, ctx: PlanContext) -> "DeltaCache":
         cached = self.cached_blocks if self.cached_blocks is not None else max(1, round(ctx.depth * 3 / 4))
@@ -160,6 +176,7 @@ class DeltaCache(Method):
             raise ConfigError(f"{self.name}: boundary={boundary} must be in [0, {ctx.steps}]")
         if not isinstance(self.interval, int) or self.interval < 2:
             raise ConfigError(f"{self.name}: interval={self.interval} must be an integer >= 2")
+        check_forecast(self.name, self.order, self.coord)
         return replace(self, cached_blocks=cached, boundary=boundary)
 
     def edit(self, drafts: list[StepDraft], ctx: PlanContext) -> None:
@@ -168,7 +185,7 @@ class DeltaCache(Method):
             blocks = (ctx.depth - self.cached_blocks, ctx.depth) if early else (0, self.cached_blocks)
             stage_start = 0 if early else self.boundary
             action = "record" if (i - stage_start) % self.interval == 0 else "apply"
-            drafts[i].ranges.append(RangeOp(*blocks, action))
+            drafts[i].ranges.append(RangeOp(*blocks, action, order=self.order, coord=self.coord))
 
 
 @dataclass(frozen=True)
@@ -226,3 +243,58 @@ class ToDo(Method):
                 merge_policy(draft, k, kv_factor=self.factor, kv_mode=self.mode)
 
 
+@dataclass(frozen=True)
+class Adaptive(Method):
+    """The dynamic block cache, decided per sample at run time.
+
+    `front` blocks always run; how much their output changed since a sample last ran the
+    middle blocks decides whether it runs them now (and records their delta) or gets the
+    delta forecast from its history (`order`, in `coord`); `back` blocks always run. The
+    first `warmup` steps always run, a sample never reuses more than `max_cached` steps in a
+    row, and `threshold` is the relative L1 change that makes it run. Defaults are the best
+    measured on the demo models (README, "Adaptive caching").
+    """
+
+    name: ClassVar[str] = "adaptive"
+    summary: ClassVar[str] = "per-sample dynamic block cache with forecast deltas (decided at run time)"
+    edits: ClassVar[str] = "ranges"
+    front: int = 1
+    back: int = 0
+    threshold: float = 0.08
+    warmup: int | None = None
+    max_cached: int = 3
+    order: int = 1
+    coord: str = "step"
+    signal: str = "residual"
+
+    def resolved(self, ctx: PlanContext) -> "Adaptive":
+        for what in ("front", "back", "max_cached"):
+            value = getattr(self, what)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{self.name}: {what}={value!r} must be an integer >= 0")
+        if self.front + self.back >= ctx.depth:
+            raise ConfigError(f"{self.name}: front={self.front} + back={self.back} leave no middle blocks to cache "
+                              f"in a {ctx.depth}-block model")
+        if self.max_cached < 1:
+            raise ConfigError(f"{self.name}: max_cached={self.max_cached} must be >= 1 (0 would never reuse)")
+        threshold = self.threshold
+        if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not 0 <= threshold < float("inf"):
+            raise ConfigError(f"{self.name}: threshold={threshold!r} must be a finite number >= 0")
+        check_forecast(self.name, self.order, self.coord)
+        if self.signal not in ADAPTIVE_SIGNALS:
+            raise ConfigError(f"{self.name}: signal={self.signal!r} must be one of {', '.join(ADAPTIVE_SIGNALS)}")
+        if self.signal == "residual" and self.front == 0:
+            raise ConfigError(f"{self.name}: signal=residual is what the front blocks add, so it needs front >= 1; "
+                              "use signal=hidden with front=0")
+        # Warm-up: the first ~1/7 of the steps (4 of 28) always run, as the forecast needs a
+        # history and the early steps change the image most.
+        warmup = self.warmup if self.warmup is not None else max(1, round(ctx.steps * 4 / 28))
+        if not isinstance(warmup, int) or not 1 <= warmup <= ctx.steps:
+            raise ConfigError(f"{self.name}: warmup={warmup!r} must be an integer in [1, {ctx.steps}]")
+        return replace(self, warmup=warmup, threshold=float(threshold))
+
+    def edit(self, drafts: list[StepDraft], ctx: PlanContext) -> None:
+        for i, draft in enumerate(drafts):
+            draft.ranges.append(RangeOp(self.front, ctx.depth - self.back, "adaptive", order=self.order,
+                                        coord=self.coord, threshold=self.threshold, max_cached=self.max_cached,
+                                        force=i < self.warmup, signal=self.signal))

@@ -1,8 +1,8 @@
 """Every acceleration method by its spec name."""
 
 from dite.accel.fastattn import FastAttn
-from dite.accel.methods import DeltaCache, DiTCache, Method, PromptGate, ToDo
+from dite.accel.methods import Adaptive, DeltaCache, DiTCache, Method, PromptGate, ToDo
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (DiTCache, DeltaCache, PromptGate, ToDo, FastAttn)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (DiTCache, DeltaCache, Adaptive, PromptGate, ToDo, FastAttn)}
 ALIASES = {"delta-cache": "deltacache", "deltadit": "deltacache", "delta": "deltacache", "prompt-gate": "promptgate",
-           "ditfastattn": "fastattn"}
+           "ditfastattn": "fastattn", "dbcache": "adaptive", "dynamic": "adaptive"}

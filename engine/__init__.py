@@ -12,11 +12,11 @@ __all__ = ["load", "convert", "DiteError"]
 
 def __getattr__(name: str):
     if name == "load":
-        from dite.engine.loader import load
+        from dite.engine.loading.loader import load
 
         return load
     if name == "convert":
-        from dite.engine.converter import convert
+        from dite.engine.checkpoints.convert import convert
 
         return convert
     if name == "DiteError":

@@ -8,25 +8,78 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
+import tempfile
 from pathlib import Path
 
-from dite.engine.errors import DiteError
+from dite.engine.errors import ConfigError, DiteError, InputError
 
 EXIT_USER_ERROR = 2
+# Checked before anything is loaded: no model here takes more steps, or a side this long.
+MAX_STEPS = 1000
+MAX_SIDE = 16384
+MAX_SEED = 2**64 - 1  # torch generators take 64-bit seeds
+IMAGE_SUFFIXES = (".png",)  # what `generate -o` writes
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad argument reported as dite reports every user error: one line on
+    stderr, exit code 2 (argparse's default prints the whole usage first)."""
+
+    def error(self, message: str):
+        print(f"dite: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
 
 
 def _size(text: str) -> tuple[int, int]:
     try:
         w, h = text.lower().split("x")
-        return int(w), int(h)
+        w, h = int(w), int(h)
     except ValueError:
         raise argparse.ArgumentTypeError(f"size must look like 256x256 (width x height), got {text!r}") from None
+    if not (0 < w <= MAX_SIDE and 0 < h <= MAX_SIDE):
+        raise argparse.ArgumentTypeError(f"size {text!r}: width and height must be between 1 and {MAX_SIDE} pixels")
+    return w, h
+
+
+def _int_in(low: int, high: int | None = None, what: str = "an integer"):
+    """An argparse type: an int in [low, high]."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if value < low or (high is not None and value > high):
+            bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {bound}")
+        return value
+    return parse
+
+
+def _finite(low: float | None = None):
+    """An argparse type: a finite float (NaN and inf mean nothing here), at least `low`."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+        if low is not None and value < low:
+            raise argparse.ArgumentTypeError(f"{text} must be at least {low}")
+        return value
+    return parse
+
+
+_steps = _int_in(1, MAX_STEPS, "a step count")
+_positive = _int_in(1)
+_seed = _int_in(0, MAX_SEED, "a seed (an integer)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dite", description="Diffusion transformer inference engine")
+    parser = _Parser(prog="dite", description="Diffusion transformer inference engine")
     parser.add_argument("--version", action="version", version=f"dite {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -38,14 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--class-label", action="append", default=[], metavar="ID",
                      help="class index (or name, if the model has label names); repeat for several images")
     gen.add_argument("--negative-prompt", default=None, help="what to steer away from (text-to-image)")
-    gen.add_argument("--images-per-prompt", type=int, default=1)
-    gen.add_argument("--max-sequence-length", type=int, default=None,
+    gen.add_argument("--images-per-prompt", type=_positive, default=1)
+    gen.add_argument("--max-sequence-length", type=_positive, default=None,
                      help="T5 tokens (default: the model's recorded one, else SD3 256, PixArt-α 120, PixArt-Σ 300)")
     gen.add_argument("--no-t5", action="store_true", help="SD3 without T5 (low memory; its tokens become zeros)")
-    gen.add_argument("--steps", type=int, default=None, help="denoising steps (default: the family's, DiT 50, SD3 28, PixArt 20)")
-    gen.add_argument("--guidance", type=float, default=None,
+    gen.add_argument("--steps", type=_steps, default=None,
+                     help=f"denoising steps, 1 to {MAX_STEPS} (default: the family's, DiT 50, SD3 28, PixArt 20)")
+    gen.add_argument("--guidance", type=_finite(), default=None,
                      help="classifier-free guidance scale (default: the family's, DiT 4.0, SD3 7.0, PixArt 4.5)")
-    gen.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed+k (default 0)")
+    gen.add_argument("--seed", type=_seed, default=0, help="seed of the first image; image k uses seed+k (default 0)")
     gen.add_argument("--size", type=_size, default=None, metavar="WxH", help="image size (default: the model's)")
     gen.add_argument("--scheduler", default=None, help="replace the model's scheduler: ddim, ddpm, dpm (DPM-Solver++) or flow_euler (alias euler)")
     gen.add_argument("--vae", default=None, help="VAE for checkpoints without one (original DiT .pt, PixArt .pth)")
@@ -68,22 +122,28 @@ def build_parser() -> argparse.ArgumentParser:
                      help="attention kernel of the denoiser: PyTorch SDPA (default), the explicit math reference, "
                           "or torch_npu's fused attention on Ascend")
     gen.add_argument("--dtype", default="fp32", help="fp32, fp16 or bf16")
-    gen.add_argument("-o", "--output", default="out.png", help="PNG path; several images get -0, -1, ... suffixes")
+    gen.add_argument("--model-config", default=None, metavar="JSON",
+                     help="what shapes cannot tell, as load(model_config=...): a JSON string or file")
+    gen.add_argument("-o", "--output", default="out.png",
+                     help="PNG path (its folder must exist); several images get -0, -1, ... suffixes")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
 
     cal = sub.add_parser("calibrate", help="calibrate a DiTFastAttn plan (use it with --accel fastattn(plan=FILE))")
     cal.add_argument("--model", default=None, help="as for generate (default: demo-sd3)")
-    cal.add_argument("--steps", type=int, required=True, help="plans are specific to the step count")
-    cal.add_argument("--threshold", type=float, default=0.05, help="loss threshold δ (the last layer's; grows with depth)")
-    cal.add_argument("--window", type=int, required=True, help="band half-width w in tokens (N/8 in the reference)")
-    cal.add_argument("--calib", type=int, default=4, help="calibration prompts / class labels")
+    cal.add_argument("--steps", type=_steps, required=True, help="plans are specific to the step count")
+    cal.add_argument("--threshold", type=_finite(0.0), default=0.05,
+                     help="loss threshold δ (the last layer's; grows with depth)")
+    cal.add_argument("--window", type=_int_in(0), required=True,
+                     help="band half-width w in tokens (N/8 in the reference)")
+    cal.add_argument("--calib", type=_positive, default=4, help="calibration prompts / class labels")
     cal.add_argument("--prompt", action="append", default=None, help="calibration prompt (repeat); default: built-in")
     cal.add_argument("--class-label", action="append", default=None, metavar="ID",
                      help="calibration class label, index or name (repeat; DiT); default: seeded, from the named classes")
-    cal.add_argument("--guidance", type=float, default=None)
+    cal.add_argument("--guidance", type=_finite(), default=None)
     cal.add_argument("--negative-prompt", default="")
-    cal.add_argument("--metric", default="relative", help="relative (the reference's) or ssim")
-    cal.add_argument("--max-signatures", type=int, default=None,
+    cal.add_argument("--metric", default="relative", choices=["relative", "ssim"],
+                     help="relative (the reference's) or ssim")
+    cal.add_argument("--max-signatures", type=_positive, default=None,
                      help="merge steps into at most K distinct step plans (graph executors compile one per plan)")
     cal.add_argument("--size", type=_size, default=None, metavar="WxH")
     cal.add_argument("--device", default="cpu")
@@ -94,8 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     acc.add_argument("--json", action="store_true", help="machine-readable output")
 
     conv = sub.add_parser("convert", help="convert a checkpoint between the original and diffusers layouts")
-    conv.add_argument("source", help="checkpoint file or folder")
-    conv.add_argument("destination", help="folder (--to diffusers) or file (--to original)")
+    conv.add_argument("source", help="checkpoint file or folder, hub repo id, or demo-sd3 / demo-dit")
+    conv.add_argument("destination", help="folder (--to diffusers) or file (--to original); never the source, a "
+                                          "folder holding it or a place inside a source folder")
     conv.add_argument("--to", required=True, choices=["diffusers", "original"])
     conv.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
                       help="cast floating tensors (default: keep each tensor's own)")
@@ -103,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="largest weights file of a diffusers folder, e.g. 5GB (default: one file)")
     conv.add_argument("--components", default=None, metavar="NAMES",
                       help="comma-separated diffusers component names to convert (default: all)")
-    conv.add_argument("--force", action="store_true", help="replace an existing destination")
+    conv.add_argument("--force", action="store_true",
+                      help="replace an existing destination (only it, and only once the new output is complete)")
     conv.add_argument("--tokenizers", default=None, metavar="PATH",
                       help="SD3 single file -> diffusers: folder holding tokenizer/, tokenizer_2/, tokenizer_3/")
     conv.add_argument("--vae", default=None, metavar="PATH", help="VAE to include (an original DiT .pt has none)")
@@ -113,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="what shapes cannot tell, as load(model_config=...): a JSON string or file")
 
     ins = sub.add_parser("inspect", help="describe a model source without loading it")
-    ins.add_argument("source")
+    ins.add_argument("source", help="checkpoint file or folder, hub repo id, or demo-sd3 / demo-dit")
     ins.add_argument("--json", action="store_true", help="machine-readable output")
     ins.add_argument("--model-config", default=None, metavar="JSON",
                      help="what shapes cannot tell, as load(model_config=...): a JSON string or file")
@@ -121,33 +183,270 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from dite.engine.pipeline import dite_version
+    from dite.engine.version import dite_version
 
     return dite_version()
 
 
 def output_paths(output: str, count: int) -> list[Path]:
+    """The files `generate` writes: OUTPUT itself for one image, OUTPUT-0.png, OUTPUT-1.png,
+    ... for several. A name without a suffix gets .png; any other suffix is refused (only
+    PNG is written, and `out.jpg` must not silently become `out.jpg.png`)."""
+    if not output.strip():
+        raise InputError("--output is empty: give a .png path")
     path = Path(output)
-    if path.suffix.lower() != ".png":
-        path = path.with_suffix(path.suffix + ".png") if path.suffix else path.with_suffix(".png")
+    if output.endswith(("/", os.sep)) or path.is_dir():
+        raise InputError(f"--output {output} is a folder: give a file path such as {path / 'out.png'}")
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        if path.suffix:
+            raise InputError(f"--output {output}: dite writes {', '.join(IMAGE_SUFFIXES)} images only; give a path "
+                             f"ending in .png, e.g. {path.with_suffix('.png')}")
+        path = path.with_name(path.name + ".png")
     if count == 1:
         return [path]
     return [path.with_name(f"{path.stem}-{k}{path.suffix}") for k in range(count)]
 
 
-def cmd_generate(args) -> int:
-    from dite.engine.accounting import summary_line
-    from dite.engine.images import save_png
-    from dite.engine.loader import load
+def check_writable(paths: list[Path], flag: str = "--output") -> None:
+    """Refuse, before any work, outputs that could not be written: a path that is a folder,
+    a folder that does not exist, one that cannot be written to, a read-only file."""
+    for path in paths:
+        if path.is_dir():
+            raise InputError(f"{flag} {path} is a folder: give a file path inside it")
+    folders = {path.parent for path in paths}
+    for folder in folders:
+        shown = folder if str(folder) != "." else Path.cwd()
+        if not folder.exists():
+            raise InputError(f"{flag} {paths[0]}: folder {shown} does not exist; create it first")
+        if not folder.is_dir():
+            raise InputError(f"{flag} {paths[0]}: {shown} is not a folder")
+        try:  # the only sure test (permissions, read-only file systems, root): write a file
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".dite-write-test-"):
+                pass
+        except OSError as exc:
+            raise InputError(f"{flag} {paths[0]}: cannot write in {shown} ({exc.strerror or exc})") from None
+    for path in paths:
+        if path.exists() and not os.access(path, os.W_OK):
+            raise InputError(f"{flag} {path} exists and is read-only")
 
-    components = {"text_encoder_3": None} if args.no_t5 else {}
+
+def _labels(values: list[str] | None) -> list[int | str] | None:
+    """--class-label values: indices as ints, anything else a class name for the model's id2label."""
+    if not values:
+        return None
+    labels = [int(x) if x.strip().lstrip("-").isdigit() else x for x in values]
+    negative = [x for x in labels if isinstance(x, int) and x < 0]
+    if negative:
+        raise InputError(f"--class-label {negative[0]} is negative: class labels are indices 0, 1, ... or class names")
+    return labels
+
+
+def _existing_or_hub(value: str | None, flag: str) -> None:
+    """A path argument that is neither an existing path nor a hub repo id fails here, not
+    after the model's weights are read."""
+    from dite.engine.loading.hub import looks_like_repo_id
+
+    if value is not None and not Path(os.path.expanduser(value)).exists() and not looks_like_repo_id(value):
+        raise InputError(f"{flag} {value}: no such file or folder (and not a hub repo id like 'owner/name')")
+
+
+def _check_accel(spec: str | None) -> None:
+    """Parse an --accel spec now (unknown methods, parameters, values, parentheses) so that a
+    typo fails before the model loads; its settings are checked against the model later."""
+    if spec is None:
+        return
+    import dataclasses
+
+    from dite.accel.build import as_methods
+
+    try:
+        methods = as_methods(spec)
+    except DiteError as exc:
+        raise ConfigError(f"--accel {spec!r}: {exc}") from None
+    for method in methods:
+        for field in dataclasses.fields(method):
+            value = getattr(method, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"--accel {spec!r}: {method.name}: {field.name}={value} is not a finite number")
+
+
+def _check_common(args, flag_model: str = "--model") -> None:
+    """What every command that loads a model checks first: dtype, device, the model's path."""
+    from dite.engine.loading.loader import demo_folder, parse_device, parse_dtype
+
+    parse_dtype(args.dtype)
+    parse_device(args.device)
+    if demo_folder(args.model) is None:
+        _existing_or_hub(args.model, flag_model)
+
+
+def _family(args) -> str | None:
+    from dite.engine.loading.loader import peek_family
+
+    return peek_family(args.model)
+
+
+def _check_generate(args) -> tuple[int, list[Path]]:
+    """Everything about a generate call that can be refused without the model; returns the
+    number of images and their output paths."""
     if args.model is None:  # the demo models shipped with dite: offline, seconds on a CPU
         args.model = "demo-dit" if args.class_label and not args.prompt else "demo-sd3"
+    _check_common(args)
+    if args.scheduler is not None:
+        _check_scheduler_name(args.scheduler)
+    executor_options = {"--compile-backend": ("compiled", args.compile_backend),
+                        "--compile-mode": ("compiled", args.compile_mode), "--npu-route": ("npu-graph", args.npu_route)}
+    for flag, (executor, value) in executor_options.items():
+        if value is not None and args.executor != executor:
+            raise InputError(f"{flag} applies to --executor {executor}, not {args.executor}")
+    _existing_or_hub(args.vae, "--vae")
+    _existing_or_hub(args.tokenizers, "--tokenizers")
+    _check_accel(args.accel)
+    args.model_config = _model_config(args.model_config)
+    labels = _labels(args.class_label)
+    if args.prompt and labels:
+        raise InputError("give prompts (text-to-image models) or --class-label IDs (DiT), not both")
+    family = _family(args)
+    if family is not None:
+        _check_conditioning(args, family)
+    elif not args.prompt and not labels:
+        raise InputError("nothing to generate: give a prompt (text-to-image models) or --class-label ID (DiT)")
+    count = len(labels) if labels else len(args.prompt) * args.images_per_prompt
+    if args.seed + count - 1 > MAX_SEED:
+        raise InputError(f"--seed {args.seed}: image k uses seed + k, and {count} images go past the largest seed "
+                         f"({MAX_SEED})")
+    paths = output_paths(args.output, count)
+    check_writable(paths)
+    return count, paths
+
+
+TEXT_ONLY = {"negative_prompt": "--negative-prompt", "max_sequence_length": "--max-sequence-length",
+             "no_t5": "--no-t5", "tokenizers": "--tokenizers"}
+
+
+def _check_conditioning(args, family: str) -> None:
+    """Prompts for text-to-image models, class labels for DiT, and the options of each."""
+    if family == "dit":
+        if args.prompt:
+            raise InputError("this is a class-conditional DiT: give --class-label ID (one per image), not a prompt")
+        given = [flag for name, flag in TEXT_ONLY.items() if getattr(args, name) not in (None, False)]
+        if args.images_per_prompt != 1:
+            given.append("--images-per-prompt")
+        if given:
+            verb = "apply" if len(given) > 1 else "applies"
+            raise InputError(f"{', '.join(given)} {verb} to text-to-image models; this is a class-conditional DiT "
+                             "(one image per --class-label)")
+        if not args.class_label:
+            raise InputError("this is a class-conditional DiT: give --class-label ID (one per image)")
+    else:
+        if args.class_label:
+            raise InputError(f"this is a text-to-image model ({family}): give a prompt, not --class-label")
+        if not args.prompt:
+            raise InputError(f"this is a text-to-image model ({family}): give a prompt")
+        if args.no_t5 and family != "sd3":
+            raise InputError(f"--no-t5 is for SD3; {family} needs its T5")
+
+
+def _check_scheduler_name(name: str) -> None:
+    from dite.schedulers import ALIASES, BY_NAME
+
+    if name not in BY_NAME and name not in ALIASES:
+        raise InputError(f"--scheduler {name!r} is unknown; choose one of {', '.join(sorted({*BY_NAME, *ALIASES}))}")
+
+
+def available_memory() -> int | None:
+    """Bytes of RAM available to a new allocation (Linux MemAvailable), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def step_memory(pipe, height: int, width: int, images: int, guided: bool, text_tokens: int = 0) -> int:
+    """Estimated peak bytes of one denoising step (or of decoding, if more) at this size.
+
+    Attention is counted as the math path computes it: a rows x heads x L x L score matrix
+    and its softmax (SDPA on a CPU may need less; the estimate errs high). Block activations
+    ~12 x rows x L x width; decoding: the VAE's first level at full size, plus its mid-block
+    attention over the latent pixels."""
+    import torch
+
+    cfg = pipe.transformer.config
+    factor = pipe.vae_scale_factor
+    latent = (height // factor) * (width // factor)
+    tokens = latent // (cfg.patch_size ** 2)
+    joint = tokens + (text_tokens if pipe.family == "sd3" else 0)
+    rows = images * (2 if guided else 1)
+    item = torch.finfo(pipe.dtype).bits // 8
+    step = rows * cfg.num_heads * joint ** 2 * item * 2 + rows * joint * cfg.hidden_size * item * 12
+    vae = pipe.vae.config
+    decode = images * height * width * vae.block_out_channels[0] * 4 * 3
+    if vae.mid_block_add_attention:
+        decode += images * latent ** 2 * 4 * 2
+    return max(step, decode)
+
+
+def _check_against_model(pipe, args, images: int, text_tokens: int = 0) -> None:
+    """After loading, before generating: steps against the scheduler's training steps, the
+    size against the model's position table and against the memory one step needs."""
+    from dite.engine.families import BY_NAME
+
+    trained = getattr(getattr(pipe.scheduler, "config", None), "num_train_timesteps", None)
+    if args.steps is not None and trained is not None and args.steps > trained:
+        raise InputError(f"--steps {args.steps} is more than the scheduler's {trained} training timesteps")
+    cfg = pipe.transformer.config
+    factor = pipe.vae_scale_factor
+    default = (cfg.input_size if pipe.family == "dit" else cfg.sample_size) * factor
+    width, height = args.size if args.size else (default, default)
+    table = getattr(cfg, "pos_embed_max_size", None)
+    if table is not None:
+        side = table * cfg.patch_size * factor
+        if max(width, height) > side:
+            raise InputError(f"--size {width}x{height} is beyond this model's position table ({table} patches a "
+                             f"side): at most {side}x{side} pixels")
+    guidance = args.guidance if args.guidance is not None else pipe.defaults.get(
+        "guidance_scale", BY_NAME[pipe.family].default_guidance)
+    if pipe.device.type != "cpu":
+        return
+    need, free = step_memory(pipe, height, width, images, guidance > 1.0, text_tokens), available_memory()
+    if free is not None and need > free:
+        raise InputError(f"{images} image(s) at {width}x{height} need about {need / 2**30:.1f} GiB for one step, "
+                         f"and {free / 2**30:.1f} GiB of RAM is available: use a smaller --size or fewer images")
+
+
+def _text_tokens(pipe, args) -> int:
+    """SD3's joint attention sees CLIP's 77 tokens plus T5's."""
+    from dite.engine.families import BY_NAME
+
+    if pipe.family != "sd3":
+        return 0
+    length = getattr(args, "max_sequence_length", None) or pipe.defaults.get("max_sequence_length") or \
+        BY_NAME["sd3"].default_sequence_length
+    return 77 + length
+
+
+def cmd_generate(args) -> int:
+    count, paths = _check_generate(args)  # before anything is loaded
+
+    from dite.engine.loading.loader import load
+    from dite.engine.pipelines.images import save_png
+    from dite.engine.runtime.accounting import summary_line
+
+    components = {"text_encoder_3": None} if args.no_t5 else {}
     options = {k: v for k, v in (("backend", args.compile_backend), ("mode", args.compile_mode),
                                  ("route", args.npu_route)) if v is not None}
     pipe = load(args.model, device=args.device, dtype=args.dtype, vae=args.vae, scheduler=args.scheduler,
                 tokenizers=args.tokenizers, executor=args.executor, attention=args.attention,
-                executor_options=options, **components)
+                executor_options=options, model_config=args.model_config, **components)
+    _check_conditioning(args, pipe.family)  # checked before loading when the family could be told
+    _check_against_model(pipe, args, count, _text_tokens(pipe, args))
     width, height = args.size if args.size else (None, None)
     common = dict(seed=args.seed, height=height, width=width, progress=not args.quiet, accel=args.accel)
     if args.steps is not None:
@@ -155,17 +454,12 @@ def cmd_generate(args) -> int:
     if args.guidance is not None:
         common["guidance_scale"] = args.guidance
     if pipe.family == "dit":
-        if args.prompt or not args.class_label:
-            raise DiteError("this is a class-conditional DiT: give --class-label ID (one per image), not a prompt")
-        labels = _labels(args.class_label)
-        out = pipe(class_labels=labels, **common)
+        out = pipe(class_labels=_labels(args.class_label), **common)
     else:
-        if args.class_label or not args.prompt:
-            raise DiteError(f"this is a text-to-image model ({pipe.family}): give a prompt, not --class-label")
         out = pipe(prompt=args.prompt, negative_prompt=args.negative_prompt,
                    num_images_per_prompt=args.images_per_prompt, max_sequence_length=args.max_sequence_length,
                    **common)
-    for image, params, path in zip(out.images, out.parameters, output_paths(args.output, len(out.images))):
+    for image, params, path in zip(out.images, out.parameters, paths):
         save_png(image, path, params)
         print(path)
     print(f"{len(out.images)} image(s), {out.parameters[0]['steps']} steps | {summary_line(out.stats, out.timings)}",
@@ -173,25 +467,33 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def _labels(values: list[str] | None) -> list[int | str] | None:
-    """--class-label values: indices as ints, anything else a class name for the model's id2label."""
-    return [int(x) if x.lstrip("-").isdigit() else x for x in values] if values else None
-
-
 def cmd_calibrate(args) -> int:
-    from dite.engine.calibrate import calibrate
-    from dite.engine.loader import load
+    if args.model is None:
+        args.model = "demo-dit" if args.class_label else "demo-sd3"
+    _check_common(args)
+    labels = _labels(args.class_label)
+    family = _family(args)
+    if family == "dit" and args.prompt:
+        raise InputError("this is a class-conditional DiT: calibrate it with --class-label ID (repeat), not --prompt")
+    if family not in (None, "dit") and args.class_label:
+        raise InputError(f"this is a text-to-image model ({family}): calibrate it with --prompt, not --class-label")
+    check_writable([Path(args.output)])
 
-    default = "demo-dit" if args.class_label else "demo-sd3"
-    pipe = load(args.model or default, device=args.device, dtype=args.dtype)
+    from dite.engine.loading.loader import load
+    from dite.engine.runtime.calibrate import calibrate
+
+    pipe = load(args.model, device=args.device, dtype=args.dtype)
     if pipe.family == "dit" and args.prompt:
-        raise DiteError("this is a class-conditional DiT: calibrate it with --class-label ID (repeat), not --prompt")
+        raise InputError("this is a class-conditional DiT: calibrate it with --class-label ID (repeat), not --prompt")
     if pipe.family != "dit" and args.class_label:
-        raise DiteError(f"this is a text-to-image model ({pipe.family}): calibrate it with --prompt, not --class-label")
+        raise InputError(f"this is a text-to-image model ({pipe.family}): calibrate it with --prompt, "
+                         "not --class-label")
+    images = len(labels or args.prompt or []) or args.calib
+    _check_against_model(pipe, args, images, _text_tokens(pipe, args))
     width, height = args.size if args.size else (None, None)
     plan = calibrate(pipe, args.output, steps=args.steps, threshold=args.threshold, window=args.window,
                      n_calib=args.calib, guidance_scale=args.guidance, negative_prompt=args.negative_prompt,
-                     prompts=args.prompt, class_labels=_labels(args.class_label), metric=args.metric,
+                     prompts=args.prompt, class_labels=labels, metric=args.metric,
                      max_signatures=args.max_signatures, height=height, width=width)
     counts = ", ".join(f"{k} {v}" for k, v in plan["counts"].items() if v)
     print(f"{args.output}: {plan['signatures']} distinct step plans; {counts}", file=sys.stderr)
@@ -206,23 +508,37 @@ def cmd_accel(args) -> int:
 
 
 def _model_config(text: str | None) -> dict | None:
-    """--model-config: a JSON object, or a file holding one."""
-    if not text:
+    """--model-config (generate, convert, inspect): a JSON object, or the path of a file
+    holding one; anything else is one error naming the option."""
+    if text is None:
         return None
+    if isinstance(text, dict):  # already parsed
+        return text
+    if not text.strip():
+        raise InputError("--model-config is empty: give a JSON object such as '{\"num_heads\": 16}' or a file "
+                         "holding one")
     if Path(text).is_file():
-        text = Path(text).read_text()
+        from dite.engine.loading.config_files import read_config
+
+        return dict(read_config(Path(text), "--model-config file"))
+    if not text.lstrip().startswith(("{", "[")):
+        raise InputError(f"--model-config {text}: no such file, and not a JSON object such as '{{\"num_heads\": 16}}'")
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise DiteError(f"--model-config is not valid JSON ({exc})") from None
+        raise InputError(f"--model-config is not valid JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(value, dict):
+        raise InputError(f"--model-config must be a JSON object ({{...}}), not a {type(value).__name__}")
+    return value
 
 
 def cmd_convert(args) -> int:
     import warnings
 
-    from dite.engine.converter import convert
+    from dite.engine.checkpoints.convert import convert
+    from dite.engine.checkpoints.recorded import parse_model_config
 
-    model_config = _model_config(args.model_config)
+    model_config = parse_model_config(args.model_config)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = convert(args.source, args.destination, to=args.to, dtype=args.dtype,
@@ -237,9 +553,10 @@ def cmd_convert(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from dite.engine.inspect import inspect_source
+    from dite.engine.checkpoints.inspect import inspect_source
+    from dite.engine.checkpoints.recorded import parse_model_config
 
-    info = inspect_source(args.source, model_config=_model_config(args.model_config))
+    info = inspect_source(args.source, model_config=parse_model_config(args.model_config))
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True))
         return 0
@@ -265,7 +582,10 @@ def print_tree(value, indent: int = 0) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a bad argument (already reported in one line)
+        return exc.code if isinstance(exc.code, int) else EXIT_USER_ERROR
     try:
         return {"generate": cmd_generate, "inspect": cmd_inspect, "accel": cmd_accel, "calibrate": cmd_calibrate,
                 "convert": cmd_convert}[args.command](args)

@@ -24,3 +24,7 @@ class InputError(DiteError, ValueError):
 
 class HubError(DiteError, OSError):
     """A hub repository could not be downloaded (offline, private, missing)."""
+
+
+class NonFiniteError(DiteError, ValueError):
+    """A NaN or infinite value: in a weight file, in given latents, or produced while sampling."""

@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dite.engine.attention import attention
+from dite.models.attention import attention
 from dite.engine.errors import CheckpointError, ConfigError
+from dite.models.config_fields import check_fields, check_instance
 from dite.models.checkpoint import KeyMap, Source, count_indexed, piece_of, take, transformed
 from dite.models.layers import merge_heads, split_heads
 
@@ -31,6 +32,14 @@ ACTIVATION_BY_WIDTH = {768: "quick_gelu", 1024: "gelu", 1280: "gelu"}
 # SD3 / SDXL configs) pool at the argmax of the ids, which with CLIP's tokenizer (EOS
 # 49407 is the largest id) is the first EOS.
 LEGACY_EOS_TOKEN_ID = 2
+
+
+# The config.json fields from_transformers reads, by kind (models/config_fields.py).
+TRANSFORMERS_FIELDS = {
+    "vocab_size": "size", "hidden_size": "size", "num_hidden_layers": "size", "num_attention_heads": "size",
+    "max_position_embeddings": "size", "projection_dim": "size", "eos_token_id": "count",
+    "layer_norm_eps": "positive", "intermediate_size": "size", "hidden_act": "str", "architectures": "strings",
+}
 
 
 @dataclass(frozen=True)
@@ -49,6 +58,7 @@ class CLIPTextConfig:
     def __post_init__(self):
         if self.intermediate_size is None:
             object.__setattr__(self, "intermediate_size", 4 * self.width)
+        check_instance(self, "CLIP text config", counts=("eos_token_id",))
         if self.activation not in ACTIVATIONS:
             raise ConfigError(f"CLIP activation {self.activation!r} unsupported; expected one of {ACTIVATIONS}")
         if self.width % self.heads:
@@ -68,7 +78,9 @@ class CLIPTextConfig:
     def from_transformers(cls, config: Mapping[str, Any]) -> "CLIPTextConfig":
         """From a transformers `config.json` (CLIPTextModel[WithProjection], or a full CLIPModel's
         `text_config`); absent fields take transformers' defaults."""
-        config = config.get("text_config", config)
+        check_fields(config, "CLIP text config", {"text_config": "object"})
+        config = config.get("text_config") or config
+        check_fields(config, "CLIP text config", TRANSFORMERS_FIELDS)
         act = config.get("hidden_act", "quick_gelu")
         if act not in ACTIVATIONS:
             raise ConfigError(f"CLIP hidden_act {act!r} unsupported; expected one of {ACTIVATIONS}")

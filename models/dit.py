@@ -10,13 +10,15 @@ eps of the norm before the MLP (`mlp_norm_eps`: 1e-6 original, diffusers' `norm_
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
 from dite.engine.errors import CheckpointError, ConfigError
 from dite.models.checkpoint import KeyMap, concat, count_indexed, identical_copies, take
+from dite.models.config_fields import check_fields, check_instance
 from dite.models.denoiser import Conditioning, Denoiser, Hidden
 from dite.models.layers import (
     FinalLayer,
@@ -51,8 +53,12 @@ class DiTConfig:
     frequency_embedding_size: int = 256
     freq_shift: float = 0.0
     mlp_norm_eps: float = 1e-6
+    # One timestep/class embedder per block (diffusers stores one per block; a model
+    # initialised or fine-tuned in diffusers has them differ). False: one shared embedder.
+    per_block_embedders: bool = False
 
     def __post_init__(self):
+        check_instance(self, "DiT config", signed=("freq_shift",))
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"DiT hidden size {self.hidden_size} is not divisible by {self.num_heads} heads")
         if self.out_channels not in (self.in_channels, 2 * self.in_channels):
@@ -81,7 +87,11 @@ class DiTConfig:
 
     @classmethod
     def from_diffusers(cls, config: dict) -> "DiTConfig":
-        """From a diffusers DiTTransformer2DModel / Transformer2DModel config.json."""
+        """From a diffusers DiTTransformer2DModel / Transformer2DModel config.json.
+
+        Whether the per-block embedders are tied is not in the config: `fit_embedders`
+        reads it from the weights."""
+        check_fields(config, "DiT transformer config", DIFFUSERS_FIELDS)
         if config.get("norm_type", "ada_norm_zero") != "ada_norm_zero":
             raise ConfigError(f"not a DiT transformer config: norm_type is {config.get('norm_type')!r}")
         if config.get("norm_elementwise_affine", False):
@@ -125,6 +135,14 @@ class DiTConfig:
         return asdict(self)
 
 
+# The config.json fields from_diffusers reads, by kind (models/config_fields.py).
+DIFFUSERS_FIELDS = {
+    "num_attention_heads": "size", "attention_head_dim": "size", "num_layers": "size", "patch_size": "size",
+    "in_channels": "size", "out_channels": "size", "num_embeds_ada_norm": "size", "sample_size": "size",
+    "norm_eps": "positive", "norm_type": "str", "activation_fn": "str", "norm_elementwise_affine": "bool",
+}
+
+
 class DiTBlock(nn.Module):
     """adaLN-Zero block: modulated self-attention and MLP, each gated, on the image tokens."""
 
@@ -137,16 +155,30 @@ class DiTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=cfg.mlp_norm_eps)
         self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), activation="gelu_tanh")
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        # With per-block embedders hidden.c holds every block's vector side by side.
+        self.c_columns = slice(index * dim, (index + 1) * dim) if cfg.per_block_embedders else None
 
     def forward(self, hidden: Hidden, plan: BlockPlan) -> Hidden:
         x = hidden.image
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(hidden.c).chunk(6, dim=1)
+        c = hidden.c if self.c_columns is None else hidden.c[:, self.c_columns]
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         attn = self.attn(modulate(self.norm1(x), shift_msa, scale_msa), plan.attention, hidden.grid,
                          hidden.attn_cache, self.index)
         x = x + gate_msa.unsqueeze(1) * attn
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return hidden.with_image(x)
 
+
+class ConditionEmbedder(nn.Module):
+    """One block's own timestep + class embedder (per-block embedders only)."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.t_embedder = TimestepEmbedder(cfg.hidden_size, cfg.frequency_embedding_size, cfg.freq_shift)
+        self.y_embedder = LabelEmbedder(cfg.num_classes, cfg.hidden_size)
+
+    def forward(self, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.t_embedder(t) + self.y_embedder(labels)
 
 
 class DiT(Denoiser):
@@ -156,8 +188,13 @@ class DiT(Denoiser):
         super().__init__()
         self.config = cfg
         self.x_embedder = PatchEmbed(cfg.in_channels, cfg.hidden_size, cfg.patch_size)
-        self.t_embedder = TimestepEmbedder(cfg.hidden_size, cfg.frequency_embedding_size, cfg.freq_shift)
-        self.y_embedder = LabelEmbedder(cfg.num_classes, cfg.hidden_size)
+        if cfg.per_block_embedders:
+            # diffusers' layout with untied copies: each block conditions on its own embedder,
+            # and the final layer on block 0's (as DiTTransformer2DModel does).
+            self.block_embedders = nn.ModuleList(ConditionEmbedder(cfg) for _ in range(cfg.depth))
+        else:
+            self.t_embedder = TimestepEmbedder(cfg.hidden_size, cfg.frequency_embedding_size, cfg.freq_shift)
+            self.y_embedder = LabelEmbedder(cfg.num_classes, cfg.hidden_size)
         self.blocks = nn.ModuleList(DiTBlock(cfg, i) for i in range(cfg.depth))
         self.final_layer = FinalLayer(cfg.hidden_size, cfg.patch_size, cfg.out_channels)
         self.register_buffer("pos_embed", torch.empty(0), persistent=False)
@@ -189,11 +226,15 @@ class DiT(Denoiser):
             pos = self._other_grids[key]
         tokens = tokens + pos.to(tokens.dtype)
         t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
-        c = self.t_embedder(t) + self.y_embedder(cond.class_labels)
+        if self.config.per_block_embedders:
+            c = torch.cat([e(t, cond.class_labels) for e in self.block_embedders], dim=1)
+        else:
+            c = self.t_embedder(t) + self.y_embedder(cond.class_labels)
         return Hidden(image=tokens, c=c, grid=grid)
 
     def finalize(self, hidden: Hidden) -> torch.Tensor:
-        out = self.final_layer(hidden.image, hidden.c)
+        c = hidden.c[:, :self.config.hidden_size] if self.config.per_block_embedders else hidden.c
+        out = self.final_layer(hidden.image, c)
         return unpatchify(out, hidden.grid, self.config.patch_size, self.config.out_channels)
 
 
@@ -243,6 +284,9 @@ def keymap(cfg: DiTConfig, layout: str) -> tuple[KeyMap, set[str]]:
     """(our name -> source, checkpoint keys to ignore) for an original or diffusers layout."""
     names = list(param_names(cfg))
     if layout == "original":
+        if cfg.per_block_embedders:
+            raise ConfigError("this DiT has a timestep/class embedder per block (untied copies, as a model made in "
+                              "diffusers has), and the original layout stores one: it cannot be written there")
         return {n: take(n) for n in names}, {"pos_embed"}
     if layout != "diffusers":
         raise ValueError(f"unknown DiT layout {layout!r}")
@@ -251,8 +295,13 @@ def keymap(cfg: DiTConfig, layout: str) -> tuple[KeyMap, set[str]]:
     m: KeyMap = {}
     for p in ("weight", "bias"):
         m[f"x_embedder.proj.{p}"] = take(f"pos_embed.proj.{p}")
-        m[f"t_embedder.mlp.0.{p}"] = identical_copies(emb.format(j) + f"timestep_embedder.linear_1.{p}" for j in every)
-        m[f"t_embedder.mlp.2.{p}"] = identical_copies(emb.format(j) + f"timestep_embedder.linear_2.{p}" for j in every)
+        for ours, theirs in (("t_embedder.mlp.0", "timestep_embedder.linear_1"),
+                             ("t_embedder.mlp.2", "timestep_embedder.linear_2")):
+            if cfg.per_block_embedders:  # each block's own copy
+                for j in every:
+                    m[f"block_embedders.{j}.{ours}.{p}"] = take(emb.format(j) + f"{theirs}.{p}")
+            else:  # one module tensor, stored once per block: the copies must agree
+                m[f"{ours}.{p}"] = identical_copies(emb.format(j) + f"{theirs}.{p}" for j in every)
         m[f"final_layer.adaLN_modulation.1.{p}"] = take(f"proj_out_1.{p}")
         m[f"final_layer.linear.{p}"] = take(f"proj_out_2.{p}")
         for i in every:
@@ -262,9 +311,46 @@ def keymap(cfg: DiTConfig, layout: str) -> tuple[KeyMap, set[str]]:
             m[dst + f"attn.proj.{p}"] = take(src + f"attn1.to_out.0.{p}")
             m[dst + f"mlp.fc1.{p}"] = take(src + f"ff.net.0.proj.{p}")
             m[dst + f"mlp.fc2.{p}"] = take(src + f"ff.net.2.{p}")
-    m["y_embedder.embedding_table.weight"] = identical_copies(
-        emb.format(j) + "class_embedder.embedding_table.weight" for j in every)
+    if cfg.per_block_embedders:
+        for j in every:
+            m[f"block_embedders.{j}.y_embedder.embedding_table.weight"] = take(
+                emb.format(j) + "class_embedder.embedding_table.weight")
+    else:
+        m["y_embedder.embedding_table.weight"] = identical_copies(
+            emb.format(j) + "class_embedder.embedding_table.weight" for j in every)
     return m, set()
+
+
+EMBEDDER_KEYS = ("timestep_embedder.linear_1.weight", "timestep_embedder.linear_1.bias",
+                 "timestep_embedder.linear_2.weight", "timestep_embedder.linear_2.bias",
+                 "class_embedder.embedding_table.weight")
+
+
+def embedders_differ(keys: Iterable[str], get: Callable[[str], torch.Tensor], depth: int) -> bool:
+    """Whether the per-block embedder copies of a diffusers-layout DiT differ from block 0's
+    (`get(key)` reads one tensor). Missing keys count as tied: the loader names them."""
+    keys = set(keys)
+    emb = "transformer_blocks.{}.norm1.emb."
+    for name in EMBEDDER_KEYS:
+        first = emb.format(0) + name
+        if first not in keys:
+            return False
+        reference = None
+        for j in range(1, depth):
+            key = emb.format(j) + name
+            if key not in keys:
+                return False
+            if reference is None:
+                reference = get(first)
+            if not torch.equal(get(key), reference):
+                return True
+    return False
+
+
+def fit_embedders(cfg: DiTConfig, keys: Iterable[str], get: Callable[[str], torch.Tensor]) -> DiTConfig:
+    """`cfg` with per-block embedders when the diffusers weights' copies differ, else one
+    shared embedder (the copies are then stored once in the module)."""
+    return replace(cfg, per_block_embedders=embedders_differ(keys, get, cfg.depth))
 
 
 def param_names(cfg: DiTConfig):

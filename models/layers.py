@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dite.engine.attention import attention
-from dite.engine.window_attention import window_attention
+from dite.models.attention import attention
+from dite.models.window_attention import window_attention
 from dite.models.plan import FULL_ATTENTION, AttentionPolicy
 
 

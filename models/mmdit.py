@@ -16,9 +16,10 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch import nn
 
-from dite.engine.attention import attention
-from dite.engine.window_attention import window_attention
+from dite.models.attention import attention
+from dite.models.window_attention import window_attention
 from dite.engine.errors import CheckpointError, ConfigError
+from dite.models.config_fields import check_fields, check_instance
 from dite.models.checkpoint import KeyMap, Source, concat, count_indexed, take, transformed
 from dite.models.denoiser import Conditioning, Denoiser, Hidden
 from dite.models.layers import (
@@ -37,6 +38,15 @@ from dite.models.layers import (
 from dite.models.plan import FULL_ATTENTION, AttentionPolicy, BlockPlan
 
 
+# The config.json fields from_diffusers reads, by kind (models/config_fields.py).
+DIFFUSERS_FIELDS = {
+    "num_attention_heads": "size", "attention_head_dim": "size", "caption_projection_dim": "size",
+    "num_layers": "size", "patch_size": "size", "in_channels": "size", "out_channels": "size",
+    "pos_embed_max_size": "size", "joint_attention_dim": "size", "pooled_projection_dim": "size",
+    "sample_size": "size", "qk_norm": "str", "dual_attention_layers": "counts",
+}
+
+
 @dataclass(frozen=True)
 class MMDiTConfig:
     depth: int = 24
@@ -53,6 +63,7 @@ class MMDiTConfig:
     dual_attention_layers: tuple[int, ...] = ()
 
     def __post_init__(self):
+        check_instance(self, "MMDiT config")
         bad = [i for i in self.dual_attention_layers if not 0 <= i < self.depth]
         if bad:
             raise ConfigError(f"dual_attention_layers {bad} are outside the {self.depth} blocks")
@@ -64,6 +75,7 @@ class MMDiTConfig:
     @classmethod
     def from_diffusers(cls, config: dict) -> "MMDiTConfig":
         """From a diffusers SD3Transformer2DModel config.json."""
+        check_fields(config, "SD3 transformer config", DIFFUSERS_FIELDS)
         heads, head_dim = config.get("num_attention_heads", 18), config.get("attention_head_dim", 64)
         caption = config.get("caption_projection_dim", 1152)
         if caption != heads * head_dim:

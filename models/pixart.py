@@ -23,8 +23,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from dite.engine.attention import attention
+from dite.models.attention import attention
 from dite.engine.errors import CheckpointError, ConfigError
+from dite.models.config_fields import check_fields, check_instance
 from dite.models.checkpoint import KeyMap, concat, count_indexed, take
 from dite.models.denoiser import Conditioning, Denoiser, Hidden
 from dite.models.layers import (
@@ -58,6 +59,15 @@ def family_interpolation(variant: str, sample_size: int) -> float:
     return sample_size * 8 / 512
 
 
+# The config.json fields from_diffusers reads, by kind (models/config_fields.py).
+DIFFUSERS_FIELDS = {
+    "num_attention_heads": "size", "attention_head_dim": "size", "num_layers": "size", "patch_size": "size",
+    "in_channels": "size", "out_channels": "size", "caption_channels": "size", "sample_size": "size",
+    "cross_attention_dim": "size", "interpolation_scale": "positive", "use_additional_conditions": "bool",
+    "norm_type": "str", "activation_fn": "str", "norm_elementwise_affine": "bool",
+}
+
+
 @dataclass(frozen=True)
 class PixArtConfig:
     hidden_size: int = 1152
@@ -74,6 +84,7 @@ class PixArtConfig:
     mlp_ratio: float = 4.0
 
     def __post_init__(self):
+        check_instance(self, "PixArt config")
         if self.variant not in VARIANTS:
             raise ConfigError(f"PixArt variant must be one of {VARIANTS}, got {self.variant!r}")
         if self.hidden_size % self.num_heads:
@@ -99,6 +110,7 @@ class PixArtConfig:
         Missing `interpolation_scale` and `use_additional_conditions` take diffusers' own
         fallbacks (max(sample_size // 64, 1); sample_size == 128), so a folder gives what
         diffusers gives; `variant` comes from the pipeline class."""
+        check_fields(config, "PixArt transformer config", DIFFUSERS_FIELDS)
         if config.get("norm_type", "ada_norm_single") != "ada_norm_single":
             raise ConfigError(f"not a PixArt transformer config: norm_type is {config.get('norm_type')!r}")
         if config.get("caption_channels") is None:

@@ -15,7 +15,13 @@ from dataclasses import dataclass
 from dite.engine.errors import ConfigError
 
 CFG_MODES = ("both", "cond_only")
-RANGE_ACTIONS = ("record", "apply")
+RANGE_ACTIONS = ("record", "apply", "adaptive")
+# What a forecast is a polynomial in: the step index, or the scheduler's timestep value
+# (sigma x 1000 for flow matching), which is uneven in the step index.
+FORECAST_COORDS = ("step", "time")
+# What the adaptive decision compares between steps: the hidden state entering the range
+# ("hidden"), or what the front blocks added to the state after `prepare` ("residual").
+ADAPTIVE_SIGNALS = ("hidden", "residual")
 
 
 ATTENTION_KINDS = ("full", "window", "share")
@@ -90,17 +96,49 @@ PLAIN_BLOCK = BlockPlan()
 @dataclass(frozen=True)
 class RangeOp:
     """Blocks [start, stop) either run and record their delta (out - in, per stream and
-    batch row) or do not run: out = in + the delta recorded for this same range."""
+    batch row) ("record"), or do not run: out = in + the delta recorded for this range
+    ("apply"), or decide per sample at run time which of the two to do ("adaptive").
+
+    `order` > 0 replaces the last delta by its forecast: the polynomial of degree `order`
+    through the range's last order + 1 recorded deltas (per row), evaluated at this step's
+    `coord` ("step" index or scheduler "time"); order 0 re-adds the last delta.
+
+    "adaptive" (the dynamic block cache): a sample runs the range when `force` is set
+    (warm-up), when it has no record yet, when it has reused `max_cached` steps in a row, or
+    when the relative L1 change of its `signal` since the last step it ran the range exceeds
+    `threshold`; otherwise it gets the (forecast) delta. The CFG rows of one sample decide
+    together, on their joint change, so guidance always combines branches of the same step.
+    """
 
     start: int
     stop: int
     action: str
+    order: int = 0
+    coord: str = "step"
+    threshold: float = 0.0
+    max_cached: int = 0
+    force: bool = False
+    signal: str = "residual"
 
     def __post_init__(self):
         if self.action not in RANGE_ACTIONS:
             raise ConfigError(f"range action must be one of {RANGE_ACTIONS}, got {self.action!r}")
         if not 0 <= self.start < self.stop:
             raise ConfigError(f"block range [{self.start}, {self.stop}) is empty or negative")
+        if not isinstance(self.order, int) or not 0 <= self.order <= 3:
+            raise ConfigError(f"forecast order must be 0, 1, 2 or 3, got {self.order!r}")
+        if self.coord not in FORECAST_COORDS:
+            raise ConfigError(f"forecast coordinate must be one of {FORECAST_COORDS}, got {self.coord!r}")
+        if self.signal not in ADAPTIVE_SIGNALS:
+            raise ConfigError(f"adaptive signal must be one of {ADAPTIVE_SIGNALS}, got {self.signal!r}")
+        if self.signal == "residual" and self.action == "adaptive" and self.start == 0:
+            raise ConfigError("the adaptive 'residual' signal is what the front blocks add: it needs front >= 1 "
+                              "(or signal=hidden)")
+
+    @property
+    def forecasts(self) -> bool:
+        """Whether this range keeps a delta history (forecasting or deciding at run time)."""
+        return self.order > 0 or self.action == "adaptive"
 
     @property
     def key(self) -> tuple[int, int]:
@@ -151,7 +189,17 @@ class StepPlan:
         return out
 
     def computed_blocks(self, depth: int) -> list[int]:
-        return [i for start, stop, action in self.segments(depth) if action != "apply" for i in range(start, stop)]
+        """Blocks that run for every row (an adaptive range's blocks run only for some rows:
+        the loop counts those from what ran)."""
+        return [i for start, stop, action in self.segments(depth) if action in ("compute", "record")
+                for i in range(start, stop)]
+
+    def range_at(self, start: int) -> RangeOp:
+        return next(r for r in self.ranges if r.start == start)
+
+    @property
+    def adaptive(self) -> bool:
+        return any(r.action == "adaptive" for r in self.ranges)
 
 
 PLAIN_STEP = StepPlan()

@@ -22,10 +22,19 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
-from dite.engine.attention import attention
+from dite.models.attention import attention
 from dite.engine.errors import CheckpointError, ConfigError
+from dite.models.config_fields import check_fields, check_instance
 from dite.models.checkpoint import KeyMap, count_indexed, identical_copies, take
 from dite.models.layers import RMSNorm, merge_heads, split_heads
+
+
+# The config.json fields from_transformers reads, by kind (models/config_fields.py).
+TRANSFORMERS_FIELDS = {
+    "vocab_size": "size", "d_model": "size", "d_kv": "size", "d_ff": "size", "num_layers": "size",
+    "num_heads": "size", "relative_attention_num_buckets": "size", "relative_attention_max_distance": "size",
+    "layer_norm_epsilon": "positive", "feed_forward_proj": "str",
+}
 
 
 @dataclass(frozen=True)
@@ -40,6 +49,9 @@ class T5Config:
     relative_max_distance: int = 128
     eps: float = 1e-6
 
+    def __post_init__(self):
+        check_instance(self, "T5 config")
+
     @classmethod
     def t5_xxl(cls) -> "T5Config":
         """google/t5-v1_1-xxl encoder (SD3 `text_encoder_3`, PixArt's text encoder)."""
@@ -48,6 +60,7 @@ class T5Config:
     @classmethod
     def from_transformers(cls, config: Mapping[str, Any]) -> "T5Config":
         """From a transformers T5 `config.json`; only gated-GELU (v1.1, flan) is supported."""
+        check_fields(config, "T5 config", TRANSFORMERS_FIELDS)
         proj = config.get("feed_forward_proj", "relu")
         if proj not in ("gated-gelu",):
             raise ConfigError(f"T5 feed_forward_proj {proj!r} unsupported: dite implements T5 v1.1's "

@@ -18,12 +18,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dite.engine.attention import attention
+from dite.models.attention import attention
 from dite.engine.errors import CheckpointError, ConfigError
+from dite.models.config_fields import check_fields, check_instance
 from dite.models.checkpoint import KeyMap, Source, count_indexed, take, transformed
 
 # diffusers hard-codes eps 1e-6 in every VAE norm (torch's default would be 1e-5).
 _EPS = 1e-6
+
+# The config.json fields from_diffusers reads, by kind (models/config_fields.py).
+DIFFUSERS_FIELDS = {
+    "latent_channels": "size", "block_out_channels": "sizes", "layers_per_block": "size", "norm_num_groups": "size",
+    "in_channels": "size", "out_channels": "size", "use_quant_conv": "bool", "use_post_quant_conv": "bool",
+    "mid_block_add_attention": "bool", "scaling_factor": "positive", "shift_factor": "number", "force_upcast": "bool",
+    "down_block_types": "strings", "up_block_types": "strings", "act_fn": "str",
+}
 
 
 @dataclass(frozen=True)
@@ -44,6 +53,10 @@ class VAEConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
+        check_instance(self, "VAE config", signed=("shift_factor",))
+        if not self.block_out_channels or min(self.block_out_channels) <= 0:
+            raise ConfigError(f"VAE config: block_out_channels must be a non-empty list of positive integers, "
+                              f"got {list(self.block_out_channels)}")
         bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
         if bad:
             raise ConfigError(
@@ -75,6 +88,7 @@ class VAEConfig:
     @classmethod
     def from_diffusers(cls, config: Mapping[str, Any]) -> "VAEConfig":
         """From a diffusers `vae/config.json`; absent fields take diffusers' defaults."""
+        check_fields(config, "VAE config", DIFFUSERS_FIELDS)
         if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
             raise ConfigError(f"VAE config is for {config['_class_name']}, dite supports AutoencoderKL only")
         channels = tuple(config.get("block_out_channels", (64,)))

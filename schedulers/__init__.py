@@ -12,6 +12,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from dite.engine.errors import ConfigError
+from dite.models.config_fields import check_against, json_type, require_object
 from dite.schedulers.base import Scheduler, SchedulerState
 from dite.schedulers.ddim import DDIMConfig, DDIMScheduler
 from dite.schedulers.ddpm import DDPMConfig, DDPMScheduler
@@ -34,7 +35,7 @@ CONFIG_NAME = "scheduler_config.json"
 __all__ = ["SCHEDULERS", "BY_NAME", "ALIASES", "Scheduler", "SchedulerState", "DDIMConfig", "DDIMScheduler",
            "DDPMConfig", "DDPMScheduler", "DPMSolverConfig",
            "DPMSolverMultistepScheduler", "FlowMatchEulerConfig", "FlowMatchEulerScheduler", "FlowMatchState",
-           "from_diffusers_config", "load_scheduler", "by_name"]
+           "from_diffusers_config", "load_scheduler", "read_scheduler_config", "by_name"]
 
 
 def from_diffusers_config(config: dict) -> Scheduler:
@@ -43,14 +44,34 @@ def from_diffusers_config(config: dict) -> Scheduler:
     Keys the class does not read are ignored, as diffusers ignores them; a value the class
     cannot honour (unknown beta schedule, spacing, prediction type, ...) is a ConfigError.
     """
+    require_object(config, "scheduler config")
     class_name = config.get("_class_name")
-    if class_name not in SCHEDULERS:
-        raise ConfigError(f"unsupported scheduler class {class_name!r}; dite supports "
+    if class_name is None:
+        raise ConfigError(f"scheduler config has no '_class_name', which is required; dite supports "
+                          f"{', '.join(sorted(SCHEDULERS))}")
+    if not isinstance(class_name, str) or class_name not in SCHEDULERS:
+        raise ConfigError(f"scheduler config: _class_name {class_name!r} is not a scheduler dite supports: "
                           f"{', '.join(sorted(SCHEDULERS))} (or pick one with --scheduler)")
-    return SCHEDULERS[class_name].from_diffusers_config(config)
+    cls = SCHEDULERS[class_name]
+    check_config(cls, config)
+    return cls.from_diffusers_config(config)
 
 
-def _read_config(path: str | Path) -> dict:
+def check_config(cls: type[Scheduler], config: dict) -> None:
+    """The fields of `config` that `cls` reads, checked against its config dataclass's types
+    (a string where a number belongs, NaN, a negative or zero step count)."""
+    check_against(cls.config_class, config, f"{cls.diffusers_class} config", sizes=POSITIVE_FIELDS)
+    for name in ("beta_start", "beta_end"):
+        value = config.get(name)
+        if name in {f.name for f in fields(cls.config_class)} and value is not None and not 0 <= value < 1:
+            raise ConfigError(f"{cls.diffusers_class} config: {name} must be in [0, 1), got {value}")
+
+
+# Integer fields that must be positive (others may be 0, e.g. steps_offset).
+POSITIVE_FIELDS = ("num_train_timesteps", "solver_order", "base_image_seq_len", "max_image_seq_len")
+
+
+def _read_config(path: str | Path) -> tuple[Path, dict]:
     path = Path(path)
     if path.is_dir():  # a scheduler folder or a whole diffusers pipeline folder
         candidates = [path / CONFIG_NAME, path / "scheduler" / CONFIG_NAME]
@@ -58,18 +79,30 @@ def _read_config(path: str | Path) -> dict:
     try:
         config = json.loads(path.read_text())
     except OSError as e:
-        raise ConfigError(f"cannot read scheduler config {path}: {e.strerror or e}") from e
+        raise ConfigError(f"cannot read scheduler config {path}: {e.strerror or e}") from None
     except json.JSONDecodeError as e:
-        raise ConfigError(f"scheduler config {path} is not valid JSON: {e}") from e
+        raise ConfigError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); fix the "
+                          "scheduler config or download it again") from None
     if not isinstance(config, dict):
-        raise ConfigError(f"scheduler config {path} is not a JSON object")
-    return config
+        raise ConfigError(f"{path} must hold a JSON object ({{...}}), not {json_type(config)}; is this the "
+                          "scheduler config?")
+    return path, config
 
 
 def load_scheduler(folder_or_json_path: str | Path) -> Scheduler:
     """Read `scheduler_config.json` (a file, its folder, or a pipeline folder holding
-    `scheduler/`) and build the scheduler it names."""
-    return from_diffusers_config(_read_config(folder_or_json_path))
+    `scheduler/`) and build the scheduler it names; errors name the file."""
+    path, config = _read_config(folder_or_json_path)
+    try:
+        return from_diffusers_config(config)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def read_scheduler_config(folder_or_json_path: str | Path) -> dict:
+    """The scheduler config dict at a path (as load_scheduler reads it), checked to build."""
+    load_scheduler(folder_or_json_path)
+    return _read_config(folder_or_json_path)[1]
 
 
 def by_name(name: str, base_config: dict | None = None, **overrides) -> Scheduler:
@@ -89,4 +122,6 @@ def by_name(name: str, base_config: dict | None = None, **overrides) -> Schedule
     if unknown:
         raise ConfigError(f"scheduler {name!r} has no option {', '.join(unknown)}; "
                           f"its options are {', '.join(sorted(known))}")
-    return cls.from_diffusers_config({**(base_config or {}), **overrides})
+    config = {**(base_config or {}), **overrides}
+    check_config(cls, config)
+    return cls.from_diffusers_config(config)

@@ -58,6 +58,9 @@ class Scheduler:
     diffusers_class: ClassVar[str] = ""
     #: short name used in metadata and on the command line
     name: ClassVar[str] = ""
+    #: what the model must have been trained to predict: "diffusion" (ε, x0 or v on a ᾱ
+    #: noise table, per the config's prediction_type) or "flow" (a flow-matching velocity)
+    objective: ClassVar[str] = ""
     #: whether step() takes a model output with learned-variance channels after the prediction
     uses_model_variance: ClassVar[bool] = False
 

@@ -140,6 +140,7 @@ class DDIMScheduler(Scheduler):
 
     diffusers_class = "DDIMScheduler"
     name = "ddim"
+    objective = "diffusion"
     config_class = DDIMConfig
 
     def __init__(self, config: DDIMConfig | None = None) -> None:

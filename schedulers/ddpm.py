@@ -71,6 +71,7 @@ class DDPMConfig:
 class DDPMScheduler(Scheduler):
     diffusers_class = "DDPMScheduler"
     name = "ddpm"
+    objective = "diffusion"
     config_class = DDPMConfig
 
     def __init__(self, config: DDPMConfig | None = None) -> None:

@@ -90,6 +90,7 @@ class DPMSolverConfig:
 class DPMSolverMultistepScheduler(Scheduler):
     diffusers_class = "DPMSolverMultistepScheduler"
     name = "dpm"
+    objective = "diffusion"
     config_class = DPMSolverConfig
 
     def __init__(self, config: DPMSolverConfig | None = None) -> None:

@@ -97,6 +97,7 @@ class FlowMatchEulerScheduler(Scheduler):
 
     diffusers_class = "FlowMatchEulerDiscreteScheduler"
     name = "flow_euler"
+    objective = "flow"
     config_class = FlowMatchEulerConfig
 
     def __init__(self, config: FlowMatchEulerConfig | None = None) -> None:

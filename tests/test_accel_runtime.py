@@ -6,27 +6,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dite.accel import PlanContext, RangeOp, StepPlan, as_methods, build_plans, resolve
-from dite.accel.cache import DeltaCache
-from dite.engine.sampling import GenerationState, apply_guidance, batch_for_cfg, denoise
-from dite.engine.step import run_step
+from dite.accel import RangeOp, StepPlan
+from dite.engine.runtime.delta_store import DeltaStore
+from dite.engine.runtime.sampling import apply_guidance, batch_for_cfg
+from tiny_runtime import RowCounter, dit_cond, plans_for, randomized, sample, sd3_cond
+from dite.engine.runtime.step import run_step
 from dite.models.denoiser import Conditioning
 from dite.models.dit import DiT, DiTConfig
 from dite.models.layers import SelfAttention, downsample_tokens, merge_heads, split_heads
 from dite.models.mmdit import MMDiT, MMDiTConfig
 from dite.models.plan import AttentionPolicy
 from dite.schedulers import by_name
-
-
-def randomized(module, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-        for name, b in module.named_buffers():
-            if name == "pos_embed" and b.numel():
-                b.copy_(torch.randn(b.shape, generator=g) * 0.2)
-    return module.eval()
 
 
 @pytest.fixture(scope="module")
@@ -43,45 +33,6 @@ def dit():
     model = randomized(DiT(cfg), seed=1)
     model.init_computed_buffers(torch.device("cpu"))
     return model
-
-
-def sd3_cond(batch=1, guided=True):
-    g = torch.Generator().manual_seed(3)
-    rows = 2 * batch if guided else batch
-    return Conditioning(context=torch.randn(rows, 5, 8, generator=g), pooled=torch.randn(rows, 6, generator=g),
-                        cfg_layout="uncond_first" if guided else "none")
-
-
-def dit_cond(labels=(3,)):
-    return Conditioning(class_labels=torch.tensor(list(labels) + [10] * len(labels)), cfg_layout="cond_first")
-
-
-def sample(model, cond, plans, steps, scheduler="flow_euler", latent=(4, 6, 4), batch=1, seed=0):
-    sched = by_name(scheduler)
-    state = GenerationState(scheduler=sched.start(steps))
-    x = torch.randn(batch, *latent, generator=torch.Generator().manual_seed(seed))
-    out = denoise(model, sched, x, cond, state, guidance_scale=5.0, prediction_channels=4, plans=plans, progress=False)
-    return out, state
-
-
-def plans_for(spec, model, steps, guided=True):
-    ctx = PlanContext(model.family, len(model.blocks), steps, guided)
-    return build_plans(resolve(as_methods(spec), ctx), ctx)
-
-
-class RowCounter:
-    """Forward pre-hooks on every block: how many rows each block ran, in total."""
-
-    def __init__(self, model):
-        self.rows = 0
-        self.handles = [b.register_forward_pre_hook(self.hook) for b in model.blocks]
-
-    def hook(self, module, args):
-        self.rows += args[0].image.shape[0]
-
-    def close(self):
-        for h in self.handles:
-            h.remove()
 
 
 def test_record_only_plans_and_factor_one_are_bit_identical(mmdit):
@@ -107,7 +58,7 @@ def test_cached_step_reproduces_by_hand(mmdit):
     g = torch.Generator().manual_seed(5)
     x1, x2 = torch.randn(2, 4, 6, 4, generator=g), torch.randn(2, 4, 6, 4, generator=g)
     t1, t2 = torch.full((2,), 700.0), torch.full((2,), 650.0)
-    cache = DeltaCache()
+    cache = DeltaStore()
     run_step(mmdit, x1, t1, cond, StepPlan(ranges=(RangeOp(1, 21, "record"),)), cache)
     out = run_step(mmdit, x2, t2, cond, StepPlan(ranges=(RangeOp(1, 21, "apply"),)), cache)
 
@@ -151,7 +102,7 @@ def test_promptgate_steps_are_cond_only_unguided(mmdit, dit, family):
 @pytest.mark.parametrize("layout,kept", [("uncond_first", 1.0), ("cond_first", 0.0)])
 def test_gate_slices_caches_to_the_conditional_rows(layout, kept):
     cond = Conditioning(class_labels=torch.tensor([0, 1]), cfg_layout=layout)
-    cache = DeltaCache()
+    cache = DeltaStore()
     before = torch.zeros(2, 3, 4)
     after = torch.stack([torch.zeros(3, 4), torch.ones(3, 4)])  # row 0 -> delta 0, row 1 -> delta 1
     from dite.models.denoiser import Hidden
@@ -204,6 +155,6 @@ def test_todo_on_mmdit_shrinks_image_keys_only(mmdit, monkeypatch):
     monkeypatch.setattr(mmdit_module, "attention", spy)
     plans = plans_for("todo(blocks=0:2,factor=2)", mmdit, 1)
     x = torch.randn(2, 4, 6, 4)  # grid 3 x 2 tokens: keys from int(3/2) x int(2/2) = 1 x 1
-    run_step(mmdit, x, torch.full((2,), 500.0), sd3_cond(), plans[0], DeltaCache())
+    run_step(mmdit, x, torch.full((2,), 500.0), sd3_cond(), plans[0], DeltaStore())
     assert seen[:2] == [(6 + 5, 1 + 5)] * 2  # queries all 6 image + 5 text; keys 1 image + 5 text
     assert seen[2] == (11, 11)

@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dite.engine import attention_backends
-from dite.engine.attention import attention
+from dite.models import attention_kernels as attention_backends
+from dite.models.attention import attention
 from dite.engine.errors import ConfigError
-from dite.engine.executors import make_executor
+from dite.engine.runtime.executors import make_executor
 from dite.models.plan import AttentionPolicy
-from test_accel_runtime import dit_cond, plans_for
+from tiny_runtime import dit_cond, plans_for
 from test_executors import dit, generate  # noqa: F401  (fixture)
 
 

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 import transformers
 
 from dite.engine.errors import CheckpointError, ConfigError
-from dite.engine.text_encoder_loading import load_clip
+from dite.engine.loading.text_encoders import load_clip
 from dite.models.clip import CLIPTextConfig, detect_clip
 
 TOL = 1e-5  # the contract; on CPU fp32 the outputs are bit-identical today

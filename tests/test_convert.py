@@ -18,9 +18,9 @@ from safetensors.torch import load_file, save_file
 
 from dite.engine import convert, load
 from dite.engine.cli import main
-from dite.engine.converter import ConversionNote
+from dite.engine.checkpoints.convert import ConversionNote
 from dite.engine.errors import CheckpointError, DiteError
-from dite.engine.tensor_stream import PrecisionWarning
+from dite.engine.checkpoints.tensor_stream import PrecisionWarning
 from dite.models.denoiser import Conditioning
 from test_clip import COMMON, reference as clip_reference, to_openclip
 from test_t5 import reference as t5_reference
@@ -92,9 +92,11 @@ def test_dit_pt_to_folder_runs_in_diffusers(dit_pipe, tmp_path):
     assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["variance_type"] == "learned_range"
     back = tmp_path / "again.pt"
     convert(out, back, to="original")
-    state = torch.load(back, weights_only=True)
+    saved = torch.load(back, weights_only=True)  # {"ema": weights, "dite": metadata}, as DiT's train.py wraps
+    state = saved["ema"]
     state.pop("pos_embed")
     assert_same(state, dit_original_state(folder))
+    assert json.loads(saved["dite"]["config"])["num_heads"] == 2
 
 
 def test_dtype_conversion(dit_pipe, tmp_path):
@@ -157,7 +159,7 @@ def test_cli_convert(dit_pipe, tmp_path, capsys):
     with safe_open(out, "pt") as f:
         meta = f.metadata()
         assert f.get_tensor("blocks.0.attn.qkv.weight").dtype == torch.bfloat16
-    assert meta["family"] == "dit" and json.loads(meta["config"])["depth"] == 3 and meta["source"] == str(folder)
+    assert meta["family"] == "dit" and json.loads(meta["config"])["depth"] == 3 and meta["source"] == folder.name
     assert main(["convert", str(folder), str(out), "--to", "original"]) == 2
     assert "exists; pass --force" in capsys.readouterr().err
 
@@ -347,3 +349,59 @@ def test_truncated_pt_is_refused(dit_pipe, tmp_path):
         convert(tmp_path / "cut.pt", tmp_path / "out", to="diffusers", model_config={"num_heads": 2})
     with pytest.raises(DiteError, match="no such file or folder"):
         convert(tmp_path / "missing.pt", tmp_path / "out", to="diffusers")
+
+
+# ----------------------------------------------------------------------------- what dite records
+
+def test_demo_dit_round_trip_keeps_its_scheduler(tmp_path, capsys):
+    """demo-dit samples with a cosine DDIM, not the original DiT's linear DDPM: folder -> .pt ->
+    folder gives the same scheduler, transformer config and model_index (class names)."""
+    from dite.engine.loading.hub import demo_folder
+
+    demo = demo_folder("demo-dit")
+    pt = tmp_path / "demo-dit.pt"
+    assert main(["convert", "demo-dit", str(pt), "--to", "original"]) == 0
+    back = tmp_path / "back"
+    assert main(["convert", str(pt), str(back), "--to", "diffusers", "--vae", str(demo / "vae")]) == 0
+    for name in ("scheduler/scheduler_config.json", "transformer/config.json", "model_index.json"):
+        assert json.loads((back / name).read_text()) == json.loads((demo / name).read_text()), name
+    pipe = load(pt, vae=demo / "vae")  # no model_config: the heads are recorded too
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler"
+    assert pipe.scheduler.config.beta_schedule == "squaredcos_cap_v2"
+    assert pipe.transformer.config == load("demo-dit").transformer.config  # heads, eps, timestep shift
+    assert pipe.label_ids(["cyan circle"]) == [3]  # the class names come along
+    capsys.readouterr()
+    assert main(["inspect", "demo-dit", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["family"] == "dit"
+
+
+def test_recorded_config_is_read_back_by_load_convert_and_inspect(dit_pipe, tmp_path, capsys):
+    _, folder = dit_pipe
+    file = tmp_path / "dit.safetensors"
+    convert(folder, file, to="original")
+    with safe_open(file, "pt") as f:
+        meta = f.metadata()
+    assert meta["source"] == folder.name and not any(str(tmp_path) in v or "/tmp" in v for v in meta.values())
+    assert json.loads(meta["scheduler_config"]) == json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    # 32 wide with 2 heads is no published DiT: without the record this needs model_config.
+    pipe = load(file, vae=folder / "vae")
+    assert pipe.transformer.config == load(folder).transformer.config
+    assert type(pipe.scheduler).__name__ == "DDPMScheduler"
+    back = tmp_path / "back"
+    convert(file, back, to="diffusers", vae=folder / "vae")
+    assert json.loads((back / "transformer" / "config.json").read_text()) == json.loads(
+        (folder / "transformer" / "config.json").read_text())
+    assert main(["inspect", str(file), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["config"]["num_heads"] == 2 and info["recorded"]["source"] == folder.name
+    with pytest.raises(DiteError, match=r"num_heads=4 contradicts num_heads=2 recorded in dit.safetensors"):
+        load(file, vae=folder / "vae", model_config={"num_heads": 4})
+
+
+def test_metadata_never_records_local_paths(dit_pipe, tmp_path):
+    _, folder = dit_pipe
+    convert(folder, tmp_path / "out", to="diffusers")
+    for weights in (tmp_path / "out").rglob("*.safetensors"):
+        with safe_open(weights, "pt") as f:
+            meta = f.metadata()
+        assert meta["source"] == folder.name and not any(str(folder.parent) in v for v in meta.values())

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from dite.engine import convert
-from dite.engine.converter import ConversionNote
+from dite.engine.checkpoints.convert import ConversionNote
 from dite.models import pixart
 from tiny_pixart import DEPTH, HEADS, pixart_to_original, tiny_pixart_pipeline
 

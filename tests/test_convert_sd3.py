@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from dite.engine import convert, load
-from dite.engine.converter import ConversionNote
+from dite.engine.checkpoints.convert import ConversionNote
 from tiny_sd3 import BUNDLED_PREFIX, FOLDER_OF, component_state, hints, original_parts, write_release
 
 PROMPTS = ["a red circle at the top left", "A small BLUE square, on the right!"]
@@ -180,3 +180,18 @@ def test_encoder_files_to_folders_and_back(sd3, tmp_path):
         back = tmp_path / f"{part}.safetensors"
         convert(out, back, to="original")
         assert_same(load_file(back), load_file(file), part)
+
+
+def test_separate_encoders_never_overwrite_the_source_files(sd3, tmp_path):
+    """SD3 --text-encoders separate writes text_encoders/*.safetensors beside the output: where
+    those are the source's own encoder files, it is refused, --force or not, and nothing changes."""
+    from dite.engine.errors import DiteError
+
+    _, folder = sd3
+    release = write_release(folder, tmp_path / "release", bundled=False)
+    before = {p: p.read_bytes() for p in release.parent.rglob("*") if p.is_file()}
+    for force in (False, True):
+        with pytest.raises(DiteError, match=r"text_encoders/clip_l.safetensors is the source"):
+            convert(release, release.parent / "copy.safetensors", to="original", text_encoders="separate",
+                    force=force, model_config=hints(folder))
+    assert {p: p.read_bytes() for p in release.parent.rglob("*") if p.is_file()} == before

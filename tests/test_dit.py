@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from dite.engine.errors import CheckpointError, ConfigError
-from dite.engine.weights import StateDictReader, load_weights, open_weights
+from dite.engine.loading.weights import StateDictReader, load_weights, open_weights
 from dite.models import dit
+from dite.models.checkpoint import export_state_dict
 from dite.models.denoiser import Conditioning
 from tiny import dit_to_original, tiny_diffusers_dit
 
@@ -125,13 +126,73 @@ def test_published_sizes_are_detected():
     assert sum(p.numel() for p in module.parameters()) == 675_129_632 - 256 * 1152
 
 
-def test_untied_embedder_copies_are_refused(reference, tmp_path):
-    model, folder = reference
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    state["transformer_blocks.2.norm1.emb.timestep_embedder.linear_1.weight"] += 1
+@pytest.fixture(scope="module")
+def untied(tmp_path_factory):
+    """A DiT as diffusers initialises one (a model made or fine-tuned in diffusers): every
+    block's timestep and class embedders are separate modules with their own random init."""
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(11)
+    model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
+                                  num_layers=DEPTH, sample_size=8, patch_size=2, num_embeds_ada_norm=1000).eval()
+    folder = tmp_path_factory.mktemp("dit-untied")
+    model.save_pretrained(folder)
+    return model, folder
+
+
+def load_folder_transformer(folder):
+    reader = open_weights(folder)
     cfg = dit.DiTConfig.from_diffusers(json.loads((folder / "config.json").read_text()))
-    with pytest.raises(CheckpointError, match="transformer_blocks.2.norm1.emb.timestep_embedder.linear_1.weight"):
-        build(cfg, StateDictReader(state, "untied"), "diffusers")
+    cfg = dit.fit_embedders(cfg, reader.keys(), reader.get)
+    return cfg, build(cfg, reader, "diffusers")
+
+
+def test_untied_embedders_load_and_match_diffusers(untied):
+    model, folder = untied
+    emb = [block.norm1.emb for block in model.transformer_blocks]
+    assert not torch.equal(emb[1].timestep_embedder.linear_1.weight, emb[0].timestep_embedder.linear_1.weight)
+    assert not torch.equal(emb[2].class_embedder.embedding_table.weight, emb[0].class_embedder.embedding_table.weight)
+    cfg, ours = load_folder_transformer(folder)
+    assert cfg.per_block_embedders and len(ours.block_embedders) == DEPTH
+    x, t, labels = inputs()
+    with torch.no_grad():
+        expected = model(x, timestep=t, class_labels=labels).sample
+        got = ours(x, t, Conditioning(class_labels=labels))
+    assert (got - expected).abs().max().item() <= 1e-5
+    # Every stored tensor is a parameter of ours, once: the counts agree.
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in model.parameters())
+
+
+def test_untied_embedders_each_matter(untied):
+    """Block i really uses its own embedder: changing block 2's copy changes the output."""
+    model, folder = untied
+    _, ours = load_folder_transformer(folder)
+    x, t, labels = inputs()
+    with torch.no_grad():
+        before = ours(x, t, Conditioning(class_labels=labels))
+        ours.block_embedders[2].y_embedder.embedding_table.weight.add_(0.5)
+        after = ours(x, t, Conditioning(class_labels=labels))
+    assert (before - after).abs().max().item() > 1e-4
+
+
+def test_untied_embedders_export_back_to_diffusers_names(untied):
+    model, folder = untied
+    cfg, ours = load_folder_transformer(folder)
+    keymap, _ = dit.keymap(cfg, "diffusers")
+    exported = export_state_dict(keymap, ours.state_dict())
+    state = model.state_dict()
+    assert set(exported) == set(state)  # diffusers does not store its position table either
+    assert all(torch.equal(exported[k], state[k]) for k in exported)
+    with pytest.raises(ConfigError, match="per block.*original layout"):
+        dit.keymap(cfg, "original")
+
+
+def test_tied_embedders_are_stored_once(reference):
+    model, folder = reference
+    cfg, ours = load_folder_transformer(folder)
+    assert not cfg.per_block_embedders and not hasattr(ours, "block_embedders")
+    one = sum(p.numel() for p in model.transformer_blocks[0].norm1.emb.parameters())
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in model.parameters()) - (DEPTH - 1) * one
 
 
 def test_missing_unexpected_and_misshaped_keys_are_named(reference):

@@ -11,7 +11,7 @@ from PIL import Image
 
 from dite.engine import load
 from dite.engine.errors import InputError
-from tiny import tiny_dit_pipeline
+from tiny import tiny_diffusers_vae, tiny_dit_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +138,7 @@ def test_non_default_size_runs(folders):
 
 
 def test_initial_noise_is_drawn_per_image_on_cpu():
-    from dite.engine.noise import image_generators, initial_latents
+    from dite.engine.pipelines.noise import image_generators, initial_latents
 
     x = initial_latents((4, 8, 8), image_generators(3, 2), None, device="cpu", dtype=torch.float32)
     assert torch.equal(x[1], torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(4)))
@@ -161,3 +161,24 @@ def test_describe(folders):
     info = load(folder).describe()
     assert info["family"] == "dit" and info["scheduler"]["_class_name"] == "DDIMScheduler"
     assert info["transformer"]["depth"] == 3 and info["vae"]["latent_channels"] == 4
+
+
+def test_untied_embedders_pipeline_matches_diffusers(tmp_path):
+    """A DiTPipeline whose transformer diffusers initialised itself (per-block embedders
+    untied) loads and gives diffusers' image; the embedders are kept one per block."""
+    from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    torch.manual_seed(5)
+    transformer = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
+                                        num_layers=3, sample_size=8, patch_size=2, num_embeds_ada_norm=1000).eval()
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)
+    reference = DiTPipeline(transformer=transformer, vae=tiny_diffusers_vae(), scheduler=scheduler)
+    reference.set_progress_bar_config(disable=True)
+    reference.save_pretrained(tmp_path)
+    expected = reference(class_labels=[3, 999], guidance_scale=4.0, num_inference_steps=5, output_type="np",
+                         generator=torch.Generator().manual_seed(0)).images
+    pipe = load(tmp_path)
+    assert pipe.transformer.config.per_block_embedders and len(pipe.transformer.block_embedders) == 3
+    out = pipe(class_labels=[3, 999], guidance_scale=4.0, num_inference_steps=5, output_type="np",
+               latents=noise(2, seed=0), progress=False)
+    assert np.abs(out.images - expected).max() <= 1e-5

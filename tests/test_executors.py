@@ -9,13 +9,13 @@ import torch
 
 from dite.accel import AttentionPolicy, BlockPlan, StepPlan
 from dite.engine.errors import ConfigError
-from dite.engine.executors import make_executor
-from dite.engine.executors.compiled import RecompileError
-from dite.engine.sampling import GenerationState, denoise
+from dite.engine.runtime.executors import make_executor
+from dite.engine.runtime.executors.compiled import RecompileError
+from dite.engine.runtime.sampling import GenerationState, denoise
 from dite.models.dit import DiT, DiTConfig
 from dite.models.mmdit import MMDiT, MMDiTConfig
 from dite.schedulers import by_name
-from test_accel_runtime import dit_cond, plans_for, randomized, sd3_cond
+from tiny_runtime import dit_cond, plans_for, randomized, sd3_cond
 
 
 @pytest.fixture(scope="module")

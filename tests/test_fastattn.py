@@ -10,13 +10,13 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from dite.accel import PlanContext, as_methods, build_plans, resolve
-from dite.accel.attention_cache import AttentionCache
+from dite.engine.runtime.attention_cache import AttentionCache
 from dite.accel.methods import StepDraft
 from dite.accel.build import link_attention_caches
 from dite.engine import load
-from dite.engine.calibrate import calibrate, quantize, relative_loss
+from dite.engine.runtime.calibrate import calibrate, quantize, relative_loss
 from dite.engine.errors import ConfigError
-from dite.engine.window_attention import band_pairs, window_attention
+from dite.models.window_attention import band_pairs, window_attention
 from dite.models.layers import SelfAttention, merge_heads, split_heads
 from dite.models.plan import AttentionPolicy, RangeOp
 from tiny import tiny_dit_pipeline

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from dite.engine import load
 from dite.engine.errors import CheckpointError, ConfigError, HubError
-from dite.engine.weights import open_weights
+from dite.engine.loading.weights import open_weights
 from tiny import dit_to_original, tiny_dit_pipeline
 
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from dite.engine.errors import CheckpointError
-from dite.engine.weights import SafetensorsReader, load_weights, open_weights
+from dite.engine.loading.weights import SafetensorsReader, load_weights, open_weights
 from dite.models import mmdit
 from dite.models.denoiser import Conditioning
 from tiny import sd3_to_original, tiny_diffusers_sd3_transformer
@@ -126,7 +126,7 @@ def test_mis_shaped_key_is_named(reference):
     model, _ = reference
     state = sd3_to_original(model.state_dict(), model.config.num_layers, prefix="")
     state["joint_blocks.1.x_block.mlp.fc1.bias"] = torch.zeros(3)
-    from dite.engine.weights import StateDictReader
+    from dite.engine.loading.weights import StateDictReader
 
     cfg = mmdit.detect_config({k: tuple(v.shape) for k, v in state.items()}, num_heads=2)
     with pytest.raises(CheckpointError, match=r"joint_blocks\.1\.x_block\.mlp\.fc1\.bias .*shape \(3,\)"):

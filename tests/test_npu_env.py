@@ -11,9 +11,9 @@ import types
 import pytest
 import torch
 
-from dite.engine.executors import make_executor
-from dite.engine.loader import parse_device
-from dite.engine.npu_env import BackendUnavailableError, npu_available
+from dite.engine.runtime.executors import make_executor
+from dite.engine.loading.loader import parse_device
+from dite.engine.runtime.npu_env import BackendUnavailableError, npu_available
 from dite.engine.errors import ConfigError
 from test_executors import dit  # noqa: F401  (fixture)
 
@@ -21,8 +21,8 @@ HINTS = ("set_env.sh", "TORCH_DEVICE_BACKEND_AUTOLOAD=0", "needs torch X.Y.Z exa
 
 
 def test_importing_dite_never_imports_torch_npu():
-    code = ("import sys, dite.engine, dite.engine.cli, dite.engine.executors, dite.engine.attention, dite.accel; "
-            "from dite.engine.executors import make_executor; make_executor('eager'); "
+    code = ("import sys, dite.engine, dite.engine.cli, dite.engine.runtime.executors, dite.models.attention, dite.accel; "
+            "from dite.engine.runtime.executors import make_executor; make_executor('eager'); "
             "assert 'torch_npu' not in sys.modules and 'torchair' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
 

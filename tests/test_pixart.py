@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dite.engine.errors import CheckpointError, ConfigError
-from dite.engine.weights import StateDictReader, build_module
+from dite.engine.loading.weights import StateDictReader, build_module
 from dite.models import pixart
 from dite.models.denoiser import Conditioning
 from tiny_pixart import CAPTION, DEPTH, HEADS, pixart_to_original, tiny_pixart_transformer

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from dite.engine import load
 from dite.engine.cli import main
 from dite.engine.errors import CheckpointError, ConfigError
-from dite.engine.pixart_bins import bins_for, nearest_bin, resize_and_crop
+from dite.engine.pipelines.pixart_bins import bins_for, nearest_bin, resize_and_crop
 from tiny_pixart import DEPTH, HEADS, pixart_to_original, reference_images, tiny_pixart_pipeline
 
 PROMPTS = ["a red circle", "a small blue square on a green wooden table"]

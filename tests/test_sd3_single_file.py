@@ -18,8 +18,8 @@ import torch
 
 from dite.engine import load
 from dite.engine.errors import CheckpointError, ConfigError
-from dite.engine.load_sd3 import RunningWithoutT5Warning
-from dite.engine.weights import StateDictReader
+from dite.engine.loading.sd3 import RunningWithoutT5Warning
+from dite.engine.loading.weights import StateDictReader
 from dite.models import mmdit
 from dite.models.denoiser import Conditioning
 from dite.models.sd3_variants import sd3_variant
@@ -249,7 +249,7 @@ def test_describe_and_inspect(sd3, release, capsys):
 ])
 def test_release_variants_are_recognised(variant, cfg, tmp_path, monkeypatch):
     """`dite inspect` on full-size single files: their tensor headers, built on the meta device."""
-    import dite.engine.inspect as inspect_module
+    import dite.engine.checkpoints.inspect as inspect_module
 
     with torch.device("meta"):
         state = mmdit.MMDiT(cfg).state_dict()

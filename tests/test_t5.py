@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 import transformers
 
 from dite.engine.errors import CheckpointError, ConfigError
-from dite.engine.text_encoder_loading import load_t5
+from dite.engine.loading.text_encoders import load_t5
 from dite.models.t5 import T5Config, detect_t5, relative_position_buckets
 
 TOL = 1e-5  # the contract; on CPU fp32 the outputs are bit-identical today

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 import diffusers
 
 from dite.engine.errors import CheckpointError, ConfigError  # noqa: E402
-from dite.engine.vae_loading import load_vae  # noqa: E402
+from dite.engine.loading.vae import load_vae  # noqa: E402
 from dite.models.vae import VAEConfig, detect_vae, vae_keymap  # noqa: E402
 from tiny import vae_to_ldm as to_ldm  # noqa: E402
 

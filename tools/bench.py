@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from dite.accel import PlanContext, as_methods, build_plans, resolve
-from dite.engine.accounting import step_flops
+from dite.engine.runtime.accounting import step_flops
 from dite.models.denoiser import Conditioning
 
 PRESETS = {

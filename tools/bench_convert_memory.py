@@ -22,7 +22,7 @@ import torch
 
 CHILD = """
 import resource
-from dite.engine.converter import convert
+from dite.engine.checkpoints.convert import convert
 {action}
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
@@ -30,8 +30,8 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 def write_random_dit(path: Path, depth: int) -> tuple[int, int]:
     """A random original-layout DiT at `path`, streamed; (file bytes, largest tensor bytes)."""
-    from dite.engine.safetensors_writer import PlannedTensor, SafetensorsWriter
-    from dite.engine.tensor_stream import meta_state
+    from dite.engine.checkpoints.safetensors_writer import PlannedTensor, SafetensorsWriter
+    from dite.engine.checkpoints.tensor_stream import meta_state
     from dite.models.dit import DiTConfig
 
     cfg = DiTConfig(hidden_size=1152, depth=depth, num_heads=16)

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from dite.accel import PlanContext, as_methods, build_plans, resolve
-from dite.engine.executors import make_executor
-from dite.engine.sampling import GenerationState, denoise
+from dite.engine.runtime.executors import make_executor
+from dite.engine.runtime.sampling import GenerationState, denoise
 from dite.models.denoiser import Conditioning
 from dite.models.dit import DiT, DiTConfig
 from dite.models.mmdit import MMDiT, MMDiTConfig

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dite.engine.window_attention import window_attention
+from dite.models.window_attention import window_attention
 
 
 def main(argv=None) -> int:

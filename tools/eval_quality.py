@@ -35,7 +35,7 @@ from bench import psnr  # noqa: E402  (one PSNR for both tools)
 from demo_scenes import heldout_scenes  # noqa: E402
 from scene_checker import detect, score  # noqa: E402
 
-from dite.engine.calibrate import ssim_loss  # noqa: E402
+from dite.engine.runtime.calibrate import ssim_loss  # noqa: E402
 
 
 def ssim(a: np.ndarray, b: np.ndarray) -> float:

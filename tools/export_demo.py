@@ -27,7 +27,7 @@ import demo_scenes as scenes  # noqa: E402
 import train_demo as td  # noqa: E402
 from t5_reference_tokenizer import t5_reference_tokenizer  # noqa: E402
 
-from dite.engine.convert_layouts import DIFFUSERS_VERSION, TRANSFORMERS_VERSION  # noqa: E402  (one place)
+from dite.engine.checkpoints.layouts import DIFFUSERS_VERSION, TRANSFORMERS_VERSION  # noqa: E402  (one place)
 from dite.models import dit as dit_module  # noqa: E402
 from dite.models import mmdit as mmdit_module  # noqa: E402
 from dite.models.checkpoint import export_state_dict  # noqa: E402

@@ -395,7 +395,7 @@ def build_text(args):
 
 def load_text(args):
     """The SD3TextEncoders that dite's SD3 pipeline runs (same tokenizers, same encode)."""
-    from dite.engine.text_sd3 import SD3TextEncoders
+    from dite.engine.pipelines.sd3_prompts import SD3TextEncoders
     from dite.models.clip import CLIPTextConfig, CLIPTextModel
     from dite.models.t5 import T5Config, T5Encoder
     from dite.models.tokenizers import CLIPTokenizer, T5Tokenizer

@@ -1,0 +1,225 @@
+"""`load(source)`: any supported model source -> a ready pipeline, family auto-detected.
+
+Sources: a diffusers pipeline folder (model_index.json), a single checkpoint file in an
+original release layout, or a hub repo id. The family comes from model_index.json's class
+name for folders and from tensor names for files (the `models` package owns detection).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dite.engine.errors import CheckpointError, ConfigError, InputError
+from dite.engine.families import BY_NAME, FAMILIES, by_pipeline_class, supported_pipelines
+from dite.engine.loading.config_files import read_model_index
+from dite.engine.loading.hub import looks_like_repo_id, resolve_source
+from dite.engine.pipelines.base import Pipeline
+from dite.engine.loading.weights import open_weights
+from dite.schedulers import by_name
+from dite.schedulers.base import Scheduler
+
+from dite.engine.loading.hub import DEMO_MODELS, demo_folder  # noqa: F401  (here for load's callers)
+
+DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+}
+
+
+def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise InputError(f"dtype {dtype} is not supported; use float32, float16 or bfloat16")
+        return dtype
+    try:
+        return DTYPES[str(dtype).lower().removeprefix("torch.")]
+    except KeyError:
+        raise InputError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}") from None
+
+
+def parse_device(device: torch.device | str) -> torch.device:
+    if str(device) == "auto":
+        from dite.engine.runtime.npu_env import auto_device
+
+        device = auto_device()
+    if str(device).startswith("npu"):
+        # torch knows "npu" only once torch_npu is imported; imported here, on request only.
+        from dite.engine.runtime.npu_env import require_npu
+
+        require_npu()
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise InputError(f"unknown device {device!r}; use 'cpu', 'cuda', 'cuda:1', 'npu', 'auto', ...") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("device 'cuda' was asked for but no CUDA GPU is available to torch; use device='cpu'")
+    return device
+
+
+def recorded_name(source) -> str:
+    """How generated images name the model: a demo name or hub repo id as given, a local
+    path by its file or folder name only (metadata never carries the user's directories)."""
+    text = str(source)
+    if text in DEMO_MODELS:
+        return text
+    path = Path(os.path.expanduser(text))
+    if not path.exists() and looks_like_repo_id(text):
+        return text
+    return path.resolve().name or text
+
+
+def check_model_config(model_config) -> dict:
+    """`model_config=`: a dict of config fields (its keys are checked by each family's loader)."""
+    if model_config is None:
+        return {}
+    if not isinstance(model_config, dict):
+        raise ConfigError(f"model_config must be a dict (a JSON object) of config fields, not "
+                          f"{type(model_config).__name__}")
+    return model_config
+
+
+def peek_family(source) -> str | None:
+    """The family ("dit", "sd3", "pixart") of a local source, read from model_index.json or
+    the tensor names without loading any weights; None when it cannot be told cheaply (a hub
+    repo not downloaded yet, an unrecognised file). Lets the CLI refuse a prompt for a DiT
+    before loading anything."""
+    if isinstance(source, str) and source in DEMO_MODELS:
+        return DEMO_MODELS[source]
+    path = Path(os.path.expanduser(str(source)))
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            return None
+        family = by_pipeline_class(read_model_index(path).get("_class_name"))
+        return family.name if family is not None else None
+    if path.is_file() and path.name.endswith(".safetensors"):  # a header read; .pt files are unpickled
+        keys = open_weights(path).keys()
+        for family in FAMILIES:
+            if family.loader().detect_file(keys):
+                return family.name
+    return None
+
+
+def _config_parsers(family: str, model_index: dict) -> dict:
+    """diffusers / transformers class name -> the dite parser of its config.json."""
+    from dite.models import clip, dit, mmdit, pixart, t5, vae
+
+    transformer = {"dit": dit.DiTConfig.from_diffusers, "sd3": mmdit.MMDiTConfig.from_diffusers,
+                   "pixart": lambda c: pixart.PixArtConfig.from_diffusers(
+                       c, "sigma" if model_index.get("_class_name") == "PixArtSigmaPipeline" else "alpha")}[family]
+    return {"AutoencoderKL": vae.VAEConfig.from_diffusers, "CLIPTextModel": clip.CLIPTextConfig.from_transformers,
+            "CLIPTextModelWithProjection": clip.CLIPTextConfig.from_transformers,
+            "T5EncoderModel": t5.T5Config.from_transformers,
+            **{name: transformer for name in BY_NAME[family].transformer_classes}}
+
+
+def check_folder_configs(path: Path, model_index: dict, family: str, skip=()) -> None:
+    """Parse every component config of a pipeline folder (transformer, VAE, text encoders,
+    scheduler) before any weights are read, so a malformed one fails at once, naming its
+    file and field. Components replaced by the caller (`skip`) are not read."""
+    from dite.engine.loading.config_files import parse_config
+    from dite.schedulers import load_scheduler
+
+    parsers = _config_parsers(family, model_index)
+    for name, spec in model_index.items():
+        if name.startswith("_") or name in skip or not isinstance(spec, list) or spec[-1] is None:
+            continue
+        folder = path / name
+        if name == "scheduler" and folder.is_dir():
+            load_scheduler(folder)
+        elif spec[-1] in parsers and (folder / "config.json").is_file():
+            parse_config(folder / "config.json", parsers[spec[-1]], f"{name} config")
+
+
+def _loaders():
+    # Imported here so that `import dite.engine` stays light.
+    return [f.loader() for f in FAMILIES]
+
+
+def load(
+    source: str | os.PathLike,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | str = torch.float32,
+    *,
+    vae: Any = None,
+    scheduler: Scheduler | str | None = None,
+    variant: str | None = None,
+    revision: str | None = None,
+    model_config: dict | None = None,
+    tokenizers: str | os.PathLike | None = None,
+    executor: str = "eager",
+    attention: str = "sdpa",
+    executor_options: dict | None = None,
+    **components: Any,
+) -> Pipeline:
+    """Load a pipeline from `source` (folder, file or hub repo id) onto `device` in `dtype`.
+
+    vae: a VAE folder/file/repo for checkpoints that do not bundle one (the original DiT
+    `.pt`), or to replace the bundled one. scheduler: a Scheduler, or a name ("ddim",
+    "ddpm") to replace the folder's. variant: a precision variant of the files ("fp16").
+    model_config: config fields that cannot be inferred from tensors (e.g. DiT num_heads for
+    a non-standard width; for SD3 single files of non-release sizes also the config.json
+    dicts of "text_encoder", "text_encoder_2", "text_encoder_3" and "vae"). tokenizers: a
+    folder (or hub repo id) holding tokenizer/, tokenizer_2/ and tokenizer_3/, for SD3
+    single files, which carry none (default: looked up beside the file). Other keywords
+    replace pipeline components by their diffusers name; `text_encoder_3=None` runs SD3
+    without T5 (its tokens become zeros). device "auto": an Ascend NPU if torch_npu imports
+    and one is present, else CUDA, else CPU. executor: "eager", "compiled" or "npu-graph"
+    (engine/executors; `executor_options` go to it, e.g. {"backend": "inductor", "mode":
+    "reduce-overhead"}); attention: the denoiser's attention kernel, "sdpa", "math" or "npu".
+    """
+    device, dtype = parse_device(device), parse_dtype(dtype)
+    model_config = check_model_config(model_config)
+    demo = demo_folder(source)
+    path = demo if demo is not None else resolve_source(source, revision=revision, variant=variant)
+    options = dict(device=device, dtype=dtype, vae=vae, variant=variant, model_config=model_config or {},
+                   components=components, tokenizers=tokenizers)
+    if path.is_dir():
+        index = path / "model_index.json"
+        if not index.exists():
+            raise CheckpointError(
+                f"{path} has no model_index.json: give a diffusers pipeline folder (with "
+                "model_index.json and transformer/, vae/, scheduler/) or a single checkpoint file"
+            )
+        model_index = read_model_index(index)
+        class_name = model_index.get("_class_name")
+        family = by_pipeline_class(class_name)
+        if family is None:
+            raise ConfigError(
+                f"{index} describes a {class_name!r}, which dite does not run; supported: "
+                f"{', '.join(supported_pipelines())}"
+            )
+        check_folder_configs(path, model_index, family.name, skip={*components, *(["vae"] if vae is not None else [])})
+        pipe = family.loader().load_folder(path, model_index, **options)
+        defaults = model_index.get("_dite") or {}
+        pipe.defaults = {k: v for k, v in defaults.items()
+                         if k in ("num_inference_steps", "guidance_scale", "max_sequence_length")}
+    else:
+        reader = open_weights(path)
+        keys = reader.keys()
+        family = next((f for f in _loaders() if f.detect_file(keys)), None)
+        if family is None:
+            sample = ", ".join(sorted(keys)[:4])
+            raise CheckpointError(
+                f"{path}: cannot tell which model this checkpoint is (tensors such as {sample}); "
+                "dite reads DiT, SD3 and PixArt checkpoints in their original or diffusers layouts"
+            )
+        pipe = family.load_file(path, reader, **options)
+    pipe.source = str(source)
+    pipe.model_name = recorded_name(source)
+    if device.type == "npu":
+        from dite.engine.runtime.npu_env import npu_weights
+
+        npu_weights(pipe.transformer)
+    from dite.engine.runtime.executors import make_executor
+
+    pipe.executor = make_executor(executor, attention=attention, **(executor_options or {}))
+    if scheduler is not None:
+        # A name takes the model's own config (its noise schedule, prediction type), as README says.
+        pipe.scheduler = by_name(scheduler, pipe.scheduler.to_diffusers_config()) if isinstance(scheduler, str) else scheduler
+        pipe.check_scheduler()  # one that fits the model's training objective, or the list of those that do
+    return pipe

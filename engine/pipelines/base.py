@@ -1,0 +1,293 @@
+"""What every family's pipeline shares: components, device/dtype, metadata, decoding."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from contextlib import contextmanager
+from typing import Any, Callable
+
+import torch
+
+from dite.accel.build import as_methods, build_plans, resolve
+from dite.accel.methods import PlanContext
+from dite.engine.runtime.accounting import accel_stats
+from dite.engine.version import dite_version
+from dite.engine.errors import ConfigError, InputError
+from dite.engine.families import BY_NAME as FAMILY_BY_NAME
+from dite.engine.pipelines import arguments
+from dite.engine.pipelines.noise import image_generators
+from dite.engine.runtime.executors.eager import EagerExecutor
+from dite.engine.runtime.finite import check_tensor, dtype_hint
+from dite.models.denoiser import Denoiser
+from dite.models.plan import StepPlan
+from dite.models.vae import AutoencoderKL
+from dite.schedulers.base import Scheduler, SchedulerState
+
+# What a model is trained to predict (Scheduler.objective), in words.
+OBJECTIVES = {"flow": "a flow-matching velocity", "diffusion": "diffusion noise (epsilon, v or x0)"}
+
+
+@dataclasses.dataclass
+class Call:
+    """A generation call's shared arguments once checked (Pipeline.check_call)."""
+
+    steps: int
+    guidance: float
+    seed: int
+    generators: list[torch.Generator]
+    size: tuple[int, int]  # latent (h, w)
+    latents: torch.Tensor | None
+    output_type: str
+    methods: list
+    plans: list[StepPlan]
+    scheduler: SchedulerState
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance > 1.0
+
+
+class Pipeline:
+    """A loaded model: `transformer` (the denoiser, with `.blocks`), `vae`, `scheduler`."""
+
+    family = ""
+    # What the denoiser was trained to predict; schedulers for another objective are refused.
+    objective = "diffusion"
+
+    def __init__(self, transformer: Denoiser, vae: AutoencoderKL, scheduler: Scheduler, *, source: str = ""):
+        self.transformer = transformer
+        self.vae = vae
+        self.scheduler = scheduler
+        self.source = source
+        self.model_name = source  # what image metadata records; load() sets it without local folders
+        # Sampling defaults the model records for itself (model_index.json "_dite": e.g. the
+        # demo SD3's T5 length); an argument given explicitly always wins.
+        self.defaults: dict = {}
+        # How each denoising step runs (engine/executors): eager unless load(executor=...)
+        # or an assignment says otherwise. It keeps compiled graphs, never per-call state.
+        self.executor = EagerExecutor()
+        # The scheduler the model came with: its prediction type (epsilon, v_prediction,
+        # sample) and noise table (ᾱ) are the training's; a replacement must share them.
+        self.training_scheduler = scheduler
+
+    def default(self, name: str, value, family_default):
+        """`value` if given, else the model's recorded default, else the family's."""
+        if value is not None:
+            return value
+        return self.defaults.get(name, family_default)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.transformer.parameters()).dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def latent_size(self, height: int | None, width: int | None, default_latent: int) -> tuple[int, int]:
+        """Check a pixel size against the patch x VAE factor (and the model's position table,
+        where it has one); return the latent (h, w)."""
+        factor = self.vae_scale_factor * self.transformer.config.patch_size
+        height = default_latent * self.vae_scale_factor if height is None else height
+        width = default_latent * self.vae_scale_factor if width is None else width
+        largest = self.max_size()
+        sizes = []
+        for name, value in (("height", height), ("width", width)):
+            value = arguments.integer(name, value, minimum=1)
+            if value % factor:
+                raise InputError(
+                    f"{name} {value} must be a positive multiple of {factor} (VAE factor "
+                    f"{self.vae_scale_factor} x patch size {self.transformer.config.patch_size})"
+                )
+            if largest is not None and value > largest[0]:
+                raise InputError(f"{name} {value} is beyond {largest[1]}: at most {largest[0]} pixels")
+            sizes.append(value // self.vae_scale_factor)
+        return sizes[0], sizes[1]
+
+    def max_size(self) -> tuple[int, str] | None:
+        """(largest height or width in pixels, why) where the model has a fixed position
+        table; None where positions are computed for any size (DiT, PixArt)."""
+        return None
+
+    @property
+    def passes_model_variance(self) -> bool:
+        """Whether the pipeline hands the model's learned-variance channels to the scheduler."""
+        return False
+
+    def check_scheduler(self, scheduler: Any = None) -> Scheduler:
+        """Refuse a scheduler that does not fit how the model was trained (load(scheduler=)
+        and every call check it): another objective (DDIM on a flow-matching model, flow
+        Euler on a noise-prediction one), another prediction type, or a learned variance the
+        model does not give. The message lists the schedulers that fit."""
+        from dite.schedulers import BY_NAME
+
+        scheduler = self.scheduler if scheduler is None else scheduler
+        fits = ", ".join(sorted(name for name, cls in BY_NAME.items() if cls.objective == self.objective))
+        if not isinstance(scheduler, Scheduler):
+            raise ConfigError(f"scheduler must be a dite scheduler object (a name goes through load(scheduler=NAME) "
+                              f"or dite.schedulers.by_name), got {arguments.shown(scheduler)}; for this model: {fits}")
+        name = scheduler.name or type(scheduler).__name__
+        if scheduler.objective and scheduler.objective != self.objective:
+            raise ConfigError(f"scheduler {name!r} samples models trained on {OBJECTIVES[scheduler.objective]}, but "
+                              f"this {self.family} model predicts {OBJECTIVES[self.objective]}; use one of: {fits}")
+        trained = self.training_scheduler
+        rebuild = (f"build it from the model's: dite.schedulers.by_name({scheduler.name!r}, "
+                   "pipe.training_scheduler.to_diffusers_config()), as load(scheduler=NAME) does")
+        prediction = getattr(getattr(scheduler, "config", None), "prediction_type", None)
+        expected = getattr(getattr(trained, "config", None), "prediction_type", None)
+        if expected and prediction and prediction != expected:
+            raise ConfigError(f"scheduler {name!r} has prediction_type={prediction!r} but this model predicts "
+                              f"{expected!r}; {rebuild}")
+        table, trained_table = getattr(scheduler, "alphas_cumprod", None), getattr(trained, "alphas_cumprod", None)
+        if table is not None and trained_table is not None and (
+                table.shape != trained_table.shape or not torch.allclose(table, trained_table, atol=1e-6)):
+            described = getattr(getattr(scheduler, "config", None), "beta_schedule", "?")
+            original = getattr(getattr(trained, "config", None), "beta_schedule", "?")
+            raise ConfigError(f"scheduler {name!r} has another noise schedule (beta_schedule={described!r}, "
+                              f"{table.shape[0]} steps) than this model was trained with ({original!r}, "
+                              f"{trained_table.shape[0]} steps); {rebuild}")
+        if scheduler.uses_model_variance and not self.passes_model_variance:
+            raise ConfigError(f"scheduler {name!r} (variance_type={scheduler.config.variance_type!r}) needs the "
+                              "model's learned variance, which this pipeline does not give it; use "
+                              "variance_type='fixed_small'")
+        return scheduler
+
+    def start_scheduler(self, steps: int, generators: list[torch.Generator], size: tuple[int, int]) -> SchedulerState:
+        """The scheduler's state for one call (flow schedulers with dynamic shifting also
+        take the number of image tokens)."""
+        if getattr(self.scheduler, "needs_image_seq_len", False):
+            patch = self.transformer.config.patch_size
+            tokens = (size[0] // patch) * (size[1] // patch)
+            return self.scheduler.start(steps, generators=generators, device=self.device, image_seq_len=tokens)
+        return self.scheduler.start(steps, generators=generators, device=self.device)
+
+    def given_or_default(self, name: str, value, family_default, check: Callable):
+        """`check(value)` if given; else the model's recorded default or the family's,
+        checked too (a bad default in model_index.json is named as such)."""
+        if value is not None:
+            return check(value)
+        try:
+            return check(self.defaults.get(name, family_default))
+        except InputError as exc:
+            raise ConfigError(f"{exc} (the model's default, model_index.json \"_dite\"); give {name}= "
+                              "explicitly") from None
+
+    def check_call(self, *, images: int, height, width, default_latent: int, num_inference_steps, guidance_scale,
+                   seed, latents, output_type, accel, progress, plan_hook) -> Call:
+        """Every argument the families share, checked in one place before anything is
+        encoded; also starts the scheduler and builds the step plans, which check the step
+        count and the accel spec. `images`: the number of images the call makes."""
+        family = FAMILY_BY_NAME[self.family]
+        output_type = arguments.output_type(output_type)
+        arguments.flag("progress", progress)
+        arguments.callable_or_none("plan_hook", plan_hook)
+        arguments.accel(accel)
+        steps = self.given_or_default("num_inference_steps", num_inference_steps, family.default_steps,
+                                      arguments.steps)
+        guidance = self.given_or_default("guidance_scale", guidance_scale, family.default_guidance,
+                                         arguments.guidance)
+        size = self.latent_size(height, width, default_latent)
+        count = arguments.images(images)
+        seed = arguments.seed(seed, count)
+        latents = arguments.latents(latents, (count, self.transformer.config.in_channels, *size))
+        self.check_scheduler()
+        train_steps = getattr(getattr(self.scheduler, "config", None), "num_train_timesteps", None)
+        if self.scheduler.objective == "diffusion" and train_steps and steps > train_steps:
+            raise InputError(f"num_inference_steps {steps} is more than the {train_steps} timesteps of the "
+                             f"{self.scheduler.name} scheduler's noise table; use at most {train_steps}")
+        generators = image_generators(seed, count)
+        scheduler = self.start_scheduler(steps, generators, size)
+        methods, plans = self.plan_steps(accel, steps, guidance > 1.0)
+        return Call(steps=steps, guidance=guidance, seed=seed, generators=generators, size=size, latents=latents,
+                    output_type=output_type, methods=methods, plans=plans, scheduler=scheduler)
+
+    @property
+    def model_id(self) -> str:
+        """Fingerprint of the denoiser (calibrated plans are tied to it); computed once."""
+        if "_model_id" not in self.__dict__:
+            from dite.accel.fastattn import model_fingerprint
+
+            self._model_id = model_fingerprint(self.transformer)
+        return self._model_id
+
+    def plan_steps(self, accel, steps: int, guided: bool) -> tuple[list, list[StepPlan]]:
+        """The accel methods (resolved for this call) and one plan per step."""
+        ctx = PlanContext(self.family, len(self.transformer.blocks), steps, guided, self.model_id)
+        methods = resolve(as_methods(accel), ctx)
+        return methods, build_plans(methods, ctx)
+
+    def stats(self, methods, plans, state, x_shape, cond) -> dict[str, Any]:
+        memo = self.__dict__.setdefault("_flops_memo", {})
+        stats = accel_stats(self.transformer, methods, plans, state.steps_run, tuple(x_shape), cond, memo)
+        stats["executor"] = state.executor
+        if state.ranges.decisions:
+            stats["adaptive_decisions"] = state.ranges.decisions  # per step: range, which samples ran it
+        return stats
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Model-space latents -> images in [-1, 1]."""
+        z = self.vae.from_model_space(latents.to(next(self.vae.parameters()).dtype))
+        return self.vae.decode(z)
+
+    def finish(self, x: torch.Tensor, output_type: str, timings: dict[str, float], base: dict[str, Any],
+               per_image: list[dict[str, Any]], latents_given: bool, seed: int, size: tuple[int, int],
+               stats: dict[str, Any] | None = None, resize_to: tuple[int, int] | None = None):
+        """Decode (unless "latent") and assemble the output with one parameter dict per image.
+        `resize_to` (height, width): the decoded images are scaled and centre-cropped to it
+        (PixArt's resolution binning generates at a bin size, then returns the requested one)."""
+        from dite.engine.pipelines.images import postprocess
+        from dite.engine.pipelines.output import GenerationOutput
+
+        images = None
+        if output_type != "latent":
+            with timed(timings, "decode"):
+                decoded = self.decode(x)
+                # One host sync per call: a NaN here would otherwise be a black image.
+                check_tensor(decoded, "the VAE's decoded images",
+                             dtype_hint(next(self.vae.parameters()).dtype))
+                if resize_to is not None:
+                    from dite.engine.pipelines.pixart_bins import resize_and_crop
+
+                    decoded = resize_and_crop(decoded, *resize_to)
+                images = postprocess(decoded, output_type)
+        h, w = size
+        out_h, out_w = resize_to if resize_to is not None else (h * self.vae_scale_factor, w * self.vae_scale_factor)
+        base = {"model": self.model_name, "family": self.family, "scheduler": self.scheduler.name,
+                "size": f"{out_w}x{out_h}", **base,
+                "accel": (stats or {}).get("accel", "none"),
+                "dite_version": dite_version()}
+        params = [{**base, **extra, "seed": seed + k, "latents": "given" if latents_given else "seeded"}
+                  for k, extra in enumerate(per_image)]
+        return GenerationOutput(images=images, latents=x, parameters=params, timings=timings, stats=stats or {})
+
+    def describe(self) -> dict[str, Any]:
+        params = sum(p.numel() for p in self.transformer.parameters())
+        return {
+            "family": self.family,
+            "source": self.source,
+            "transformer": self.transformer.config.to_dict(),
+            "transformer_parameters": params,
+            "vae": dataclasses.asdict(self.vae.config),
+            "vae_parameters": sum(p.numel() for p in self.vae.parameters()),
+            "scheduler": self.scheduler.to_diffusers_config(),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": str(self.device),
+        }
+
+
+@contextmanager
+def timed(timings: dict[str, float], stage: str):
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start

@@ -1,0 +1,165 @@
+"""What an accelerated call did, against the plain call: `out.stats`.
+
+Block evaluations are counted from what the sampling loop actually ran (rows x blocks per
+step). FLOPs are counted by running the same plans on a copy of the denoiser on the meta
+device under torch.utils.flop_counter: no memory, no arithmetic, only shapes, so counting
+a full-size SD3 costs a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from dite.engine.runtime.attention_cache import AttentionCache
+from dite.engine.runtime.delta_store import DeltaStore
+from dite.engine.runtime.step import run_step
+from dite.models.denoiser import Conditioning, Denoiser
+from dite.models.plan import PLAIN_STEP, RangeOp, StepPlan
+
+
+def meta_copy(transformer: Denoiser) -> Denoiser:
+    dtype = next(transformer.parameters()).dtype
+    with torch.device("meta"):
+        return type(transformer)(transformer.config).to(dtype)
+
+
+def _to_meta(cond: Conditioning) -> Conditioning:
+    return dataclasses.replace(cond, **{f.name: getattr(cond, f.name).to("meta") for f in dataclasses.fields(cond)
+                                       if isinstance(getattr(cond, f.name), torch.Tensor)})
+
+
+# Attention's own products (q.k and p.v): SDPA, which decomposes to bmm on the meta device
+# (the models' linear layers count as addmm/mm), and the band attention op.
+_ATTENTION_OPS = ("bmm", "scaled_dot_product", "window_attention")
+
+
+def _split(counter: FlopCounterMode) -> dict[str, int]:
+    counts = counter.get_flop_counts().get("Global", {})
+    attention = sum(v for op, v in counts.items() if any(name in str(op) for name in _ATTENTION_OPS))
+    return {"total": counter.get_total_flops(), "attention": attention}
+
+
+def denoiser_flops(meta: Denoiser, plans: Sequence[StepPlan], x_shape: tuple[int, ...], cond: Conditioning,
+                   part: str = "total") -> list[int]:
+    """FLOPs of each step's denoiser call under `plans` (x_shape: one CFG branch's
+    latents); `part` "attention" counts only attention's own products (q.k and p.v)."""
+    return [step[part] for step in step_flops(meta, plans, x_shape, cond)]
+
+
+def static_plan(plan: StepPlan, adaptive_action: str) -> StepPlan:
+    """`plan` with every adaptive range fixed to `adaptive_action` ("record": every row runs
+    it, "apply": none does) and forecasts as plain re-adds: the same FLOPs, no run-time state."""
+    if not any(r.forecasts for r in plan.ranges):
+        return plan
+    ranges = tuple(RangeOp(r.start, r.stop, adaptive_action if r.action == "adaptive" else r.action)
+                   for r in plan.ranges)
+    return dataclasses.replace(plan, ranges=ranges)
+
+
+def step_flops(meta: Denoiser, plans: Sequence[StepPlan], x_shape: tuple[int, ...],
+               cond: Conditioning, adaptive_action: str = "record") -> list[dict[str, int]]:
+    """{"total", "attention"} FLOPs of each step's denoiser call under `plans`, with
+    adaptive ranges run by every row ("record") or by none ("apply").
+
+    Steps are walked in order so cached ranges have a recorded delta to apply, and the
+    batch halves where a plan turns cond-only, exactly as the sampling loop does."""
+    cond = _to_meta(cond)
+    dtype = next(meta.parameters()).dtype
+    cache, attn_cache, gated, per_signature, out = DeltaStore(), AttentionCache(), False, {}, []
+    for plan in plans:
+        plan = static_plan(plan, adaptive_action)
+        step_cond = cond
+        if plan.cfg_mode == "cond_only" and cond.guided:
+            if not gated:
+                cache.select_rows(cond.cond_rows(2 * x_shape[0]))
+                attn_cache.select_rows(cond.cond_rows(2 * x_shape[0]))
+                gated = True
+            step_cond = cond.conditional_only()
+        rows = x_shape[0] * (2 if step_cond.guided else 1)
+        x = torch.empty((rows, *x_shape[1:]), device="meta", dtype=dtype)
+        t = torch.empty((rows,), device="meta", dtype=dtype)
+        signature = (plan, rows)
+        if signature not in per_signature:
+            # A repeated signature costs the same; the ranges it would record already hold
+            # a delta of the right shape, which is all an apply needs on meta.
+            counter = FlopCounterMode(display=False)
+            if adaptive_action == "apply":
+                # An all-skip step needs a delta of the right shape to add (on meta, nothing
+                # but its shape): the record version of the plan leaves one.
+                run_step(meta, x, t, step_cond, static_plan(dataclasses.replace(
+                    plan, ranges=tuple(RangeOp(r.start, r.stop, "record") for r in plan.ranges)), "record"),
+                    cache, attn_cache)
+            with counter:
+                run_step(meta, x, t, step_cond, plan, cache, attn_cache)
+            per_signature[signature] = _split(counter)
+        out.append(per_signature[signature])
+    return out
+
+
+def accel_stats(transformer: Denoiser, methods: list, plans: Sequence[StepPlan], steps_run: list[dict[str, Any]],
+                x_shape: tuple[int, ...], cond: Conditioning, memo: dict | None = None) -> dict:
+    """The stats dict of one call: the methods as resolved, per step what ran, block
+    evaluations and FLOPs against the plain run of the same call. `memo` (a dict the
+    caller keeps) saves recounting FLOPs for a call of the same shapes and plans."""
+    depth = len(transformer.blocks)
+    plain_rows = x_shape[0] * (2 if cond.guided else 1)
+    evaluations = sum(s.get("block_rows", s["rows"] * s["blocks"]) for s in steps_run)
+    plain_evaluations = len(steps_run) * plain_rows * depth
+    stats: dict[str, Any] = {
+        "accel": "+".join(m.spec() for m in methods) or "none",
+        "steps": steps_run,
+        "block_evaluations": evaluations,
+        "plain_block_evaluations": plain_evaluations,
+        "distinct_plans": len({(p, s["rows"]) for p, s in zip(plans, steps_run)}),
+    }
+    stats["compute_fraction"] = evaluations / plain_evaluations
+    key = (tuple(plans), tuple(x_shape), _shapes(cond), next(transformer.parameters()).dtype)
+    memo = {} if memo is None else memo
+    if key not in memo:
+        meta = meta_copy(transformer)
+        adaptive = any(p.adaptive for p in plans)
+        memo[key] = {"run": step_flops(meta, plans, x_shape, cond),
+                     "skip": step_flops(meta, plans, x_shape, cond, "apply") if adaptive else None,
+                     "plain": step_flops(meta, [PLAIN_STEP] * len(plans), x_shape, cond)}
+    counted = memo[key]
+    fractions = [_adaptive_fraction(p, s, depth) for p, s in zip(plans, steps_run)]
+    totals = {}
+    for part in ("total", "attention"):
+        skip = counted["skip"] or counted["run"]
+        totals[part] = (sum(s[part] + f * (r[part] - s[part]) for r, s, f in zip(counted["run"], skip, fractions)),
+                        sum(s[part] for s in counted["plain"]))
+    (flops, plain), (attention, plain_attention) = totals["total"], totals["attention"]
+    stats.update(denoiser_flops=flops, plain_denoiser_flops=plain, flops_ratio=flops / plain,
+                 attention_flops=attention, attention_flops_ratio=attention / max(plain_attention, 1))
+    return stats
+
+
+def _adaptive_fraction(plan: StepPlan, step: dict, depth: int) -> float:
+    """The share of rows x blocks of a step's adaptive ranges that actually ran (1.0 for a
+    step without adaptive ranges, whose FLOPs are the plan's)."""
+    span = sum(r.stop - r.start for r in plan.ranges if r.action == "adaptive")
+    if not span:
+        return 1.0
+    return (step["block_rows"] - step["rows"] * step["blocks"]) / (step["rows"] * span)
+
+
+def _shapes(cond: Conditioning) -> tuple:
+    return tuple((f.name, tuple(v.shape)) for f in dataclasses.fields(cond)
+                 if isinstance(v := getattr(cond, f.name), torch.Tensor)) + (cond.cfg_layout,)
+
+
+def summary_line(stats: dict, timings: dict[str, float]) -> str:
+    """One line for the CLI."""
+    parts = [f"accel {stats['accel']}",
+             f"blocks {stats['block_evaluations']}/{stats['plain_block_evaluations']}"]
+    parts.append(f"denoiser FLOPs {stats['denoiser_flops'] / 1e12:.3g} T ({stats['flops_ratio']:.1%} of plain)")
+    executor = stats.get("executor") or {}
+    if "graphs" in executor:
+        parts.append(f"{executor['name']} {executor['graphs']} graphs ({executor['graphs_built']} built, "
+                     f"compile {executor['compile_seconds']:.1f}s)")
+    parts.append(" ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
+    return " | ".join(parts)

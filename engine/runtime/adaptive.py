@@ -1,0 +1,172 @@
+"""Per-call state and execution of forecasting and adaptive block ranges.
+
+A forecasting range ("record" / "apply" with order > 0) keeps the deltas it recorded in a
+DeltaHistory and, where it is skipped, adds the delta extrapolated to this step instead of
+the last one. An adaptive range decides at run time, per sample: the samples whose signal
+(what the front blocks produced) changed by more than the threshold since they last ran the
+range run it now, as one smaller batch; the others get their forecast delta. Because every
+row's decision and arithmetic depend only on that row's own history, a prompt gets the same
+decisions and (to float rounding of batched matmuls) the same image in a batch as alone.
+
+Host syncs: one per adaptive step (the per-sample decision is read to gather the rows that
+run); none for forecasting ranges with a fixed schedule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from dite.engine.errors import ConfigError
+from dite.engine.runtime.forecast import DeltaHistory
+from dite.models.denoiser import Hidden
+from dite.models.plan import RangeOp
+
+# Hidden fields with one row per batch row (grid is shared; attn_cache is refused).
+_ROW_FIELDS = ("image", "c", "text", "text_mask")
+
+
+@dataclass
+class RangeState:
+    """What forecasting and adaptive ranges remember between the steps of one call.
+
+    `references[key]`: each row's signal at the last step it ran the range; `streaks[key]`:
+    how many steps in a row it has reused since. `decisions` lists, per adaptive step, the
+    range and which samples ran it (for `out.stats` and tests). `rows_per_sample` is 2 while
+    both CFG branches are in the batch, else 1; the sampling loop sets it and the step's
+    coordinates before each step."""
+
+    history: DeltaHistory | None = None
+    references: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    streaks: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    decisions: list[dict] = field(default_factory=list)
+    step: int = 0
+    time: float = 0.0
+    rows_per_sample: int = 1
+    block_rows: int = 0  # rows x blocks run inside adaptive ranges during the current step
+
+    def coordinate(self, op: RangeOp) -> float:
+        return float(self.step) if op.coord == "step" else self.time
+
+    def history_for(self, op: RangeOp) -> DeltaHistory:
+        if self.history is None:
+            self.history = DeltaHistory(op.order)
+        elif self.history.order != op.order:
+            raise ConfigError(f"blocks [{op.start}, {op.stop}) forecast with order {op.order}, but this call's "
+                              f"history keeps order {self.history.order}: one call uses one forecast order")
+        return self.history
+
+    def select_rows(self, rows: slice) -> None:
+        """Keep only `rows` (the conditional rows, when PromptGate drops the others)."""
+        if self.history is not None:
+            self.history.select_rows(rows)
+        self.references = {k: v[rows].clone() for k, v in self.references.items()}
+        self.streaks = {k: v[rows].clone() for k, v in self.streaks.items()}
+
+
+def record(rs: RangeState, op: RangeOp, before: Hidden, after: Hidden, streams: tuple[str, ...]) -> None:
+    rs.history_for(op).record(op.key, rs.coordinate(op), {s: getattr(after, s) - getattr(before, s) for s in streams})
+
+
+def apply_forecast(rs: RangeState, op: RangeOp, hidden: Hidden, streams: tuple[str, ...]) -> Hidden:
+    delta = rs.history_for(op).forecast(op.key, rs.coordinate(op))
+    return replace(hidden, **{s: getattr(hidden, s) + delta[s] for s in streams})
+
+
+def decide(rs: RangeState, op: RangeOp, signal: torch.Tensor) -> list[bool]:
+    """Per sample: whether it runs the range this step (one host sync)."""
+    key, rows = op.key, signal.shape[0]
+    rps = rs.rows_per_sample
+    samples = rows // rps
+    reference, streak = rs.references.get(key), rs.streaks.get(key)
+    if op.force or reference is None or reference.shape[0] != rows:
+        return [True] * samples
+    # Relative L1 change of each sample's signal over all its rows (both CFG branches), in
+    # float32 whatever the model's dtype, against its signal at the last step it ran.
+    change = (signal.float() - reference.float()).abs().flatten(1).sum(1).view(rps, samples).sum(0)
+    size = reference.float().abs().flatten(1).sum(1).view(rps, samples).sum(0)
+    over = change > op.threshold * size.clamp_min(torch.finfo(torch.float32).tiny)
+    capped = streak.view(rps, samples)[0] >= op.max_cached
+    return (over | capped).tolist()
+
+
+def choose_rows(rs: RangeState, op: RangeOp, signal: torch.Tensor) -> list[int]:
+    """The batch rows that run the range this step (every row of a sample that decided to)."""
+    per_sample = decide(rs, op, signal)
+    rs.decisions.append({"step": rs.step, "range": list(op.key), "ran": per_sample})
+    return [r for r in range(signal.shape[0]) if per_sample[r % len(per_sample)]]
+
+
+def settle(rs: RangeState, op: RangeOp, signal: torch.Tensor, run_rows: list[int]) -> None:
+    """After the step: rows that ran keep this step's signal as their reference and restart
+    their streak; the others' streak grows."""
+    rows, key = signal.shape[0], op.key
+    streak = rs.streaks.get(key)
+    if streak is None or streak.shape[0] != rows:
+        streak = torch.zeros(rows, dtype=torch.long, device=signal.device)
+    ran = torch.zeros(rows, dtype=torch.bool, device=signal.device)
+    if len(run_rows) == rows or key not in rs.references:
+        rs.references[key] = signal.detach().clone()
+        ran[:] = True
+    elif run_rows:
+        idx = torch.tensor(run_rows, dtype=torch.long, device=signal.device)
+        reference = rs.references[key].clone()
+        reference.index_copy_(0, idx, signal.index_select(0, idx))
+        rs.references[key] = reference
+        ran[idx] = True
+    rs.streaks[key] = torch.where(ran, torch.zeros_like(streak), streak + 1)
+    rs.block_rows += len(run_rows) * (op.stop - op.start)
+
+
+def split_rows(run_rows: list[int], rows: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    ran = set(run_rows)
+    return (torch.tensor(run_rows, dtype=torch.long, device=device),
+            torch.tensor([r for r in range(rows) if r not in ran], dtype=torch.long, device=device))
+
+
+def merge_rows(full: torch.Tensor, idx: torch.Tensor, computed: torch.Tensor, skip: torch.Tensor,
+               delta: torch.Tensor) -> torch.Tensor:
+    """Rows `idx` from the blocks' output, rows `skip` as their input plus the forecast delta."""
+    merged = torch.empty_like(full)
+    merged.index_copy_(0, idx, computed)
+    merged.index_copy_(0, skip, full.index_select(0, skip) + delta)
+    return merged
+
+
+def run_adaptive(transformer, plan, op: RangeOp, hidden: Hidden, prepared: Hidden, rs: RangeState) -> Hidden:
+    """Blocks [op.start, op.stop) for the samples that decide to run them, forecast deltas
+    for the others."""
+    if any(_stateful(plan.block(i).attention) for i in range(op.start, op.stop)):
+        raise ConfigError("the adaptive cache gathers the rows that run, which DiTFastAttn's per-layer attention "
+                          "cache cannot follow yet: use adaptive without fastattn")
+    key, streams = op.key, transformer.streams
+    signal = hidden.image if op.signal == "hidden" else hidden.image - prepared.image
+    rows = signal.shape[0]
+    run_rows = choose_rows(rs, op, signal)
+    history, coord = rs.history_for(op), rs.coordinate(op)
+    if len(run_rows) == rows:
+        out = transformer.run_blocks(hidden, plan, op.start, op.stop)
+        history.record(key, coord, {s: getattr(out, s) - getattr(hidden, s) for s in streams})
+    elif not run_rows:
+        delta = history.forecast(key, coord)
+        out = replace(hidden, **{s: getattr(hidden, s) + delta[s] for s in streams})
+    else:
+        idx, skip = split_rows(run_rows, rows, signal.device)
+        sub = _rows(hidden, idx)
+        sub_out = transformer.run_blocks(sub, plan, op.start, op.stop)
+        history.record(key, coord, {s: getattr(sub_out, s) - getattr(sub, s) for s in streams}, rows=idx)
+        delta = history.forecast(key, coord, rows=skip)
+        out = replace(hidden, **{s: merge_rows(getattr(hidden, s), idx, getattr(sub_out, s), skip, delta[s])
+                                 for s in streams})
+    settle(rs, op, signal, run_rows)
+    return out
+
+
+def _stateful(policy) -> bool:
+    return policy.kind != "full" or bool(policy.cfg_share) or policy.store_output or policy.store_residual
+
+
+def _rows(hidden: Hidden, idx: torch.Tensor) -> Hidden:
+    return replace(hidden, **{f: None if getattr(hidden, f) is None else getattr(hidden, f).index_select(0, idx)
+                              for f in _ROW_FIELDS})

@@ -1,0 +1,166 @@
+"""DiTFastAttn calibration: the reference's greedy search for a plan of attention policies.
+
+One generation runs on the calibration batch (N prompts or class labels, fixed seed). At
+each step s > 0 (step 0 is never compressed), before the real forward:
+  1. the reference output O of step s is computed with every layer at full attention;
+  2. for layer 0 .. L-1 in order, candidates are tried in the fixed order output_share,
+     residual_window_attn+cfg_attn_share, residual_window_attn, full_attn+cfg_attn_share;
+     the first whose loss against O is below (layer + 1) / L * threshold is kept, with the
+     layers before it already at their chosen policies; each try re-runs the whole
+     transformer for step s with cache writes disabled, so the caches are left as they were;
+  3. the real forward runs with the chosen policies, every computing layer storing its
+     output and (full layers) its residual for the steps after.
+The plan (per layer, one method name per step) is written with what it was made for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from dite.engine.runtime.delta_store import DeltaStore
+from dite.engine.runtime.finite import check_number
+from dite.accel.fastattn import LABELS, write_plan
+from dite.accel.methods import FAMILY_CFG_LAYOUT
+from dite.engine.errors import ConfigError
+from dite.engine.runtime.step import run_step
+from dite.models.plan import AttentionPolicy, BlockPlan, StepPlan
+
+CANDIDATES = ("output_share", "residual_window_attn+cfg_attn_share", "residual_window_attn", "full_attn+cfg_attn_share")
+RANK = {"full_attn": 0, "full_attn+cfg_attn_share": 1, "residual_window_attn": 2,
+        "residual_window_attn+cfg_attn_share": 3, "output_share": 4}
+DEFAULT_PROMPTS = (
+    "a photograph of a red fox in the snow", "a bowl of fruit on a wooden table", "a city street at night in the rain",
+    "a watercolor painting of mountains at sunrise", "a portrait of an old man with a beard",
+    "a small boat on a calm lake", "a cat sleeping on a sofa", "a futuristic building made of glass",
+)
+
+
+def relative_loss(ref: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The reference's metric: mean(clip(|O - O'| / (max(O, O') + 1e-6), 0, 10)), where max
+    is the signed elementwise maximum (not of magnitudes), as DiTFastAttn computes it."""
+    return ((ref - out).abs() / (torch.maximum(ref, out) + 1e-6)).clamp(0, 10).mean()
+
+
+def ssim_loss(ref: torch.Tensor, out: torch.Tensor, size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """1 - SSIM over the model output's channels as images (Gaussian window, data range
+    taken from the reference)."""
+    ref, out = ref.float(), out.float()
+    coords = torch.arange(size, dtype=torch.float32) - size // 2
+    g = torch.exp(-coords**2 / (2 * sigma**2))
+    g = (g / g.sum()).to(ref.device)
+    kernel = (g[:, None] * g[None, :]).expand(ref.shape[1], 1, size, size)
+    blur = lambda x: F.conv2d(x, kernel, padding=size // 2, groups=ref.shape[1])  # noqa: E731
+    span = (ref.max() - ref.min()).clamp_min(1e-6)
+    c1, c2 = (0.01 * span) ** 2, (0.03 * span) ** 2
+    mu_x, mu_y = blur(ref), blur(out)
+    var_x, var_y = blur(ref * ref) - mu_x**2, blur(out * out) - mu_y**2
+    cov = blur(ref * out) - mu_x * mu_y
+    ssim = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return 1 - ssim.mean()
+
+
+METRICS = {"relative": relative_loss, "ssim": ssim_loss}
+
+
+def _policy(label: str, window: int, layout: str, store: bool) -> AttentionPolicy:
+    kind, share = LABELS[label]
+    return AttentionPolicy(kind=kind, window=window, cfg_share=layout if share else None,
+                           store_residual=store and kind == "full", store_output=store and kind != "share")
+
+
+def _plan(labels: list[str], window: int, layout: str, store: bool = False) -> StepPlan:
+    return StepPlan(blocks=tuple(BlockPlan(attention=_policy(label, window, layout, store)) for label in labels))
+
+
+def quantize(chosen: list[list[str]], max_signatures: int) -> list[list[str]]:
+    """At most `max_signatures` distinct per-step policy tuples (graph executors compile one
+    graph per distinct step plan): the rarest signature is merged with its nearest one,
+    both taking, layer by layer, the more exact of the two policies — merging only ever
+    makes a step more exact, never less."""
+    steps = [tuple(s) for s in chosen]
+    while len(set(steps)) > max_signatures:
+        counts = {sig: steps.count(sig) for sig in set(steps)}
+        rare = min(counts, key=lambda sig: (counts[sig], sig))
+        others = [sig for sig in counts if sig != rare]
+        near = min(others, key=lambda sig: (sum(a != b for a, b in zip(sig, rare)), -counts[sig], sig))
+        merged = tuple(min(a, b, key=RANK.__getitem__) for a, b in zip(rare, near))
+        steps = [merged if sig in (rare, near) else sig for sig in steps]
+    return [list(s) for s in steps]
+
+
+def calibrate(pipe, out_path, *, steps: int, threshold: float, window: int, n_calib: int = 4,
+              guidance_scale: float | None = None, negative_prompt: str = "", prompts=None, class_labels=None,
+              metric: str = "relative", seed: int = 3, max_signatures: int | None = None,
+              height: int | None = None, width: int | None = None, progress: bool = True) -> dict:
+    """Calibrate a DiTFastAttn plan for `pipe` and write it to `out_path`; returns its data."""
+    if metric not in METRICS:
+        raise ConfigError(f"unknown calibration metric {metric!r}; choose one of {', '.join(METRICS)}")
+    threshold = check_number("threshold", threshold, ConfigError)  # NaN or inf would pass `< 0` and mean nothing
+    if threshold < 0 or window < 0 or n_calib < 1:
+        raise ConfigError("threshold and window must be >= 0 and the calibration set non-empty")
+    loss_fn = METRICS[metric]
+    model = pipe.transformer
+    depth = len(model.blocks)
+    guided = (guidance_scale if guidance_scale is not None else (4.0 if pipe.family == "dit" else 7.0)) > 1.0
+    layout = FAMILY_CFG_LAYOUT[pipe.family] if guided else "none"
+    candidates = [c for c in CANDIDATES if guided or not LABELS[c][1]]
+    chosen: list[list[str]] = []
+    bar = tqdm(total=steps * depth, disable=not progress, desc="calibrate", leave=False)
+
+    def hook(i, x, t, cond, plan, state):
+        labels = ["full_attn"] * depth
+        if i > 0:
+            attention = state.attention
+            attention.writes = False
+            with torch.no_grad():
+                reference = run_step(model, x, t, cond, _plan(labels, window, layout), DeltaStore(), attention)
+                for layer in range(depth):
+                    limit = (layer + 1) / depth * threshold
+                    for label in candidates:
+                        kind = LABELS[label][0]
+                        if kind != "full" and not attention.has("residual" if kind == "window" else "output", layer):
+                            continue
+                        trial = labels[:layer] + [label] + labels[layer + 1:]
+                        out = run_step(model, x, t, cond, _plan(trial, window, layout), DeltaStore(), attention)
+                        if loss_fn(reference, out) < limit:
+                            labels = trial
+                            break
+                    bar.update()
+            attention.writes = True
+        else:
+            bar.update(depth)
+        chosen.append(labels)
+        return replace(_plan(labels, window, layout, store=True), cfg_mode=plan.cfg_mode)
+
+    common = dict(num_inference_steps=steps, seed=seed, output_type="latent", progress=False, plan_hook=hook,
+                  height=height, width=width)
+    if guidance_scale is not None:
+        common["guidance_scale"] = guidance_scale
+    if pipe.family == "dit":
+        # Default: seeded labels from the named classes when the model has names (a model trained
+        # on a few of its table's rows, like the demo DiT, is calibrated on those), else any class.
+        labels = class_labels
+        if not labels:
+            known = sorted(set(pipe.labels.values())) or list(range(pipe.transformer.config.num_classes))
+            picks = torch.randint(0, len(known), (n_calib,), generator=torch.Generator().manual_seed(seed))
+            labels = [known[k] for k in picks.tolist()]
+        pipe(class_labels=list(labels), **common)
+        calibration = {"class_labels": list(labels)}
+    else:
+        texts = list(prompts or [DEFAULT_PROMPTS[k % len(DEFAULT_PROMPTS)] for k in range(n_calib)])
+        pipe(prompt=texts, negative_prompt=negative_prompt if guided else None, **common)
+        calibration = {"prompts": texts, "negative_prompt": negative_prompt}
+    bar.close()
+    if max_signatures is not None:
+        chosen = quantize(chosen, max_signatures)
+    layers = [[chosen[s][k] for s in range(steps)] for k in range(depth)]
+    meta = {"model": pipe.source, "model_id": pipe.model_id, "family": pipe.family, "steps": steps,
+            "threshold": threshold, "window": window, "guidance_scale": guidance_scale, "metric": metric,
+            "seed": seed, "calibration": calibration, "signatures": len({tuple(s) for s in chosen}),
+            "counts": {label: sum(layer.count(label) for layer in layers) for label in RANK}}
+    write_plan(out_path, layers, meta)
+    return {**meta, "layers": layers}

@@ -1,0 +1,41 @@
+"""Per-call block-range deltas (DiTCache, Δ-Cache): what a cached range adds to its input.
+
+One DeltaStore lives in each call's GenerationState, never in a module, so two generations
+never share one. Deltas are kept per batch row (each CFG branch has its own) and per
+stream (MMDiT's image and text tokens), keyed by the block range that recorded them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from dite.engine.errors import ConfigError
+from dite.models.denoiser import Hidden
+
+
+class DeltaStore:
+    def __init__(self):
+        self.deltas: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+
+    def record(self, key: tuple[int, int], before: Hidden, after: Hidden, streams: tuple[str, ...]) -> None:
+        self.deltas[key] = {s: getattr(after, s) - getattr(before, s) for s in streams}
+
+    def apply(self, key: tuple[int, int], hidden: Hidden, streams: tuple[str, ...]) -> Hidden:
+        if key not in self.deltas:
+            raise ConfigError(f"blocks [{key[0]}, {key[1]}) are to be replaced by a cached delta, but no earlier "
+                              "step recorded one: a plan must record a range before it applies it")
+        delta = self.deltas[key]
+        rows = hidden.image.shape[0]
+        if next(iter(delta.values())).shape[0] != rows:
+            raise ConfigError(f"the delta of blocks [{key[0]}, {key[1]}) has "
+                              f"{next(iter(delta.values())).shape[0]} rows, the batch {rows}")
+        return replace(hidden, **{s: getattr(hidden, s) + delta[s] for s in streams})
+
+    def select_rows(self, rows: slice) -> None:
+        """Keep only `rows` of every delta (the conditional rows when PromptGate closes)."""
+        self.deltas = {key: {s: t[rows] for s, t in d.items()} for key, d in self.deltas.items()}
+
+    def __len__(self) -> int:
+        return len(self.deltas)

@@ -1,0 +1,297 @@
+"""The compiled executor: torch.compile of prepare, each block segment a plan uses, and
+finalize, with fullgraph=True and dynamic=False.
+
+One graph per distinct piece: (prepare | segment kind and range with its blocks' plans |
+finalize) x the shapes of its inputs. All of them are built and run once before the first
+step, from the plans and the batch layouts (PromptGate's halved batch included), so the
+number of graphs is known in advance and checked; each piece is its own isolated compile
+with a recompile limit of 1 and the steps run under `fail_on_recompile`, so a recompile
+the plan did not foresee is an error, never a silent fallback to eager.
+
+Graphs live in the executor (the pipeline's), so a second generation of the same shapes
+builds nothing; what one call built, hit and spent is counted in its Run.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+
+from dite.engine.runtime.adaptive import RangeState, choose_rows, merge_rows, settle, split_rows
+from dite.engine.runtime.delta_store import DeltaStore
+from dite.engine.errors import ConfigError, DiteError
+from dite.engine.runtime.executors.base import Executor, Run, StepExample, with_attention_backend
+from dite.engine.runtime.executors.units import cond_tensors, finalize_unit, prepare_unit, segment_unit, signature
+from dite.models.denoiser import Denoiser
+from dite.models.plan import StepPlan
+
+
+class RecompileError(DiteError, RuntimeError):
+    """A compiled piece was about to be built again, or a step needed a graph the plan did
+    not foresee."""
+
+
+def _unique_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def settled(t: torch.Tensor | None) -> torch.Tensor | None:
+    """`t` as an inference tensor when inference mode is on. Graphs are specialised on
+    whether an input is one, and a loop under inference mode may be handed latents made
+    outside it at step 0 and its own tensors afterwards: one kind keeps one graph."""
+    if t is not None and torch.is_inference_mode_enabled() and not t.is_inference():
+        return t.clone()
+    return t
+
+
+def check_graphable(plan: StepPlan, depth: int) -> None:
+    for i in range(depth):
+        p = plan.block(i).attention
+        if p.kind != "full" or p.cfg_share or p.store_output or p.store_residual:
+            raise ConfigError(
+                f"block {i}: DiTFastAttn policy {p.label!r} keeps per-layer attention state that graph executors do "
+                "not yet carry as explicit tensors; run fastattn plans with executor='eager'")
+
+
+class CompiledRun(Run):
+    def __init__(self, executor: "CompiledExecutor", transformer: Denoiser, plans: dict[StepPlan, StepPlan]):
+        self.executor, self.transformer, self.plans = executor, transformer, plans
+        self.depth = len(transformer.blocks)
+        self.hits: dict[str, int] = {}
+        self.built = 0
+        self.expected = 0
+        self.compile_seconds = 0.0
+
+    def call(self, key: tuple, *args):
+        unit = self.executor.units.get(key)
+        if unit is None:
+            raise RecompileError(f"a step needs a graph that was not built before the loop ({key[0]} {key[2:4]}): "
+                                 "its plan or shapes differ from the ones the executor was started with")
+        label, fn = unit
+        self.hits[label] = self.hits.get(label, 0) + 1
+        return fn(*args)
+
+    def step(self, x, t, cond, plan, state):
+        plan = self.plans[plan]
+        if self.executor.cudagraphs:
+            # Replays of CUDA graphs reuse their output memory: mark the step so the graphs
+            # of this step may overwrite the last step's, and copy whatever outlives it.
+            torch.compiler.cudagraph_mark_step_begin()
+        with torch.compiler.set_stance("fail_on_recompile"):
+            out = self._step(x, t, cond, plan, state.deltas, state.ranges)
+        return out.clone() if self.executor.overwrites_outputs else out
+
+    def _step(self, x, t, cond, plan, cache: DeltaStore, ranges: RangeState):
+        ex, streams = self.executor, self.transformer.streams
+        x, t, conds = settled(x), settled(t), tuple(settled(v) for v in cond_tensors(cond))
+        image, c, text, mask, grid = self.call(ex.prepare_key(self.transformer, x, t, cond), x, t, *conds)
+        prepared = image
+        for start, stop, action in plan.segments(self.depth):
+            op = plan.range_at(start) if action != "compute" else None
+            if action == "adaptive":
+                image, text = self._adaptive(plan, op, ranges, image, c, text, mask, grid, prepared)
+                continue
+            deltas = ()
+            if action == "apply":
+                deltas = tuple(ranges.history_for(op).forecast(op.key, ranges.coordinate(op))[s] for s in streams) \
+                    if op.order else stored_deltas(cache, (start, stop), streams, image.shape[0])
+            outs = self._segment(plan, start, stop, action, image, c, text, mask, grid, *deltas)
+            new = dict(zip(streams, outs[:len(streams)]))
+            if action == "record":
+                recorded = dict(zip(streams, outs[len(streams):]))
+                if op.order:
+                    ranges.history_for(op).record(op.key, ranges.coordinate(op), recorded)
+                else:
+                    store_deltas(cache, (start, stop), recorded)
+            image, text = new["image"], new.get("text", text)
+        return self.call(ex.finalize_key(self.transformer, image, c, grid), image, c)
+
+    def _segment(self, plan, start, stop, action, image, c, text, mask, grid, *deltas):
+        key = self.executor.segment_key(self.transformer, plan, start, stop, action, image, c, text, mask, grid)
+        return self.call(key, image, c, text, mask, *deltas)
+
+    def _adaptive(self, plan, op, ranges: RangeState, image, c, text, mask, grid, prepared):
+        """The adaptive range: the decision in eager Python between graphs (one host sync),
+        the rows that run through the record graph of their batch size (built before the
+        loop for every possible count), the others through the apply graph with their
+        forecast deltas as explicit inputs."""
+        streams = self.transformer.streams
+        hidden = {"image": image, "text": text}
+        signal = image if op.signal == "hidden" else image - prepared
+        rows = image.shape[0]
+        run_rows = choose_rows(ranges, op, signal)
+        history, coord = ranges.history_for(op), ranges.coordinate(op)
+        if len(run_rows) == rows:
+            outs = self._segment(plan, op.start, op.stop, "record", image, c, text, mask, grid)
+            history.record(op.key, coord, dict(zip(streams, outs[len(streams):])))
+            new = dict(zip(streams, outs[:len(streams)]))
+        elif not run_rows:
+            delta = history.forecast(op.key, coord)
+            outs = self._segment(plan, op.start, op.stop, "apply", image, c, text, mask, grid,
+                                 *(delta[s] for s in streams))
+            new = dict(zip(streams, outs))
+        else:
+            idx, skip = split_rows(run_rows, rows, image.device)
+            pick = (lambda v: None if v is None else v.index_select(0, idx).contiguous())
+            outs = self._segment(plan, op.start, op.stop, "record", pick(image), pick(c), pick(text), pick(mask), grid)
+            history.record(op.key, coord, dict(zip(streams, outs[len(streams):])), rows=idx)
+            delta = history.forecast(op.key, coord, rows=skip)
+            new = {s: merge_rows(hidden[s], idx, computed, skip, delta[s])
+                   for s, computed in zip(streams, outs[:len(streams)])}
+        settle(ranges, op, signal, run_rows)
+        return new["image"], new.get("text", text)
+
+    def stats(self) -> dict[str, Any]:
+        ex = self.executor
+        return {"name": ex.name, "backend": ex.backend_name, "mode": ex.mode, "attention": ex.attention,
+                "graphs": sum(1 for k in ex.units if k[1] == id(self.transformer)),
+                "graphs_built": self.built, "expected_graphs": self.expected,
+                "compile_seconds": round(self.compile_seconds, 3), "hits": dict(self.hits)}
+
+
+def stored_deltas(cache: DeltaStore, key: tuple[int, int], streams, rows: int) -> tuple:
+    if key not in cache.deltas:
+        raise ConfigError(f"blocks [{key[0]}, {key[1]}) are to be replaced by a cached delta, but no earlier step "
+                          "recorded one: a plan must record a range before it applies it")
+    delta = cache.deltas[key]
+    if delta[streams[0]].shape[0] != rows:
+        raise ConfigError(f"the delta of blocks [{key[0]}, {key[1]}) has {delta[streams[0]].shape[0]} rows, "
+                          f"the batch {rows}")
+    return tuple(delta[s] for s in streams)
+
+
+def store_deltas(cache: DeltaStore, key: tuple[int, int], new: dict[str, torch.Tensor]) -> None:
+    """Copy a recorded delta into the call's buffer for `key` (same storage from step to
+    step; a fresh copy the first time or after PromptGate shrank the batch). Never keep a
+    compiled graph's output itself: a CUDA-graph or aclgraph replay overwrites it."""
+    old = cache.deltas.get(key)
+    if old is not None and all(old[s].shape == t.shape for s, t in new.items()):
+        for s, t in new.items():
+            old[s].copy_(t)
+    else:
+        cache.deltas[key] = {s: t.clone() for s, t in new.items()}
+
+
+class CompiledExecutor(Executor):
+    """torch.compile per piece. backend: "inductor" (default), "aot_eager" (tests: Dynamo's
+    real tracing without code generation) or a backend callable; mode: None or
+    "reduce-overhead" (CUDA graphs)."""
+
+    name = "compiled"
+
+    def __init__(self, attention: str = "sdpa", backend: str | Callable = "inductor", mode: str | None = None,
+                 options: dict | None = None):
+        super().__init__(attention)
+        if mode not in (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
+            raise ConfigError(f"unknown torch.compile mode {mode!r}")
+        self.backend, self.mode, self.options = backend, mode, options
+        self.backend_name = backend if isinstance(backend, str) else getattr(backend, "__name__", type(backend).__name__)
+        # Graph replays (CUDA graphs, aclgraph) reuse their output memory: the step's output
+        # is cloned, recorded deltas are copied in any case.
+        self.overwrites_outputs = mode == "reduce-overhead"
+        self.units: dict[tuple, tuple[str, Callable]] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def cudagraphs(self) -> bool:
+        return self.mode == "reduce-overhead"
+
+    def compile(self, fn: Callable) -> Callable:
+        # isolate_recompiles: every piece has its own cache and budget (pieces made from one
+        # closure share a code object, which would otherwise pool their recompiles);
+        # recompile_limit=1 with fullgraph makes a second graph for a piece an error.
+        return torch.compile(fn, fullgraph=True, dynamic=False, backend=self.backend, mode=self.mode,
+                             options=self.options, isolate_recompiles=True, recompile_limit=1)
+
+    # ---- keys: what a graph is specialised on
+    @staticmethod
+    def prepare_key(transformer, x, t, cond) -> tuple:
+        return ("prepare", id(transformer), cond.cfg_layout, signature(x, t, *cond_tensors(cond)))
+
+    @staticmethod
+    def segment_key(transformer, plan, start, stop, action, image, c, text, mask, grid) -> tuple:
+        blocks = () if action == "apply" else tuple(plan.block(i) for i in range(start, stop))
+        return ("segment", id(transformer), start, stop, action, blocks, grid, signature(image, c, text, mask))
+
+    @staticmethod
+    def finalize_key(transformer, image, c, grid) -> tuple:
+        return ("finalize", id(transformer), grid, signature(image, c))
+
+    # ---- building
+    def begin(self, transformer: Denoiser, plans: Sequence[StepPlan],
+              examples: Callable[[], Sequence[StepExample]]) -> CompiledRun:
+        depth = len(transformer.blocks)
+        table = {}
+        for plan in plans:
+            if plan not in table:
+                check_graphable(plan, depth)
+                table[plan] = with_attention_backend(plan, self.attention, depth)
+        run = CompiledRun(self, transformer, table)
+        with self._lock:
+            self._warm(run, transformer, list(table.values()), examples())
+        return run
+
+    def _warm(self, run: CompiledRun, transformer: Denoiser, plans: list[StepPlan],
+              examples: Sequence[StepExample]) -> None:
+        """Build and run once every piece the plans need for each batch layout, and check
+        that exactly the planned number of graphs came out."""
+        before = _unique_graphs()
+        new_keys: list[tuple] = []
+
+        def ensure(key, make, label, *args):
+            if key not in self.units:
+                self.units[key] = (f"{label} x{args[0].shape[0]}", self.compile(make()))
+                new_keys.append(key)
+                start = time.perf_counter()
+                result = self.units[key][1](*args)
+                run.compile_seconds += time.perf_counter() - start
+                return result
+            return self.units[key][1](*args)
+
+        for ex in examples:
+            layout_plans = [p for p in plans if ex.runs(p)]
+            if not layout_plans:
+                continue
+            # One eager prepare first: models fill their per-grid tables (position tables of
+            # other sizes) there, so the compiled frame sees them already filled.
+            transformer.prepare(ex.x, ex.t, ex.cond)
+            x, t, conds = settled(ex.x), settled(ex.t), tuple(settled(v) for v in cond_tensors(ex.cond))
+            key = self.prepare_key(transformer, x, t, ex.cond)
+            image, c, text, mask, grid = ensure(key, lambda: prepare_unit(transformer, ex.cond.cfg_layout),
+                                                "prepare", x, t, *conds)
+            rows_per_sample = 2 if ex.cond.guided else 1
+            for plan in layout_plans:
+                for start, stop, action in plan.segments(len(transformer.blocks)):
+                    # An adaptive range runs as a record piece for each possible number of
+                    # samples that decide to run it, and as an apply piece when none does.
+                    variants = [(action, image.shape[0])]
+                    if action == "adaptive":
+                        variants = [("apply", image.shape[0])] + [
+                            ("record", k) for k in range(rows_per_sample, image.shape[0] + 1, rows_per_sample)]
+                    for kind, rows in variants:
+                        part = [None if v is None else v[:rows].contiguous() for v in (image, c, text, mask)]
+                        key = self.segment_key(transformer, plan, start, stop, kind, *part, grid)
+                        part_streams = {"image": part[0], "text": part[2]}
+                        deltas = [torch.zeros_like(part_streams[s]) for s in transformer.streams] \
+                            if kind == "apply" else []
+                        ensure(key, lambda: segment_unit(transformer, plan, start, stop, kind, grid),
+                               f"blocks {start}:{stop} {kind}", *part, *deltas)
+            ensure(self.finalize_key(transformer, image, c, grid), lambda: finalize_unit(transformer, grid),
+                   "finalize", image, c)
+        run.built = run.expected = len(new_keys)
+        made = _unique_graphs() - before
+        if made != len(new_keys):
+            raise RecompileError(f"building {len(new_keys)} planned graphs made {made}: a piece was traced more "
+                                 "than once (a Python value that changes between calls reached a compiled frame)")
+        # Labels must tell pieces apart in the hit counts: number the ones that share one.
+        seen: dict[str, int] = {}
+        for key in new_keys:
+            label, fn = self.units[key]
+            seen[label] = seen.get(label, 0) + 1
+            if seen[label] > 1:
+                self.units[key] = (f"{label} #{seen[label]}", fn)
