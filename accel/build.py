@@ -7,6 +7,7 @@ from typing import Iterable
 
 from dite.accel.methods import Method, PlanContext, StepDraft
 from dite.accel.spec import parse_spec
+from dite.accel.tuned import expand_tuned
 from dite.engine.errors import ConfigError
 from dite.models.plan import FULL_ATTENTION, PLAIN_BLOCK, PLAIN_STEP, BlockPlan, StepPlan
 
@@ -30,7 +31,9 @@ def as_methods(accel: str | Method | Iterable[Method] | None) -> list[Method]:
 
 
 def resolve(methods: list[Method], ctx: PlanContext) -> list[Method]:
-    """Defaults filled in for this call, each checked, and pairwise conflicts refused."""
+    """Defaults filled in for this call, each checked, and pairwise conflicts refused
+    (a tuned(file=...) is first replaced by the methods its file stores)."""
+    methods = expand_tuned(methods, ctx)
     seen: dict[str, Method] = {}
     for m in methods:
         if m.edits in seen:

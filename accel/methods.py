@@ -14,7 +14,7 @@ from typing import ClassVar
 
 from dite.engine.errors import ConfigError
 from dite.engine.families import FAMILIES
-from dite.models.plan import ADAPTIVE_SIGNALS, FORECAST_COORDS, AttentionPolicy, RangeOp
+from dite.models.plan import ADAPTIVE_JUDGES, ADAPTIVE_SIGNALS, FORECAST_COORDS, AttentionPolicy, RangeOp
 
 INTERPOLATION_MODES = ("bilinear", "bicubic", "nearest", "nearest-exact", "area")
 
@@ -63,7 +63,12 @@ class Method:
         raise NotImplementedError
 
     def settings(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        if values.get("order") == 0 and self.name != "adaptive":
+            # Without a forecast there is no coordinate: the spec reads as it always did.
+            values.pop("order")
+            values.pop("coord", None)
+        return values
 
     def spec(self) -> str:
         args = ",".join(f"{k}={_format(v)}" for k, v in self.settings().items())
@@ -266,6 +271,7 @@ class Adaptive(Method):
     order: int = 1
     coord: str = "step"
     signal: str = "residual"
+    judge: str = "forecast"
 
     def resolved(self, ctx: PlanContext) -> "Adaptive":
         for what in ("front", "back", "max_cached"):
@@ -283,6 +289,8 @@ class Adaptive(Method):
         check_forecast(self.name, self.order, self.coord)
         if self.signal not in ADAPTIVE_SIGNALS:
             raise ConfigError(f"{self.name}: signal={self.signal!r} must be one of {', '.join(ADAPTIVE_SIGNALS)}")
+        if self.judge not in ADAPTIVE_JUDGES:
+            raise ConfigError(f"{self.name}: judge={self.judge!r} must be one of {', '.join(ADAPTIVE_JUDGES)}")
         if self.signal == "residual" and self.front == 0:
             raise ConfigError(f"{self.name}: signal=residual is what the front blocks add, so it needs front >= 1; "
                               "use signal=hidden with front=0")
@@ -297,4 +305,4 @@ class Adaptive(Method):
         for i, draft in enumerate(drafts):
             draft.ranges.append(RangeOp(self.front, ctx.depth - self.back, "adaptive", order=self.order,
                                         coord=self.coord, threshold=self.threshold, max_cached=self.max_cached,
-                                        force=i < self.warmup, signal=self.signal))
+                                        force=i < self.warmup, signal=self.signal, judge=self.judge))

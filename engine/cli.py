@@ -78,6 +78,14 @@ _positive = _int_in(1)
 _seed = _int_in(0, MAX_SEED, "a seed (an integer)")
 
 
+def _budget(text: str) -> float:
+    """--budget: a share of the plain call's compute, in (0, 1]."""
+    value = _finite()(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not in (0, 1]: the budget is a share of the plain call's compute")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dite", description="Diffusion transformer inference engine")
     parser.add_argument("--version", action="version", version=f"dite {_version()}")
@@ -149,6 +157,33 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--device", default="cpu")
     cal.add_argument("--dtype", default="fp32")
     cal.add_argument("-o", "--output", required=True, help="plan file (JSON)")
+
+    tun = sub.add_parser("tune", help="search accel methods and settings for a compute budget (use the file with "
+                                      "--accel \"tuned(file=FILE)\")")
+    tun.add_argument("--model", default=None, help="as for generate (default: demo-sd3; demo-dit with --class-label)")
+    tun.add_argument("--budget", type=_budget, required=True,
+                     help="largest mean compute to keep, as a share of the plain call's, in (0, 1] (e.g. 0.6)")
+    tun.add_argument("--metric", default="compute", choices=["compute", "flops"],
+                     help="what the budget counts: compute (block evaluations x rows, default) or flops (denoiser "
+                          "FLOPs; also tries todo and --fastattn-plan files)")
+    tun.add_argument("--steps", type=_steps, default=None, help="the step count to tune for (default: the model's)")
+    tun.add_argument("--guidance", type=_finite(), default=None, help="guidance scale (default: the model's)")
+    tun.add_argument("--size", type=_size, default=None, metavar="WxH", help="image size (default: the model's)")
+    tun.add_argument("--prompts", default=None, metavar="FILE",
+                     help="calibration prompts, one a line (default: a built-in list of simple generic prompts)")
+    tun.add_argument("--class-label", action="append", default=None, metavar="ID",
+                     help="calibration class label, index or name (repeat; DiT); default: seeded, from the named classes")
+    tun.add_argument("--negative-prompt", default=None)
+    tun.add_argument("--calibration", type=_positive, default=4, help="calibration prompts / labels (default 4)")
+    tun.add_argument("--screen", type=_positive, default=2,
+                     help="inputs every candidate is first measured on; the best 5 then on all (default 2)")
+    tun.add_argument("--fastattn-plan", action="append", default=[], metavar="PATH",
+                     help="a DiTFastAttn plan file to try (repeat; --metric flops)")
+    tun.add_argument("--seed", type=_seed, default=1000, help="seed of the first calibration image (default 1000)")
+    tun.add_argument("--device", default="cpu")
+    tun.add_argument("--dtype", default="fp32")
+    tun.add_argument("-o", "--output", required=True, help="tuned file (JSON) to write")
+    tun.add_argument("--quiet", action="store_true", help="no line per candidate")
 
     acc = sub.add_parser("accel", help="list the acceleration methods, their parameters and defaults")
     acc.add_argument("--json", action="store_true", help="machine-readable output")
@@ -500,6 +535,52 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    """`dite tune`: the search of engine/runtime/tune.py on calibration inputs, written to -o."""
+    import time
+
+    if args.model is None:
+        args.model = "demo-dit" if args.class_label else "demo-sd3"
+    _check_common(args)
+    if args.prompts is not None and args.class_label:
+        raise InputError("give --prompts (text-to-image models) or --class-label (DiT), not both")
+    if Path(args.output).suffix.lower() != ".json":
+        raise InputError(f"--output {args.output}: a tuned file is JSON; give a path ending in .json")
+    check_writable([Path(args.output)])
+    from dite.engine.runtime.tune import read_prompts, tune, write_tuned
+
+    prompts = read_prompts(args.prompts) if args.prompts is not None else None
+    family = _family(args)
+    if family == "dit" and prompts:
+        raise InputError("this is a class-conditional DiT: tune it with --class-label ID (repeat), not --prompts")
+    if family not in (None, "dit") and args.class_label:
+        raise InputError(f"this is a text-to-image model ({family}): tune it with --prompts, not --class-label")
+    for plan in args.fastattn_plan:
+        from dite.accel.fastattn import read_plan
+
+        read_plan(plan)
+    from dite.engine.loading.loader import load
+
+    start = time.perf_counter()
+    pipe = load(args.model, device=args.device, dtype=args.dtype)
+    images = len(args.class_label or prompts or []) or args.calibration
+    _check_against_model(pipe, args, images, _text_tokens(pipe, args))
+    log = (lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    data = tune(pipe, args.budget, steps=args.steps, guidance=args.guidance, size=args.size, prompts=prompts,
+                class_labels=_labels(args.class_label), calibration=args.calibration, screen=args.screen,
+                metric=args.metric, fastattn_plans=args.fastattn_plan, seed=args.seed,
+                negative_prompt=args.negative_prompt, log=log)
+    write_tuned(args.output, data)
+    fewer = data["fewer_steps"]
+    baseline = f"; fewer steps ({fewer['steps']}): {fewer['psnr_db']:.2f} dB" if fewer else ""
+    chosen = data["spec"] if data["spec"] != "none" else f"plain, {data['steps']} of {data['valid_for']['steps']} steps"
+    print(f"chose {chosen}: {data['psnr_db']:.2f} dB at {args.metric} "
+          f"{data['compute_fraction' if args.metric == 'compute' else 'flops_ratio']:.3f} (budget {args.budget})"
+          f"{baseline}; {data['search']['runs']} runs, tuned in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    print(args.output)
+    return 0
+
+
 def cmd_accel(args) -> int:
     from dite.accel.describe import describe_methods, format_methods
 
@@ -588,7 +669,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_USER_ERROR
     try:
         return {"generate": cmd_generate, "inspect": cmd_inspect, "accel": cmd_accel, "calibrate": cmd_calibrate,
-                "convert": cmd_convert}[args.command](args)
+                "convert": cmd_convert, "tune": cmd_tune}[args.command](args)
     except DiteError as exc:
         if os.environ.get("DITE_DEBUG"):
             raise

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dite.models.attention import attention
-from dite.models.window_attention import window_attention
+# cond_half lives with attend() in models/attention.py and is re-exported here.
+from dite.models.attention import NO_STATE, AttentionState, attend, cond_half, load_state, save_state  # noqa: F401
 from dite.models.plan import FULL_ATTENTION, AttentionPolicy
 
 
@@ -189,18 +189,11 @@ def project_qkv(qkv: nn.Linear, x: torch.Tensor, policy: AttentionPolicy, grid: 
     return q, k, v
 
 
-def cond_half(rows: int, layout: str) -> slice:
-    """The conditional rows of a CFG batch in `layout`."""
-    half = rows // 2
-    return slice(0, half) if layout == "cond_first" else slice(half, rows)
-
-
 class SelfAttention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection, through the attention dispatch.
-
-    Runs every attention policy of a step plan: full, ToDo's downsampled K/V, and
-    DiTFastAttn's window + residual (WA-RS), output sharing (AST) and CFG sharing (ASC),
-    reading and writing this layer's entries of the call's attention cache.
+    """Multi-head self-attention with a fused qkv projection, under any attention policy of
+    a step plan through `attend` (full, ToDo's downsampled K/V, DiTFastAttn's WA-RS, AST and
+    ASC). `forward` takes the store of the layer's state (the block's `Hidden.attn_cache`)
+    and key, loads what the policy reads and saves what it stores; `attend` is the pure part.
     """
 
     def __init__(self, dim: int, heads: int, qkv_bias: bool = True):
@@ -213,27 +206,18 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, policy: AttentionPolicy = FULL_ATTENTION,
                 grid: tuple[int, int] | None = None, cache=None, layer=None) -> torch.Tensor:
-        rows = x.shape[0]
-        if policy.kind == "share":
-            # AST: the projected output of this layer's last computed step; the block's
-            # gate of the current step is applied by the caller.
-            return cache.output(layer, rows)
-        half = cond_half(rows, policy.cfg_share) if policy.cfg_share else slice(None)
-        q, k, v = (split_heads(t, self.heads) for t in project_qkv(self.qkv, x[half], policy, grid))
-        if policy.kind == "window":
-            residual = cache.residual(layer, rows)[half]
-            out = window_attention(q, k, v, policy.window) + residual
-        else:
-            out = attention(q, k, v, policy=policy)
-            if policy.store_residual:
-                residual = out - window_attention(q, k, v, policy.window)
-                cache.store_residual(layer, torch.cat([residual, residual]) if policy.cfg_share else residual)
-        out = self.proj(merge_heads(out))
-        if policy.cfg_share:
-            out = torch.cat([out, out])  # ASC: the conditional half's output for both halves
-        if policy.store_output:
-            cache.store_output(layer, out)
+        state = load_state(cache, layer, policy, x.shape[0])
+        out, state = self.attend(x, policy, grid, state)
+        save_state(cache, layer, state)
         return out
+
+    def attend(self, x: torch.Tensor, policy: AttentionPolicy = FULL_ATTENTION, grid: tuple[int, int] | None = None,
+               state: AttentionState = NO_STATE) -> tuple[torch.Tensor, AttentionState]:
+        """(output, stored state): q, k, v = qkv(x) split into heads, attention, proj."""
+        def qkv(rows):
+            return tuple(split_heads(t, self.heads) for t in project_qkv(self.qkv, x[rows], policy, grid))
+
+        return attend(qkv, policy, state, rows=x.shape[0], project=lambda out: self.proj(merge_heads(out)))
 
 
 class RMSNorm(nn.Module):

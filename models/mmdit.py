@@ -16,9 +16,8 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch import nn
 
-from dite.models.attention import attention
-from dite.models.window_attention import window_attention
-from dite.engine.errors import CheckpointError, ConfigError
+from dite.models.attention import NO_STATE, AttentionState, attend, load_state, save_state
+from dite.engine.errors import CheckpointError, ConfigError, InputError
 from dite.models.config_fields import check_fields, check_instance
 from dite.models.checkpoint import KeyMap, Source, concat, count_indexed, take, transformed
 from dite.models.denoiser import Conditioning, Denoiser, Hidden
@@ -28,7 +27,6 @@ from dite.models.layers import (
     PatchEmbed,
     RMSNorm,
     TimestepEmbedder,
-    cond_half,
     merge_heads,
     modulate,
     project_qkv,
@@ -131,8 +129,10 @@ class StreamAttention(nn.Module):
         return q, k, v
 
     def self_attention(self, x: torch.Tensor, policy: AttentionPolicy, grid: tuple[int, int]) -> torch.Tensor:
-        q, k, v = self.qkv_heads(x, policy, grid)
-        return self.proj(merge_heads(attention(q, k, v, policy=policy)))
+        """MMDiT-X's image-only attention (full or ToDo: no per-layer state)."""
+        out, _ = attend(lambda rows: self.qkv_heads(x[rows], policy, grid), policy, rows=x.shape[0],
+                        project=lambda o: self.proj(merge_heads(o)))
+        return out
 
 
 class StreamBlock(nn.Module):
@@ -192,48 +192,36 @@ class JointBlock(nn.Module):
         self.x_block = StreamBlock(cfg, dual=index in cfg.dual_attention_layers)
         self.context_block = StreamBlock(cfg, pre_only=index == cfg.depth - 1)
 
-    def joint_attention(self, x_normed, x_mods, c_normed, c_mods, policy: AttentionPolicy, grid, cache):
-        """Projected attention outputs (image, text or None) under `policy`."""
-        rows, n = x_normed.shape[0], x_normed.shape[1]
-        image_key, text_key = (self.index, "image"), (self.index, "text")
+    def joint_attention(self, x_normed, x_mods, c_normed, c_mods, policy: AttentionPolicy, grid,
+                        state: AttentionState = NO_STATE):
+        """((image, text or None) projected attention outputs, stored state) under `policy`:
+        the image tokens' q, k, v, then the text tokens' (never downsampled), one attention."""
+        n = x_normed.shape[1]
         pre_only = self.context_block.pre_only
-        if policy.kind == "share":
-            return cache.output(image_key, rows), None if pre_only else cache.output(text_key, rows)
-        half = cond_half(rows, policy.cfg_share) if policy.cfg_share else slice(None)
-        x_mods, c_mods = [m[half] for m in x_mods], [m[half] for m in c_mods]
-        qx, kx, vx = self.x_block.qkv(x_normed[half], x_mods, policy, grid)
-        qc, kc, vc = self.context_block.qkv(c_normed[half], c_mods)
-        # Image tokens first, as diffusers orders them (the reference puts text first; with
-        # no mask or position term inside attention only the split offset depends on it).
-        if policy.kind == "window":
-            image = window_attention(qx, kx, vx, policy.window, kc, vc) + cache.residual(image_key, rows)[half]
-            text = attention(qc, torch.cat([kx, kc], 2), torch.cat([vx, vc], 2),
-                             policy=replace(FULL_ATTENTION, backend=policy.backend))
-            out = torch.cat([image, text], 2)
-        else:
-            out = attention(torch.cat([qx, qc], 2), torch.cat([kx, kc], 2), torch.cat([vx, vc], 2), policy=policy)
-            if policy.store_residual:
-                residual = out[:, :, :n] - window_attention(qx, kx, vx, policy.window, kc, vc)
-                cache.store_residual(image_key, torch.cat([residual, residual]) if policy.cfg_share else residual)
-        out = merge_heads(out)
-        image = self.x_block.attn.proj(out[:, :n])
-        text = None if pre_only else self.context_block.attn.proj(out[:, n:])
-        if policy.cfg_share:  # ASC: the conditional rows' outputs for both halves
-            image = torch.cat([image, image])
-            text = None if text is None else torch.cat([text, text])
-        if policy.store_output:
-            cache.store_output(image_key, image)
-            if text is not None:
-                cache.store_output(text_key, text)
-        return image, text
+
+        def image_qkv(rows):
+            return self.x_block.qkv(x_normed[rows], [m[rows] for m in x_mods], policy, grid)
+
+        def text_qkv(rows):
+            return self.context_block.qkv(c_normed[rows], [m[rows] for m in c_mods])
+
+        def project(out):
+            # Image tokens first, as diffusers orders them (the reference puts text first; with
+            # no mask or position term inside attention only the split offset depends on it).
+            out = merge_heads(out)
+            return self.x_block.attn.proj(out[:, :n]), None if pre_only else self.context_block.attn.proj(out[:, n:])
+
+        return attend(image_qkv, policy, state, rows=x_normed.shape[0], project=project, text=text_qkv)
 
     def forward(self, hidden: Hidden, plan: BlockPlan) -> Hidden:
         x, ctx, c = hidden.image, hidden.text, hidden.c
         x_mods, x_normed = self.x_block.modulation(x, c)
         c_mods, c_normed = self.context_block.modulation(ctx, c)
-        image, text = self.joint_attention(x_normed, x_mods, c_normed, c_mods, plan.attention, hidden.grid,
-                                           hidden.attn_cache)
-        x = self.x_block.post_attention(x, image, x_mods, x_normed, plan.attention, hidden.grid)
+        policy = plan.attention
+        state = load_state(hidden.attn_cache, self.index, policy, x.shape[0])
+        (image, text), state = self.joint_attention(x_normed, x_mods, c_normed, c_mods, policy, hidden.grid, state)
+        save_state(hidden.attn_cache, self.index, state)
+        x = self.x_block.post_attention(x, image, x_mods, x_normed, policy, hidden.grid)
         if not self.context_block.pre_only:
             ctx = self.context_block.post_attention(ctx, text, c_mods, c_normed, FULL_ATTENTION, None)
         # A pre-only text side has nothing left to update; the stream passes through.
@@ -274,7 +262,7 @@ class MMDiT(Denoiser):
         m = self.config.pos_embed_max_size
         if h > m or w > m:
             limit = m * self.config.patch_size
-            raise ValueError(f"latent of {h * self.config.patch_size}x{w * self.config.patch_size} exceeds the "
+            raise InputError(f"latent of {h * self.config.patch_size}x{w * self.config.patch_size} exceeds the "
                              f"model's position table ({limit}x{limit} latent pixels)")
         top, left = (m - h) // 2, (m - w) // 2
         table = self.pos_embed.reshape(m, m, -1)[top: top + h, left: left + w]

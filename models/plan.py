@@ -22,6 +22,9 @@ FORECAST_COORDS = ("step", "time")
 # What the adaptive decision compares between steps: the hidden state entering the range
 # ("hidden"), or what the front blocks added to the state after `prepare` ("residual").
 ADAPTIVE_SIGNALS = ("hidden", "residual")
+# What the signal is compared with: its value at the last step the range ran ("last"), or
+# its forecast from the steps the range ran, by the range's own order ("forecast").
+ADAPTIVE_JUDGES = ("last", "forecast")
 
 
 ATTENTION_KINDS = ("full", "window", "share")
@@ -106,7 +109,9 @@ class RangeOp:
     "adaptive" (the dynamic block cache): a sample runs the range when `force` is set
     (warm-up), when it has no record yet, when it has reused `max_cached` steps in a row, or
     when the relative L1 change of its `signal` since the last step it ran the range exceeds
-    `threshold`; otherwise it gets the (forecast) delta. The CFG rows of one sample decide
+    `threshold` (or, with `judge` "forecast", when its signal strays from the forecast of the
+    signal by more than that: the skipped delta gets the same extrapolation); otherwise it
+    gets the (forecast) delta. The CFG rows of one sample decide
     together, on their joint change, so guidance always combines branches of the same step.
     """
 
@@ -119,6 +124,7 @@ class RangeOp:
     max_cached: int = 0
     force: bool = False
     signal: str = "residual"
+    judge: str = "last"
 
     def __post_init__(self):
         if self.action not in RANGE_ACTIONS:
@@ -129,6 +135,8 @@ class RangeOp:
             raise ConfigError(f"forecast order must be 0, 1, 2 or 3, got {self.order!r}")
         if self.coord not in FORECAST_COORDS:
             raise ConfigError(f"forecast coordinate must be one of {FORECAST_COORDS}, got {self.coord!r}")
+        if self.judge not in ADAPTIVE_JUDGES:
+            raise ConfigError(f"adaptive judge must be one of {ADAPTIVE_JUDGES}, got {self.judge!r}")
         if self.signal not in ADAPTIVE_SIGNALS:
             raise ConfigError(f"adaptive signal must be one of {ADAPTIVE_SIGNALS}, got {self.signal!r}")
         if self.signal == "residual" and self.action == "adaptive" and self.start == 0:

@@ -143,16 +143,16 @@ def test_todo_self_attention_by_hand():
 
 
 def test_todo_on_mmdit_shrinks_image_keys_only(mmdit, monkeypatch):
-    import dite.models.mmdit as mmdit_module
+    import dite.models.attention as attention_module  # MMDiT's attention runs through its attend()
 
     seen = []
-    real = mmdit_module.attention
+    real = attention_module.attention
 
     def spy(q, k, v, **kw):
         seen.append((q.shape[2], k.shape[2]))
         return real(q, k, v, **kw)
 
-    monkeypatch.setattr(mmdit_module, "attention", spy)
+    monkeypatch.setattr(attention_module, "attention", spy)
     plans = plans_for("todo(blocks=0:2,factor=2)", mmdit, 1)
     x = torch.randn(2, 4, 6, 4)  # grid 3 x 2 tokens: keys from int(3/2) x int(2/2) = 1 x 1
     run_step(mmdit, x, torch.full((2,), 500.0), sd3_cond(), plans[0], DeltaStore())

@@ -183,9 +183,10 @@ def test_quantize_merges_towards_exact():
 
 
 def test_relative_loss_uses_the_signed_maximum():
-    # Both negative: the signed max is negative, the ratio negative, clipped to 0 (a
-    # magnitude max would give 0.5). This is the reference's behaviour, kept for its plans.
-    assert relative_loss(torch.tensor([-2.0]), torch.tensor([-1.0])) == 0.0
+    # Both negative: the signed max is -1, the ratio -1 / (-1 + 1e-6), and its absolute value
+    # (taken after the division, as the reference does) is 1; a magnitude max would give 0.5.
+    # More cases, worked out by hand: tests/test_calibration_loss.py.
+    assert float(relative_loss(torch.tensor([-2.0]), torch.tensor([-1.0]))) == pytest.approx(1.0, rel=1e-5)
     assert relative_loss(torch.tensor([2.0]), torch.tensor([1.0])) == pytest.approx(0.5)
 
 

@@ -5,7 +5,6 @@ Nothing is built and no tensor data is read, so inspecting a 16 GB checkpoint is
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 from typing import Any

@@ -11,7 +11,6 @@ data is read here (except CLIP-L's small projection, to tell whether it is the i
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 

@@ -11,6 +11,7 @@ import torch
 
 from dite.accel.build import as_methods, build_plans, resolve
 from dite.accel.methods import PlanContext
+from dite.accel.tuned import call_steps
 from dite.engine.runtime.accounting import accel_stats
 from dite.engine.version import dite_version
 from dite.engine.errors import ConfigError, InputError
@@ -196,6 +197,7 @@ class Pipeline:
         seed = arguments.seed(seed, count)
         latents = arguments.latents(latents, (count, self.transformer.config.in_channels, *size))
         self.check_scheduler()
+        steps = call_steps(accel, steps, self, size)  # tuned(file=...): checked here, may run fewer steps
         train_steps = getattr(getattr(self.scheduler, "config", None), "num_train_timesteps", None)
         if self.scheduler.objective == "diffusion" and train_steps and steps > train_steps:
             raise InputError(f"num_inference_steps {steps} is more than the {train_steps} timesteps of the "

@@ -38,6 +38,9 @@ class RangeState:
     coordinates before each step."""
 
     history: DeltaHistory | None = None
+    # The signal at the steps each row ran the range, for the "forecast" judge: the same
+    # extrapolation the skipped delta gets, applied to what the front blocks produced.
+    signals: DeltaHistory | None = None
     references: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     streaks: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     decisions: list[dict] = field(default_factory=list)
@@ -59,8 +62,9 @@ class RangeState:
 
     def select_rows(self, rows: slice) -> None:
         """Keep only `rows` (the conditional rows, when PromptGate drops the others)."""
-        if self.history is not None:
-            self.history.select_rows(rows)
+        for history in (self.history, self.signals):
+            if history is not None:
+                history.select_rows(rows)
         self.references = {k: v[rows].clone() for k, v in self.references.items()}
         self.streaks = {k: v[rows].clone() for k, v in self.streaks.items()}
 
@@ -82,8 +86,12 @@ def decide(rs: RangeState, op: RangeOp, signal: torch.Tensor) -> list[bool]:
     reference, streak = rs.references.get(key), rs.streaks.get(key)
     if op.force or reference is None or reference.shape[0] != rows:
         return [True] * samples
-    # Relative L1 change of each sample's signal over all its rows (both CFG branches), in
-    # float32 whatever the model's dtype, against its signal at the last step it ran.
+    if op.judge == "forecast":
+        # What the signal would be if it followed the polynomial through the steps this row
+        # ran: a small miss predicts a small miss of the forecast delta.
+        reference = rs.signals.forecast(key, rs.coordinate(op))["signal"]
+    # Relative L1 difference of each sample's signal over all its rows (both CFG branches),
+    # in float32 whatever the model's dtype, from its reference.
     change = (signal.float() - reference.float()).abs().flatten(1).sum(1).view(rps, samples).sum(0)
     size = reference.float().abs().flatten(1).sum(1).view(rps, samples).sum(0)
     over = change > op.threshold * size.clamp_min(torch.finfo(torch.float32).tiny)
@@ -106,6 +114,14 @@ def settle(rs: RangeState, op: RangeOp, signal: torch.Tensor, run_rows: list[int
     if streak is None or streak.shape[0] != rows:
         streak = torch.zeros(rows, dtype=torch.long, device=signal.device)
     ran = torch.zeros(rows, dtype=torch.bool, device=signal.device)
+    if op.judge == "forecast":
+        if rs.signals is None:
+            rs.signals = DeltaHistory(op.order)
+        everyone = len(run_rows) == rows or key not in rs.references
+        if everyone or run_rows:
+            idx = None if everyone else torch.tensor(run_rows, dtype=torch.long, device=signal.device)
+            rs.signals.record(key, rs.coordinate(op), {"signal": signal if idx is None else signal.index_select(0, idx)},
+                              rows=idx)
     if len(run_rows) == rows or key not in rs.references:
         rs.references[key] = signal.detach().clone()
         ran[:] = True

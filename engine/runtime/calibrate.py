@@ -40,27 +40,50 @@ DEFAULT_PROMPTS = (
 
 
 def relative_loss(ref: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """The reference's metric: mean(clip(|O - O'| / (max(O, O') + 1e-6), 0, 10)), where max
-    is the signed elementwise maximum (not of magnitudes), as DiTFastAttn computes it."""
-    return ((ref - out).abs() / (torch.maximum(ref, out) + 1e-6)).clamp(0, 10).mean()
+    """The reference's metric: mean(clip(|(O - O') / (max(O, O') + 1e-6)|, 0, 10)), where max
+    is the signed elementwise maximum (not of magnitudes) and the absolute value is taken
+    after the division, as DiTFastAttn's `compression_loss` computes it: an element whose
+    maximum is negative counts with its magnitude, not as 0."""
+    return ((ref - out) / (torch.maximum(ref, out) + 1e-6)).abs().clamp(0, 10).mean()
 
 
-def ssim_loss(ref: torch.Tensor, out: torch.Tensor, size: int = 11, sigma: float = 1.5) -> torch.Tensor:
-    """1 - SSIM over the model output's channels as images (Gaussian window, data range
-    taken from the reference)."""
+SSIM_SIGMA = 1.5
+SSIM_WINDOW = int(3.5 * SSIM_SIGMA + 0.5) * 2 + 1  # 11: torchmetrics sizes its Gaussian from sigma
+SSIM_DATA_RANGE = 1.0
+
+
+def ssim_loss(ref: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """1 - SSIM of the model outputs (B, C, H, W) as images, as the reference computes it:
+    torchmetrics' `StructuralSimilarityIndexMeasure(data_range=1.0)` with its defaults
+    (Gaussian window 11, sigma 1.5, k1 0.01, k2 0.03, variances clamped at 0), in the version
+    the reference's SSIM metric was written against (torchmetrics 1.4, August 2024): both
+    images reflect-padded by 5, filtered, and the 5-pixel border of the SSIM map cropped
+    before the mean. Every kept window then lies inside the image, so the padding never
+    reaches the value: this is the SSIM of the valid windows. (torchmetrics >= 1.5 keeps the
+    border, so the reference run with a newer torchmetrics scores the padded edge too.)
+    Computed in float32."""
+    if ref.ndim != 4:
+        raise ConfigError(f"--metric ssim compares (batch, channels, height, width) outputs, not shape {tuple(ref.shape)}")
+    pad = SSIM_WINDOW // 2
+    height, width = ref.shape[-2:]
+    if height < SSIM_WINDOW or width < SSIM_WINDOW:
+        raise ConfigError(f"--metric ssim needs a latent of at least {SSIM_WINDOW}x{SSIM_WINDOW} (the reference's "
+                          f"Gaussian window, its border cropped); this model's is {height}x{width}: "
+                          "use --metric relative or a larger --size")
     ref, out = ref.float(), out.float()
-    coords = torch.arange(size, dtype=torch.float32) - size // 2
-    g = torch.exp(-coords**2 / (2 * sigma**2))
-    g = (g / g.sum()).to(ref.device)
-    kernel = (g[:, None] * g[None, :]).expand(ref.shape[1], 1, size, size)
-    blur = lambda x: F.conv2d(x, kernel, padding=size // 2, groups=ref.shape[1])  # noqa: E731
-    span = (ref.max() - ref.min()).clamp_min(1e-6)
-    c1, c2 = (0.01 * span) ** 2, (0.03 * span) ** 2
-    mu_x, mu_y = blur(ref), blur(out)
-    var_x, var_y = blur(ref * ref) - mu_x**2, blur(out * out) - mu_y**2
-    cov = blur(ref * out) - mu_x * mu_y
+    channels, batch = ref.shape[1], ref.shape[0]
+    coords = torch.arange(SSIM_WINDOW, dtype=torch.float32, device=ref.device) - pad
+    g = torch.exp(-((coords / SSIM_SIGMA) ** 2) / 2)
+    g = g / g.sum()
+    kernel = (g[:, None] * g[None, :]).expand(channels, 1, SSIM_WINDOW, SSIM_WINDOW)
+    x = F.pad(ref, (pad, pad, pad, pad), mode="reflect")
+    y = F.pad(out, (pad, pad, pad, pad), mode="reflect")
+    mu_x, mu_y, xx, yy, xy = F.conv2d(torch.cat((x, y, x * x, y * y, x * y)), kernel, groups=channels).split(batch)
+    c1, c2 = (0.01 * SSIM_DATA_RANGE) ** 2, (0.03 * SSIM_DATA_RANGE) ** 2
+    var_x, var_y = (xx - mu_x**2).clamp_min(0.0), (yy - mu_y**2).clamp_min(0.0)
+    cov = xy - mu_x * mu_y
     ssim = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
-    return 1 - ssim.mean()
+    return 1 - ssim[..., pad:-pad, pad:-pad].mean()
 
 
 METRICS = {"relative": relative_loss, "ssim": ssim_loss}

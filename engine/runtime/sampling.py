@@ -116,8 +116,10 @@ def denoise(
             plan = plan_hook(i, model_in, t, step_cond, plan, state)
         out = run.step(model_in, t, step_cond, plan, state)
         blocks = len(plan.computed_blocks(depth))
-        state.steps_run.append({"step": i, "rows": model_in.shape[0], "cfg": step_cond.cfg_layout != "none",
-                                "blocks": blocks, "block_rows": model_in.shape[0] * blocks + state.ranges.block_rows})
+        ran = {"step": i, "rows": model_in.shape[0], "cfg": step_cond.cfg_layout != "none", "blocks": blocks}
+        if plan.adaptive:  # some rows ran more blocks than `blocks`: count what ran
+            ran["block_rows"] = model_in.shape[0] * blocks + state.ranges.block_rows
+        state.steps_run.append(ran)
         state.ranges.block_rows = 0
         out = apply_guidance(out, step_cond.cfg_layout, guidance_scale, prediction_channels)
         if not pass_model_variance:

@@ -8,6 +8,16 @@ number of graphs is known in advance and checked; each piece is its own isolated
 with a recompile limit of 1 and the steps run under `fail_on_recompile`, so a recompile
 the plan did not foresee is an error, never a silent fallback to eager.
 
+DiTFastAttn plans run here too: the stored residuals / outputs a segment's layers read go
+into its graph as explicit tensors and the ones they store come out as results, copied into
+the call's AttentionCache buffers like deltas. Pieces are warmed in an order where every
+read has been stored by an earlier piece, so the graph count stays known in advance.
+
+Host syncs per step: none for plain, cached-range, forecasting and fastattn plans (the eager
+code between graphs only picks tensors by plan and shape, copies them device-side and
+checks shapes, which are host metadata; tests/test_attend.py counts them); one per adaptive
+range (its per-sample decision).
+
 Graphs live in the executor (the pipeline's), so a second generation of the same shapes
 builds nothing; what one call built, hit and spent is counted in its Run.
 """
@@ -21,10 +31,13 @@ from typing import Any, Callable, Sequence
 import torch
 
 from dite.engine.runtime.adaptive import RangeState, choose_rows, merge_rows, settle, split_rows
+from dite.engine.runtime.attention_cache import AttentionCache
 from dite.engine.runtime.delta_store import DeltaStore
 from dite.engine.errors import ConfigError, DiteError
 from dite.engine.runtime.executors.base import Executor, Run, StepExample, with_attention_backend
-from dite.engine.runtime.executors.units import cond_tensors, finalize_unit, prepare_unit, segment_unit, signature
+from dite.engine.runtime.executors.units import (attention_reads, cond_tensors, finalize_unit, prepare_unit,
+                                                 segment_unit, signature)
+from dite.models.attention import AttentionState, map_tensors, reads, stateful, writes
 from dite.models.denoiser import Denoiser
 from dite.models.plan import StepPlan
 
@@ -49,13 +62,26 @@ def settled(t: torch.Tensor | None) -> torch.Tensor | None:
     return t
 
 
-def check_graphable(plan: StepPlan, depth: int) -> None:
-    for i in range(depth):
-        p = plan.block(i).attention
-        if p.kind != "full" or p.cfg_share or p.store_output or p.store_residual:
-            raise ConfigError(
-                f"block {i}: DiTFastAttn policy {p.label!r} keeps per-layer attention state that graph executors do "
-                "not yet carry as explicit tensors; run fastattn plans with executor='eager'")
+def check_attention_chain(plans: Sequence[StepPlan], depth: int) -> None:
+    """Before any graph is built: in step order, every stored residual / output a block's
+    policy reads was stored by an earlier step that ran the block (a block inside an applied
+    range does not run), and no adaptive range holds a DiTFastAttn policy (it gathers rows,
+    which per-layer state cannot follow: the eager runner refuses it too)."""
+    stored: list[set[str]] = [set() for _ in range(depth)]
+    for step, plan in enumerate(plans):
+        for start, stop, action in plan.segments(depth):
+            if action == "apply":
+                continue
+            for i in range(start, stop):
+                policy = plan.block(i).attention
+                if action == "adaptive" and stateful(policy):
+                    raise ConfigError("the adaptive cache gathers the rows that run, which DiTFastAttn's per-layer "
+                                      "attention cache cannot follow yet: use adaptive without fastattn")
+                missing = [f for f in reads(policy) if f not in stored[i]]
+                if missing:
+                    raise ConfigError(f"block {i} reuses its stored {missing[0]} at step {step}, but no earlier step "
+                                      "stored one: the plan must compute this layer before reusing it")
+                stored[i].update(writes(policy))
 
 
 class CompiledRun(Run):
@@ -83,10 +109,10 @@ class CompiledRun(Run):
             # of this step may overwrite the last step's, and copy whatever outlives it.
             torch.compiler.cudagraph_mark_step_begin()
         with torch.compiler.set_stance("fail_on_recompile"):
-            out = self._step(x, t, cond, plan, state.deltas, state.ranges)
+            out = self._step(x, t, cond, plan, state.deltas, state.ranges, state.attention)
         return out.clone() if self.executor.overwrites_outputs else out
 
-    def _step(self, x, t, cond, plan, cache: DeltaStore, ranges: RangeState):
+    def _step(self, x, t, cond, plan, cache: DeltaStore, ranges: RangeState, attention: AttentionCache):
         ex, streams = self.executor, self.transformer.streams
         x, t, conds = settled(x), settled(t), tuple(settled(v) for v in cond_tensors(cond))
         image, c, text, mask, grid = self.call(ex.prepare_key(self.transformer, x, t, cond), x, t, *conds)
@@ -100,7 +126,7 @@ class CompiledRun(Run):
             if action == "apply":
                 deltas = tuple(ranges.history_for(op).forecast(op.key, ranges.coordinate(op))[s] for s in streams) \
                     if op.order else stored_deltas(cache, (start, stop), streams, image.shape[0])
-            outs = self._segment(plan, start, stop, action, image, c, text, mask, grid, *deltas)
+            outs = self._segment(plan, start, stop, action, image, c, text, mask, grid, *deltas, attention=attention)
             new = dict(zip(streams, outs[:len(streams)]))
             if action == "record":
                 recorded = dict(zip(streams, outs[len(streams):]))
@@ -111,9 +137,17 @@ class CompiledRun(Run):
             image, text = new["image"], new.get("text", text)
         return self.call(ex.finalize_key(self.transformer, image, c, grid), image, c)
 
-    def _segment(self, plan, start, stop, action, image, c, text, mask, grid, *deltas):
+    def _segment(self, plan, start, stop, action, image, c, text, mask, grid, *deltas,
+                 attention: AttentionCache | None = None):
+        """The piece's streams (and recorded deltas). With the call's `attention` cache, what
+        the blocks' policies read goes in as tensors and what they store is copied back."""
         key = self.executor.segment_key(self.transformer, plan, start, stop, action, image, c, text, mask, grid)
-        return self.call(key, image, c, text, mask, *deltas)
+        state = {} if attention is None or action == "apply" else \
+            attention_inputs(attention, plan, start, stop, image.shape[0])
+        *outs, stored = self.call(key, image, c, text, mask, state, *deltas)
+        for layer, new in stored.items():
+            attention.save(layer, new, copy=True)
+        return tuple(outs)
 
     def _adaptive(self, plan, op, ranges: RangeState, image, c, text, mask, grid, prepared):
         """The adaptive range: the decision in eager Python between graphs (one host sync),
@@ -152,6 +186,15 @@ class CompiledRun(Run):
                 "graphs": sum(1 for k in ex.units if k[1] == id(self.transformer)),
                 "graphs_built": self.built, "expected_graphs": self.expected,
                 "compile_seconds": round(self.compile_seconds, 3), "hits": dict(self.hits)}
+
+
+def attention_inputs(cache: AttentionCache, plan: StepPlan, start: int, stop: int,
+                     rows: int) -> dict[int, AttentionState]:
+    """{block: the stored state its policy reads} for the blocks of [start, stop) that read
+    any, in block order (a graph's input layout is its key order)."""
+    return {i: AttentionState(*(None if v is None else map_tensors(settled, v)
+                                for v in cache.load(i, plan.block(i).attention, rows)))
+            for i in attention_reads(plan, start, stop)}
 
 
 def stored_deltas(cache: DeltaStore, key: tuple[int, int], streams, rows: int) -> tuple:
@@ -226,10 +269,10 @@ class CompiledExecutor(Executor):
     def begin(self, transformer: Denoiser, plans: Sequence[StepPlan],
               examples: Callable[[], Sequence[StepExample]]) -> CompiledRun:
         depth = len(transformer.blocks)
+        check_attention_chain(plans, depth)
         table = {}
         for plan in plans:
             if plan not in table:
-                check_graphable(plan, depth)
                 table[plan] = with_attention_backend(plan, self.attention, depth)
         run = CompiledRun(self, transformer, table)
         with self._lock:
@@ -253,10 +296,20 @@ class CompiledExecutor(Executor):
                 return result
             return self.units[key][1](*args)
 
+        # DiTFastAttn's stored state while warming: what the pieces warmed so far stored, in the
+        # plans' first-step order (check_attention_chain made every read follow its store);
+        # the cond-only batch starts from the guided batch's, cut to its conditional rows
+        # as the sampling loop does at the gate.
+        guided_state: tuple[StepExample, AttentionCache] | None = None
         for ex in examples:
             layout_plans = [p for p in plans if ex.runs(p)]
             if not layout_plans:
                 continue
+            warm_state = AttentionCache()
+            if ex.cond_only and guided_state is not None:
+                guided, seen_state = guided_state
+                warm_state.restore(seen_state.snapshot())
+                warm_state.select_rows(guided.cond.cond_rows(guided.x.shape[0]))
             # One eager prepare first: models fill their per-grid tables (position tables of
             # other sizes) there, so the compiled frame sees them already filled.
             transformer.prepare(ex.x, ex.t, ex.cond)
@@ -279,10 +332,21 @@ class CompiledExecutor(Executor):
                         part_streams = {"image": part[0], "text": part[2]}
                         deltas = [torch.zeros_like(part_streams[s]) for s in transformer.streams] \
                             if kind == "apply" else []
-                        ensure(key, lambda: segment_unit(transformer, plan, start, stop, kind, grid),
-                               f"blocks {start}:{stop} {kind}", *part, *deltas)
+                        state = {}
+                        if kind != "apply":
+                            for i in attention_reads(plan, start, stop):
+                                if not warm_state.holds(i, plan.block(i).attention, rows):
+                                    raise ConfigError(f"block {i}: no planned step stores the attention state its "
+                                                      f"policy {plan.block(i).attention.label!r} reuses")
+                            state = attention_inputs(warm_state, plan, start, stop, rows)
+                        *_, stored = ensure(key, lambda: segment_unit(transformer, plan, start, stop, kind, grid),
+                                            f"blocks {start}:{stop} {kind}", *part, state, *deltas)
+                        for layer, new in stored.items():
+                            warm_state.save(layer, new, copy=True)
             ensure(self.finalize_key(transformer, image, c, grid), lambda: finalize_unit(transformer, grid),
                    "finalize", image, c)
+            if not ex.cond_only:
+                guided_state = (ex, warm_state)
         run.built = run.expected = len(new_keys)
         made = _unique_graphs() - before
         if made != len(new_keys):
