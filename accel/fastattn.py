@@ -1,5 +1,5 @@
 """DiTFastAttn (thu-nics/DiTFastAttn): a calibrated plan of attention policies per (layer,
-step), loaded from a JSON plan file written by `dite calibrate` (engine/calibrate.py).
+step), loaded from a JSON plan file written by `dite calibrate` (engine/runtime/calibrate.py).
 
 A plan is only valid for the model, step count and sampling settings it was calibrated
 with; the file records them and loading refuses a mismatch of model or step count.

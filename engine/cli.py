@@ -177,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     tun.add_argument("--calibration", type=_positive, default=4, help="calibration prompts / labels (default 4)")
     tun.add_argument("--screen", type=_positive, default=2,
                      help="inputs every candidate is first measured on; the best 5 then on all (default 2)")
+    tun.add_argument("--methods", default="ditcache,deltacache,adaptive", metavar="NAMES",
+                     help="comma-separated families to search: ditcache, deltacache, adaptive (default: all; "
+                          "fewer steps is always a contender)")
     tun.add_argument("--fastattn-plan", action="append", default=[], metavar="PATH",
                      help="a DiTFastAttn plan file to try (repeat; --metric flops)")
     tun.add_argument("--seed", type=_seed, default=1000, help="seed of the first calibration image (default 1000)")
@@ -547,8 +550,11 @@ def cmd_tune(args) -> int:
     if Path(args.output).suffix.lower() != ".json":
         raise InputError(f"--output {args.output}: a tuned file is JSON; give a path ending in .json")
     check_writable([Path(args.output)])
-    from dite.engine.runtime.tune import read_prompts, tune, write_tuned
+    from dite.engine.runtime.tune import FAMILIES, read_prompts, tune, write_tuned
 
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    if not methods or set(methods) - set(FAMILIES):
+        raise InputError(f"--methods {args.methods!r}: give some of {', '.join(FAMILIES)}, comma-separated")
     prompts = read_prompts(args.prompts) if args.prompts is not None else None
     family = _family(args)
     if family == "dit" and prompts:
@@ -569,7 +575,7 @@ def cmd_tune(args) -> int:
     data = tune(pipe, args.budget, steps=args.steps, guidance=args.guidance, size=args.size, prompts=prompts,
                 class_labels=_labels(args.class_label), calibration=args.calibration, screen=args.screen,
                 metric=args.metric, fastattn_plans=args.fastattn_plan, seed=args.seed,
-                negative_prompt=args.negative_prompt, log=log)
+                negative_prompt=args.negative_prompt, methods=methods, log=log)
     write_tuned(args.output, data)
     fewer = data["fewer_steps"]
     baseline = f"; fewer steps ({fewer['steps']}): {fewer['psnr_db']:.2f} dB" if fewer else ""

@@ -3,7 +3,7 @@ fused attention. All take [batch, heads, tokens, head_dim] q, k, v, a boolean ma
 True means "attend" (or None), an additive float bias (or None) and the q·k scale, and
 return [batch, heads, q_tokens, head_dim]; they agree wherever they can run.
 
-A leaf module (imports only torch): models reach it through engine/attention.py. torch_npu
+A leaf module (imports only torch): models reach it through models/attention.py. torch_npu
 is looked up only when the "npu" kernel runs, never at import.
 """
 

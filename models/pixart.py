@@ -52,7 +52,8 @@ HEAD_DIM = 72  # every released PixArt (XL/2: 1152 = 16 x 72); heads are not in 
 
 
 def family_interpolation(variant: str, sample_size: int) -> float:
-    """The position-embedding interpolation the originals trained with (spec §2.3.4):
+    """The position-embedding interpolation the originals trained with (docs/checkpoints.md
+    §2.3, item 4):
     α: 1 for 256 and 512 px, 2 for 1024 px; Σ: image size / 512 (0.5, 1, 2, 4)."""
     if variant == "alpha":
         return 2.0 if sample_size >= 128 else 1.0

@@ -28,7 +28,7 @@ ADAPTIVE_JUDGES = ("last", "forecast")
 
 
 ATTENTION_KINDS = ("full", "window", "share")
-# Kernels of full attention (engine/attention_backends.py): PyTorch SDPA, the explicit
+# Kernels of full attention (models/attention_kernels.py): PyTorch SDPA, the explicit
 # matmul-softmax-matmul reference, Ascend's torch_npu.npu_fusion_attention.
 ATTENTION_BACKENDS = ("sdpa", "math", "npu")
 KIND_RANK = {"full": 0, "window": 1, "share": 2}  # how far from exact attention

@@ -1,4 +1,4 @@
-"""Which Stable Diffusion 3 release an MMDiT config is (spec checkpoints.md §1.3, §1.6).
+"""Which Stable Diffusion 3 release an MMDiT config is (docs/checkpoints.md §1.3, §1.6).
 
 The releases differ in shapes only where it matters here: depth (hence width, 64 per
 head and one head per block), qk-norm and MMDiT-X dual attention. SD3.5-Large and

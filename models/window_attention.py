@@ -57,7 +57,8 @@ def _band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: int, g
         vw = torch.cat([vw, gv.unsqueeze(2).expand(b, h, chunks, g, d)], dim=3)
         mask = torch.cat([mask, mask.new_ones(chunks, c, g)], dim=2)
     out = F.scaled_dot_product_attention(q, kw, vw, attn_mask=mask)
-    return out.reshape(b, h, chunks * c, d)[:, :, :n]
+    # Contiguous, as the fake below says: graph compilers plan later views on its strides.
+    return out.reshape(b, h, chunks * c, d)[:, :, :n].contiguous()
 
 
 @torch.library.custom_op("dite::window_attention", mutates_args=())
@@ -68,7 +69,7 @@ def _window_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: int, gk: to
 
 @_window_op.register_fake
 def _(q, k, v, w, gk, gv):
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)  # contiguous like the real output, whatever q's strides
 
 
 @register_flop_formula(torch.ops.dite.window_attention)

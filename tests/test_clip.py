@@ -123,7 +123,8 @@ def test_sd3_single_file_prefix_and_position_ids(kind, ref, folder, tmp_path):
 
 
 def to_openclip(state: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
-    """transformers names -> OpenCLIP names (spec §5.2), written independently of dite's map."""
+    """transformers names -> OpenCLIP names (docs/checkpoints.md §5.2), written independently
+    of dite's map."""
     hf = {k.removeprefix("text_model."): v for k, v in state.items()}
     out = {
         "token_embedding.weight": hf["embeddings.token_embedding.weight"],

@@ -13,7 +13,7 @@ from dite.engine.errors import ConfigError
 from dite.schedulers import DPMSolverMultistepScheduler, by_name, from_diffusers_config, load_scheduler
 from test_schedulers import FakeModel, assert_same_run, run_diffusers, run_dite, start_noise
 
-# PixArt-Σ-1024's scheduler_config.json (spec §2.5).
+# PixArt-Σ-1024's scheduler_config.json (docs/checkpoints.md §2.5).
 PIXART = dict(algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint", beta_schedule="linear",
               beta_start=0.0001, beta_end=0.02, num_train_timesteps=1000, prediction_type="epsilon",
               timestep_spacing="linspace", steps_offset=0, lower_order_final=True, use_karras_sigmas=False)

@@ -65,7 +65,7 @@ def test_static_shift(shift, n):
 
 
 def test_sd3_schedule_values():
-    # spec §1.7: shift applied twice; last non-zero σ = shift(shift(0.001)) for s = 3.
+    # docs/checkpoints.md §1.7: shift applied twice; last non-zero σ = shift(shift(0.001)) for s = 3.
     state = FlowMatchEulerScheduler(FlowMatchEulerConfig(shift=3.0)).start(28)
     once = 3 * 0.001 / (1 + 2 * 0.001)
     assert state.sigmas[-1] == 0 and state.sigmas[0] == 1

@@ -1,4 +1,4 @@
-"""SD3 from Stability's original single files (spec checkpoints.md §1.1-1.2).
+"""SD3 from Stability's original single files (docs/checkpoints.md §1.1-1.2).
 
 The tiny pipeline (conftest `sd3`) is written as a release by tests/tiny_sd3.py, with the
 text encoders beside the model file ("separate") or inside it ("bundled"). dite must make

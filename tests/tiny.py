@@ -63,7 +63,7 @@ def tiny_dit_pipeline(folder: Path, scheduler: str = "ddim", **dit_kwargs):
 
 
 def dit_to_original(state: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
-    """Rename a diffusers DiT state dict to facebookresearch/DiT names (the spec's §3.2 map,
+    """Rename a diffusers DiT state dict to facebookresearch/DiT names (docs/checkpoints.md §3.2,
     written independently of dite's key map so each checks the other)."""
     out = {}
     emb = "transformer_blocks.0.norm1.emb."
@@ -105,9 +105,9 @@ def tiny_diffusers_sd3_transformer(qk_norm=None, dual_attention_layers=(), seed:
 
 
 def sd3_to_original(state: dict[str, torch.Tensor], depth: int, prefix: str = "model.diffusion_model."):
-    """Rename a diffusers SD3 transformer state dict to the original single-file names (spec
-    §1.4, written independently of dite's key map): fused qkv, and the (scale, shift) ->
-    (shift, scale) swap of the final layer and the last block's context adaLN."""
+    """Rename a diffusers SD3 transformer state dict to the original single-file names
+    (docs/checkpoints.md §1.4, written independently of dite's key map): fused qkv, and the
+    (scale, shift) -> (shift, scale) swap of the final layer and the last block's context adaLN."""
 
     def swap(t):
         a, b = t.chunk(2)
@@ -152,8 +152,9 @@ def sd3_to_original(state: dict[str, torch.Tensor], depth: int, prefix: str = "m
 
 
 def vae_to_ldm(state: dict[str, torch.Tensor], levels: int) -> dict[str, torch.Tensor]:
-    """Rename a diffusers AutoencoderKL state dict to the original LDM names (spec §4.2,
-    written independently of dite's map): reversed decoder levels, 1x1-conv attention."""
+    """Rename a diffusers AutoencoderKL state dict to the original LDM names
+    (docs/checkpoints.md §4.2, written independently of dite's map): reversed decoder levels,
+    1x1-conv attention."""
     attn = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
     out = {}
     for key, value in state.items():

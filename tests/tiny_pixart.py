@@ -1,6 +1,6 @@
 """Tiny random PixArt reference models (diffusers) and the original-layout rename, for the
-PixArt tests. The rename follows the spec's §2.2 table, written independently of dite's
-key map so that each checks the other."""
+PixArt tests. The rename follows the table in docs/checkpoints.md §2.2, written
+independently of dite's key map so that each checks the other."""
 
 from __future__ import annotations
 

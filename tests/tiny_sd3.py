@@ -1,7 +1,7 @@
 """The tiny SD3 pipeline of the SD3 tests: diffusers' folder layout and the original releases.
 
 `tiny_sd3_pipeline` saves a StableDiffusion3Pipeline folder. `write_release` writes the
-same weights as Stability's single files name them (spec checkpoints.md §1.1-1.2): the
+same weights as Stability's single files name them (docs/checkpoints.md §1.1-1.2): the
 MMDiT under `model.diffusion_model.`, the VAE under `first_stage_model.` in LDM names, and
 the text encoders in transformers' names, either beside the model file in
 `text_encoders/{clip_l,clip_g,t5xxl_fp16}.safetensors` or bundled into it under

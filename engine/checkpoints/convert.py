@@ -248,7 +248,7 @@ def _outputs(parts: Parts, dst: Path, to: str, selected: list[str], dtype, text_
 
 
 def _encoder_file(component: Component, dtype) -> str:
-    """The file name Stability gives a text encoder (engine/sd3_files.py finds them by it)."""
+    """The file name Stability gives a text encoder (engine/loading/sd3_single_file.py finds them by it)."""
     if component.name in SD3_ENCODER_FILES:
         return SD3_ENCODER_FILES[component.name]
     return T5_FILE_BY_DTYPE.get(dtype or _majority_dtype(component), "t5xxl_fp16.safetensors")

@@ -2,7 +2,7 @@
 detected config, dtypes and parameter count, and for a file that does not fit its model,
 every missing, unexpected and mis-shaped key with what was expected.
 
-It recognises checkpoints as conversion does (engine/checkpoint_parts.py), which is as
+It recognises checkpoints as conversion does (engine/checkpoints/parts.py), which is as
 `load()` does; names and shapes only, no tensor data.
 """
 

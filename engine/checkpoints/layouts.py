@@ -4,7 +4,7 @@ it, and what the layout stores that the module does not (DiT's position table).
 
 diffusers / transformers layout: one folder per component (config.json + weights named
 `diffusion_pytorch_model` or `model`). Original layout: the names of the release files,
-under the prefixes of an SD3 single file when bundled (spec checkpoints.md §1.2).
+under the prefixes of an SD3 single file when bundled (docs/checkpoints.md §1.2).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from dite.models.vae import vae_keymap
 
 DIFFUSERS_VERSION = "0.42.1"  # the diffusers version whose folders these match (tests load them with it)
 TRANSFORMERS_VERSION = "5.23.0"
-# Prefixes of the parts of an SD3 single file (engine/sd3_files.py reads them back).
+# Prefixes of the parts of an SD3 single file (engine/loading/sd3_single_file.py reads them back).
 SD3_PREFIX = {"transformer": "model.diffusion_model.", "vae": "first_stage_model.",
               "text_encoder": "text_encoders.clip_l.transformer.", "text_encoder_2": "text_encoders.clip_g.transformer.",
               "text_encoder_3": "text_encoders.t5xxl.transformer."}

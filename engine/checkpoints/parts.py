@@ -1,6 +1,6 @@
 """What a checkpoint file or folder holds, as components with their key maps.
 
-`find_parts(path)` recognises every layout dite reads (spec checkpoints.md §6): diffusers
+`find_parts(path)` recognises every layout dite reads (docs/checkpoints.md §6): diffusers
 pipeline folders (DiT, SD3), single component folders (config.json + weights), SD3 / SD3.5
 original single files (with bundled or separate text encoders), original DiT `.pt`, and
 bare VAE (LDM or diffusers names), CLIP (transformers or OpenCLIP names) and T5 files. Each
@@ -175,7 +175,7 @@ def _pipeline_folder(path: Path, variant: str | None) -> Parts:
 # ----------------------------------------------------------------------------- files
 
 def _sd3_file(path: Path, reader: WeightReader, model_config: dict, tokenizers: Path | None) -> Parts:
-    """An SD3 / SD3.5 release file and the text encoders beside it (engine/sd3_files.py)."""
+    """An SD3 / SD3.5 release file and the text encoders beside it (engine/loading/sd3_single_file.py)."""
     hints = component_hints(model_config)
     keys = reader.keys()
     prefix = sd3_files.transformer_prefix(keys)

@@ -1,7 +1,7 @@
 """Writing safetensors files tensor by tensor, so no whole model is ever held in memory.
 
 A safetensors file is an 8-byte header length, a JSON header giving every tensor's dtype,
-shape and byte range, then the raw bytes (spec checkpoints.md §0). Since conversion knows
+shape and byte range, then the raw bytes (docs/checkpoints.md §0). Since conversion knows
 every output tensor's shape and dtype before reading any data (the key maps run on the
 meta device), the header is written first and each tensor's bytes are appended as soon as
 that tensor exists. Shards split the planned tensors in order by a size limit and get the

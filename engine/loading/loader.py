@@ -169,7 +169,7 @@ def load(
     replace pipeline components by their diffusers name; `text_encoder_3=None` runs SD3
     without T5 (its tokens become zeros). device "auto": an Ascend NPU if torch_npu imports
     and one is present, else CUDA, else CPU. executor: "eager", "compiled" or "npu-graph"
-    (engine/executors; `executor_options` go to it, e.g. {"backend": "inductor", "mode":
+    (engine/runtime/executors; `executor_options` go to it, e.g. {"backend": "inductor", "mode":
     "reduce-overhead"}); attention: the denoiser's attention kernel, "sdpa", "math" or "npu".
     """
     device, dtype = parse_device(device), parse_dtype(dtype)

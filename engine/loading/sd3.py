@@ -1,6 +1,6 @@
 """Loading SD3 / SD3.5: a diffusers StableDiffusion3Pipeline folder, or an original single file
 (`sd3_medium.safetensors` with `text_encoders/` beside it, or `*_incl_clips*` with the
-encoders bundled; engine/sd3_files.py says where each part is)."""
+encoders bundled; engine/loading/sd3_single_file.py says where each part is)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Where the parts of an SD3 / SD3.5 original single-file release are.
 
-Stability ships one pipeline as several files (spec checkpoints.md §1.1-1.2):
+Stability ships one pipeline as several files (docs/checkpoints.md §1.1-1.2):
 - the model file: the MMDiT under `model.diffusion_model.`, the VAE under
   `first_stage_model.`; the `*_incl_clips*` files add the text encoders under
   `text_encoders.{clip_l,clip_g,t5xxl}.transformer.`;

@@ -65,7 +65,7 @@ class Pipeline:
         # Sampling defaults the model records for itself (model_index.json "_dite": e.g. the
         # demo SD3's T5 length); an argument given explicitly always wins.
         self.defaults: dict = {}
-        # How each denoising step runs (engine/executors): eager unless load(executor=...)
+        # How each denoising step runs (engine/runtime/executors): eager unless load(executor=...)
         # or an assignment says otherwise. It keeps compiled graphs, never per-call state.
         self.executor = EagerExecutor()
         # The scheduler the model came with: its prediction type (epsilon, v_prediction,

@@ -15,7 +15,7 @@ class GenerationOutput:
     before VAE decoding, in model space (what diffusers returns for output_type="latent").
     parameters: one dict per image of everything needed to reproduce it (seed included).
     timings: wall seconds per stage ("encode", "denoise", "decode").
-    stats: what the denoiser ran against the plain call (see engine/accounting.py): the
+    stats: what the denoiser ran against the plain call (see engine/runtime/accounting.py): the
     accel methods as resolved, per step rows and blocks, block evaluations, FLOPs.
     """
 

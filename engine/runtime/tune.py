@@ -17,10 +17,10 @@ Search (one line printed per measured candidate):
  2. static candidates, measured on the first `screen` prompts. Their compute is known from
     their plans before anything runs (block evaluations x rows; FLOPs on a meta copy of the
     model with metric="flops"), so each is measured once, at the setting that spends the most
-    budget: ditcache(order, stride, blocks) at the latest start_step that fits,
-    deltacache(order) at the smallest interval and cached_blocks that fit; then the best
-    three again with +promptgate (guided calls; metric="flops" also +todo, +fastattn plans),
-    re-fitted;
+    budget: ditcache(order, stride) at the latest start_step that fits (the best three by
+    PSNR also over blocks 1..depth instead of the default range), deltacache(order) at the
+    smallest interval and cached_blocks that fit; then the best three again with
+    +promptgate (guided calls; metric="flops" also +todo, +fastattn plans), re-fitted;
  3. adaptive: a coordinate search from the default settings over max_cached, order, front,
     back, then +promptgate; at each point the threshold is bisected on a log scale so that
     the compute lands just under the budget (compute does not rise with the threshold).
@@ -314,8 +314,10 @@ class Tuner:
         return total / (self.steps * plain_rows * self.depth)
 
     def bisect(self, p: dict, k: int, guess: float, evals: int) -> Measured | None:
-        """The threshold whose compute lands just under the budget, on the first k inputs:
-        the best feasible point found in `evals` runs (log-scale bisection)."""
+        """The threshold whose compute lands just under the budget on the first k inputs: the
+        best point within budget found in `evals` runs. Compute does not rise with the
+        threshold; steps are on a log scale: doubling or halving until the budget is
+        bracketed, then interpolating inside the bracket (regula falsi, kept off its ends)."""
         if p["front"] + p["back"] >= self.depth:
             return None
         floor = self.adaptive_floor(p)
@@ -324,32 +326,37 @@ class Tuner:
             return None
         # One sample x one step of the middle blocks, in compute: closer than ~1.5 of it is done.
         tol = max(0.004, 1.5 * (self.depth - p["front"] - p["back"]) / self.depth / (self.steps * k))
-        low = high = None  # thresholds known over budget / within budget
+        target = self.budget - tol / 2
+        low = high = None  # (log threshold, cost) over budget / within budget
         best, t = None, guess
         for _ in range(evals):
-            m = self.measure("adaptive", self.adaptive_spec(p, t), self.steps, k, {**p, "threshold": float(f"{t:.4g}")})
+            t = float(f"{t:.4g}")
+            m = self.measure("adaptive", self.adaptive_spec(p, t), self.steps, k, {**p, "threshold": t})
             if m is None:
                 return best
-            if m.cost(self.metric) <= self.budget + 1e-9:
-                high = t
+            cost = m.cost(self.metric)
+            if cost <= self.budget + 1e-9:
+                high = (math.log(t), cost)
                 if best is None or m.psnr > best.psnr:
                     best = m
-                if self.budget - m.cost(self.metric) <= tol:
+                if self.budget - cost <= tol:
                     break
             else:
-                low = t
+                low = (math.log(t), cost)
             if high is None:
                 if t >= 50:
                     break
-                t = t * 3
+                t *= 2 if cost - self.budget < 0.1 else 4
             elif low is None:
                 if t <= 1e-4:
                     break
-                t = t / 3
+                t /= 2 if self.budget - cost < 0.1 else 4
             else:
-                if high / low < 1.03:
+                width = high[0] - low[0]
+                if width < math.log(1.03):
                     break
-                t = math.sqrt(low * high)
+                x = low[0] + width * (low[1] - target) / max(low[1] - high[1], 1e-9)
+                t = math.exp(min(max(x, low[0] + 0.15 * width), high[0] - 0.15 * width))
         return best
 
     def search_adaptive(self, k: int) -> list[Measured]:
@@ -384,20 +391,56 @@ class Tuner:
 
     # --- the search ---------------------------------------------------------------
 
-    def static_bases(self) -> list[tuple[str, Callable[[str], str | None]]]:
-        """(label, fit(addon) -> spec or None) for every static block-cache setting."""
-        bases = []
+    def ditcache_bases(self, settings, blocks) -> list[tuple[str, Callable[[str], str | None]]]:
+        """(label, fit(add-on) -> spec or None) for each (order, stride) in `settings`."""
+        span = "" if blocks is None else f" {blocks[0]}:{blocks[1]}"
+        return [(f"ditcache o{order} s{stride}{span}", lambda a, o=order, s=stride: self.fit_ditcache(o, s, blocks, a))
+                for order, stride in settings]
+
+    def deltacache_bases(self) -> list[tuple[str, Callable[[str], str | None]]]:
+        return [(f"deltacache o{order}", lambda a, o=order: self.fit_deltacache(o, a)) for order in DELTACACHE_ORDERS]
+
+    def screen_static(self, k: int) -> list[Measured]:
+        """Static block caches fitted to the budget, measured on the first k inputs: every
+        ditcache order x stride over the default blocks, the best three also over blocks
+        1..depth, every deltacache order; then the best three with each add-on."""
+        screened, fitted = [], {}
+
+        def measure(bases):
+            for label, fit in bases:
+                spec = fit("")
+                if spec is None:
+                    self.log(f"  skip {label}: cannot fit the budget")
+                    continue
+                m = self.measure("static", spec, self.steps, k)
+                if m:
+                    fitted[label] = (fit, m)
+                    screened.append(m)
+
+        def best(n, prefix=""):
+            ranked = sorted(((label, fm) for label, fm in fitted.items() if label.startswith(prefix)),
+                            key=lambda x: -x[1][1].psnr)
+            return ranked[:n]
+
         if "ditcache" in self.methods:
-            full = (1, self.depth)
-            for order in DITCACHE_ORDERS:
-                for stride in DITCACHE_STRIDES:
-                    for blocks in (None, full):
-                        bases.append((f"ditcache o{order} s{stride} {blocks}",
-                                      lambda a, o=order, s=stride, b=blocks: self.fit_ditcache(o, s, b, a)))
+            grid = {f"ditcache o{o} s{s}": (o, s) for o in DITCACHE_ORDERS for s in DITCACHE_STRIDES}
+            measure(self.ditcache_bases(grid.values(), None))
+            measure(self.ditcache_bases([grid[label] for label, _ in best(3, "ditcache")], (1, self.depth)))
         if "deltacache" in self.methods:
-            for order in DELTACACHE_ORDERS:
-                bases.append((f"deltacache o{order}", lambda a, o=order: self.fit_deltacache(o, a)))
-        return bases
+            measure(self.deltacache_bases())
+        for addon in self.addons():  # an add-on alone, where it fits
+            if self._fits(addon):
+                m = self.measure("static", addon, self.steps, k)
+                if m:
+                    screened.append(m)
+        for label, (fit, _) in best(3):
+            for addon in self.addons():
+                spec = fit(addon)
+                if spec:
+                    m = self.measure("static", spec, self.steps, k)
+                    if m:
+                        screened.append(m)
+        return screened
 
     def run(self) -> dict:
         start = time.perf_counter()
@@ -408,32 +451,7 @@ class Tuner:
         few = int(math.floor(self.budget * self.steps + 1e-9))
         if few >= 1:
             fewer = self.measure("fewer-steps", "", few, n)
-        screened: list[Measured] = []
-        bases = self.static_bases()
-        fitted = {}
-        for label, fit in bases:
-            spec = fit("")
-            if spec is None:
-                self.log(f"  skip {label}: cannot fit the budget")
-                continue
-            fitted[label] = fit
-            m = self.measure("static", spec, self.steps, k)
-            if m:
-                screened.append((label, m))
-        for addon in self.addons():  # an add-on alone, where it fits
-            if self._fits(addon):
-                m = self.measure("static", addon, self.steps, k)
-                if m:
-                    screened.append((addon, m))
-        best_bases = sorted((x for x in screened if x[0] in fitted), key=lambda x: -x[1].psnr)[:3]
-        for label, _ in best_bases:
-            for addon in self.addons():
-                spec = fitted[label](addon)
-                if spec:
-                    m = self.measure("static", spec, self.steps, k)
-                    if m:
-                        screened.append((label + "+" + addon, m))
-        results = [m for _, m in screened]
+        results = self.screen_static(k)
         if "adaptive" in self.methods:
             results += self.search_adaptive(k)
         # Final: the best `top` on every calibration input.
@@ -466,7 +484,7 @@ class Tuner:
         rows, seen = [], set()
         for m in sorted(self.measured, key=lambda m: (m.images != n, -m.psnr)):
             key = (m.resolved, m.steps)
-            if key in seen or m.kind == "fewer-steps" and m is not fewer:
+            if key in seen or m.cost(self.metric) > self.budget + 1e-9:
                 continue
             seen.add(key)
             rows.append(m.row(self.budget, self.metric))

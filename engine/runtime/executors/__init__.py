@@ -1,6 +1,6 @@
 """Executors: how the sampling loop runs each step's denoiser call.
 
-"eager" (plain PyTorch, any device), "compiled" (torch.compile per piece, engine/executors/
+"eager" (plain PyTorch, any device), "compiled" (torch.compile per piece, engine/runtime/executors/
 compiled.py) and "npu-graph" (the same pieces through torchair on Ascend, npu_graph.py).
 `make_executor(name, attention=...)` builds one; `load(..., executor=...)` and
 `dite generate --executor` choose it, and `pipe.executor` may be replaced at any time.
