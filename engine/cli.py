@@ -14,6 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from dite.engine.dtypes import PRECISIONS
 from dite.engine.errors import ConfigError, DiteError, InputError
 
 EXIT_USER_ERROR = 2
@@ -196,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("destination", help="folder (--to diffusers) or file (--to original); never the source, a "
                                           "folder holding it or a place inside a source folder")
     conv.add_argument("--to", required=True, choices=["diffusers", "original"])
-    conv.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
+    conv.add_argument("--dtype", default=None, choices=list(PRECISIONS),
                       help="cast floating tensors (default: keep each tensor's own)")
     conv.add_argument("--max-shard-size", default=None, metavar="SIZE",
                       help="largest weights file of a diffusers folder, e.g. 5GB (default: one file)")

@@ -42,6 +42,8 @@ class Family:
 
 # The scheduler_config.json of every SD3 / SD3.5 diffusers release; single files carry none.
 SD3_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
+# PixArt's diffusers pipeline class of each PixArt version (α, Σ: `pixart_version`).
+PIXART_VERSION_OF_PIPELINE = {"PixArtAlphaPipeline": "alpha", "PixArtSigmaPipeline": "sigma"}
 # PixArt's original sampler setting (DPM-Solver++ 2M, linear betas), as its diffusers releases.
 PIXART_SCHEDULER = {"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "dpmsolver++", "solver_order": 2,
                     "solver_type": "midpoint", "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02,
@@ -63,7 +65,7 @@ DIT = Family("dit", ("DiTPipeline",), ("DiTTransformer2DModel", "Transformer2DMo
 SD3 = Family("sd3", ("StableDiffusion3Pipeline",), ("SD3Transformer2DModel",), "dite.models.mmdit",
              "dite.engine.loading.sd3", cfg_layout="uncond_first", default_steps=28, default_guidance=7.0,
              default_sequence_length=256, default_scheduler=SD3_SCHEDULER)
-PIXART = Family("pixart", ("PixArtAlphaPipeline", "PixArtSigmaPipeline"), ("PixArtTransformer2DModel", "Transformer2DModel"),
+PIXART = Family("pixart", tuple(PIXART_VERSION_OF_PIPELINE), ("PixArtTransformer2DModel", "Transformer2DModel"),
                 "dite.models.pixart", "dite.engine.loading.pixart", cfg_layout="uncond_first", default_steps=20,
                 default_guidance=4.5, default_sequence_length=120, default_scheduler=PIXART_SCHEDULER)
 

@@ -73,7 +73,6 @@ class AttentionState(NamedTuple):
 
 
 NO_STATE = AttentionState()
-STATE_FIELDS = AttentionState._fields
 
 
 def reads(policy: AttentionPolicy) -> tuple[str, ...]:
@@ -131,9 +130,9 @@ def cond_half(rows: int, layout: str) -> slice:
     return slice(0, half) if layout == "cond_first" else slice(half, rows)
 
 
-def _given(value, layer_field: str):
+def _given(value, what: str):
     if value is None:
-        raise ConfigError(f"the attention policy reuses a stored {layer_field}, but none was passed in: the plan must "
+        raise ConfigError(f"the attention policy reuses a stored {what}, but none was passed in: the plan must "
                           "compute this layer before reusing it")
     return value
 

@@ -9,7 +9,7 @@ it, or change how attention computes, without knowing the family.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -77,6 +77,9 @@ class Conditioning:
     assuming an order.
     """
 
+    # The conditioning tensors, in field order: everything but cfg_layout.
+    FIELDS: ClassVar[tuple[str, ...]] = ("class_labels", "context", "context_mask", "pooled")
+
     class_labels: torch.Tensor | None = None
     context: torch.Tensor | None = None
     context_mask: torch.Tensor | None = None
@@ -100,10 +103,9 @@ class Conditioning:
 
     def conditional_only(self) -> "Conditioning":
         """The conditioning of the conditional rows alone, unguided (PromptGate's steps)."""
-        fields = ("class_labels", "context", "context_mask", "pooled")
-        present = [getattr(self, f) for f in fields if getattr(self, f) is not None]
+        present = [getattr(self, f) for f in self.FIELDS if getattr(self, f) is not None]
         if not present:
             raise ValueError("empty conditioning")
         rows = self.cond_rows(present[0].shape[0])
-        return Conditioning(**{f: None if getattr(self, f) is None else getattr(self, f)[rows] for f in fields},
+        return Conditioning(**{f: None if getattr(self, f) is None else getattr(self, f)[rows] for f in self.FIELDS},
                             cfg_layout="none")

@@ -10,7 +10,7 @@ like a timestep, are added to the timestep embedding.
 
 Parameter names follow the original release (PixArt-alpha `PixArt.py` / `PixArtMS.py`), so
 an original `.pth` maps one to one; `keymap` maps the diffusers layout
-(PixArtTransformer2DModel) onto them. α and Σ share the architecture: the variant decides
+(PixArtTransformer2DModel) onto them. α and Σ share the architecture: the PixArt version decides
 the T5 length (120 / 300), the position-embedding interpolation rule and the VAE scale, and
 is read from the stored null caption's length, never from which embedders exist.
 """
@@ -41,21 +41,21 @@ from dite.models.layers import (
 )
 from dite.models.plan import BlockPlan
 
-VARIANTS = ("alpha", "sigma")
-# T5 tokens each variant was trained with; also the rows of the original's null caption.
+VERSIONS = ("alpha", "sigma")  # PixArt-α, PixArt-Σ: `pixart_version`
+# T5 tokens each version was trained with; also the rows of the original's null caption.
 CAPTION_LENGTH = {"alpha": 120, "sigma": 300}
-VARIANT_OF_LENGTH = {length: variant for variant, length in CAPTION_LENGTH.items()}
-# Latent scaling of the VAE each variant was trained with (α: sd-vae-ft-ema, Σ: SDXL's VAE);
+VERSION_OF_LENGTH = {length: version for version, length in CAPTION_LENGTH.items()}
+# Latent scaling of the VAE each version was trained with (α: sd-vae-ft-ema, Σ: SDXL's VAE);
 # the two VAEs have identical shapes, so the scale cannot come from the VAE weights.
 VAE_SCALE = {"alpha": 0.18215, "sigma": 0.13025}
 HEAD_DIM = 72  # every released PixArt (XL/2: 1152 = 16 x 72); heads are not in the shapes
 
 
-def family_interpolation(variant: str, sample_size: int) -> float:
+def family_interpolation(pixart_version: str, sample_size: int) -> float:
     """The position-embedding interpolation the originals trained with (docs/checkpoints.md
     §2.3, item 4):
     α: 1 for 256 and 512 px, 2 for 1024 px; Σ: image size / 512 (0.5, 1, 2, 4)."""
-    if variant == "alpha":
+    if pixart_version == "alpha":
         return 2.0 if sample_size >= 128 else 1.0
     return sample_size * 8 / 512
 
@@ -81,13 +81,13 @@ class PixArtConfig:
     sample_size: int = 128  # latent side of the training size (128 = 1024 px)
     interpolation_scale: float = 2.0
     micro_conditions: bool = False  # α-1024's resolution / aspect-ratio embedders
-    variant: str = "alpha"
+    pixart_version: str = "alpha"
     mlp_ratio: float = 4.0
 
     def __post_init__(self):
         check_instance(self, "PixArt config")
-        if self.variant not in VARIANTS:
-            raise ConfigError(f"PixArt variant must be one of {VARIANTS}, got {self.variant!r}")
+        if self.pixart_version not in VERSIONS:
+            raise ConfigError(f"PixArt version must be one of {VERSIONS}, got {self.pixart_version!r}")
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"PixArt hidden size {self.hidden_size} is not divisible by {self.num_heads} heads")
         if self.micro_conditions and self.hidden_size % 3:
@@ -102,15 +102,15 @@ class PixArtConfig:
 
     @property
     def max_sequence_length(self) -> int:
-        return CAPTION_LENGTH[self.variant]
+        return CAPTION_LENGTH[self.pixart_version]
 
     @classmethod
-    def from_diffusers(cls, config: dict, variant: str) -> "PixArtConfig":
+    def from_diffusers(cls, config: dict, pixart_version: str) -> "PixArtConfig":
         """From a diffusers PixArtTransformer2DModel (or legacy Transformer2DModel) config.json.
 
         Missing `interpolation_scale` and `use_additional_conditions` take diffusers' own
         fallbacks (max(sample_size // 64, 1); sample_size == 128), so a folder gives what
-        diffusers gives; `variant` comes from the pipeline class."""
+        diffusers gives; `pixart_version` comes from the pipeline class."""
         check_fields(config, "PixArt transformer config", DIFFUSERS_FIELDS)
         if config.get("norm_type", "ada_norm_single") != "ada_norm_single":
             raise ConfigError(f"not a PixArt transformer config: norm_type is {config.get('norm_type')!r}")
@@ -135,7 +135,8 @@ class PixArtConfig:
             out_channels=config.get("out_channels") or in_channels, caption_channels=config["caption_channels"],
             sample_size=sample_size,
             interpolation_scale=float(interpolation if interpolation is not None else max(sample_size // 64, 1)),
-            micro_conditions=bool(micro if micro is not None else sample_size == 128), variant=variant,
+            micro_conditions=bool(micro if micro is not None else sample_size == 128),
+            pixart_version=pixart_version,
         )
 
     def to_diffusers(self) -> dict:
@@ -312,23 +313,24 @@ def detect_layout(keys) -> str | None:
     return None
 
 
-def variant_of(shapes: dict[str, tuple[int, ...]]) -> str | None:
+def version_of(shapes: dict[str, tuple[int, ...]]) -> str | None:
     """α or Σ from the null caption's rows (120 / 300), or None when the file has none."""
     if NULL_CAPTION_KEY not in shapes:
         return None
     rows = shapes[NULL_CAPTION_KEY][0]
-    if rows not in VARIANT_OF_LENGTH:
+    if rows not in VERSION_OF_LENGTH:
         raise CheckpointError(f"{NULL_CAPTION_KEY} has {rows} rows; PixArt-α stores 120, PixArt-Σ 300, so this "
-                              "file's variant is unknown: pass model_config={'variant': 'alpha' or 'sigma'}")
-    return VARIANT_OF_LENGTH[rows]
+                              "file's version is unknown: pass model_config={'variant': 'alpha' or 'sigma'}")
+    return VERSION_OF_LENGTH[rows]
 
 
-def detect_config(shapes: dict[str, tuple[int, ...]], *, num_heads: int | None = None, variant: str | None = None,
+def detect_config(shapes: dict[str, tuple[int, ...]], *, num_heads: int | None = None,
+                  pixart_version: str | None = None,
                   sample_size: int | None = None) -> PixArtConfig:
     """The config of an original-layout PixArt state dict, from its tensor shapes.
 
-    `variant`, `sample_size`, `num_heads` are what a file may not tell: a file without a
-    null caption needs the variant, one without `pos_embed` the training size; a variant
+    `pixart_version`, `sample_size`, `num_heads` are what a file may not tell: a file without
+    a null caption needs the version, one without `pos_embed` the training size; a version
     that contradicts the stored null caption is an error, not an override.
     """
     if detect_layout(shapes) != "original":
@@ -337,16 +339,16 @@ def detect_config(shapes: dict[str, tuple[int, ...]], *, num_heads: int | None =
     if unsupported:
         raise CheckpointError(f"this PixArt was trained with {'qk-norm' if 'q_norm' in unsupported[0] else 'KV compression'} "
                               f"({unsupported[0]}), which no released model uses and dite does not implement")
-    stored = variant_of(shapes)
-    if variant is not None and variant not in VARIANTS:
-        raise ConfigError(f"PixArt variant must be one of {VARIANTS}, got {variant!r}")
-    if stored is not None and variant is not None and variant != stored:
+    stored = version_of(shapes)
+    if pixart_version is not None and pixart_version not in VERSIONS:
+        raise ConfigError(f"PixArt version must be one of {VERSIONS}, got {pixart_version!r}")
+    if stored is not None and pixart_version is not None and pixart_version != stored:
         rows = shapes[NULL_CAPTION_KEY][0]
         raise ConfigError(f"this checkpoint is PixArt-{'α' if stored == 'alpha' else 'Σ'} (its null caption has {rows} "
-                          f"rows), not PixArt-{'α' if variant == 'alpha' else 'Σ'}: its T5 length, position "
+                          f"rows), not PixArt-{'α' if pixart_version == 'alpha' else 'Σ'}: its T5 length, position "
                           "interpolation and VAE follow from that; drop model_config['variant']")
-    variant = stored or variant
-    if variant is None:
+    pixart_version = stored or pixart_version
+    if pixart_version is None:
         raise ConfigError(f"this PixArt checkpoint has no {NULL_CAPTION_KEY}, so α and Σ cannot be told apart: "
                           "pass model_config={'variant': 'alpha' or 'sigma'}")
     dim, in_channels, patch, _ = shapes["x_embedder.proj.weight"]
@@ -364,8 +366,8 @@ def detect_config(shapes: dict[str, tuple[int, ...]], *, num_heads: int | None =
         hidden_size=dim, depth=count_indexed(shapes, "blocks."), num_heads=num_heads, patch_size=patch,
         in_channels=in_channels, out_channels=shapes["final_layer.linear.weight"][0] // (patch * patch),
         caption_channels=shapes["y_embedder.y_proj.fc1.weight"][1], sample_size=sample_size,
-        interpolation_scale=family_interpolation(variant, sample_size),
-        micro_conditions="csize_embedder.mlp.0.weight" in shapes, variant=variant,
+        interpolation_scale=family_interpolation(pixart_version, sample_size),
+        micro_conditions="csize_embedder.mlp.0.weight" in shapes, pixart_version=pixart_version,
         mlp_ratio=shapes["blocks.0.mlp.fc1.weight"][0] / dim,
     )
 

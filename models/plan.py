@@ -31,7 +31,6 @@ ATTENTION_KINDS = ("full", "window", "share")
 # Kernels of full attention (models/attention_kernels.py): PyTorch SDPA, the explicit
 # matmul-softmax-matmul reference, Ascend's torch_npu.npu_fusion_attention.
 ATTENTION_BACKENDS = ("sdpa", "math", "npu")
-KIND_RANK = {"full": 0, "window": 1, "share": 2}  # how far from exact attention
 
 
 @dataclass(frozen=True)

@@ -32,10 +32,9 @@ from dataclasses import dataclass
 import torch
 
 from dite.engine.errors import ConfigError, InputError
-from dite.schedulers.base import Scheduler, SchedulerState
+from dite.schedulers.base import (Scheduler, SchedulerState, check_common, clip_x0, config_from_dict, config_to_dict,
+                                  eps_channels, predict_x0, table_for)
 from dite.schedulers.betas import spaced_timesteps
-from dite.schedulers.ddim import (check_common, clip_x0, config_from_dict, config_to_dict, eps_channels,
-                                  predict_x0, table_for)
 
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
 LEARNED = ("learned", "learned_range")

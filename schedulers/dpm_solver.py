@@ -22,9 +22,8 @@ import numpy as np
 import torch
 
 from dite.engine.errors import ConfigError, InputError
-from dite.schedulers.base import Scheduler, SchedulerState
-from dite.schedulers.ddim import (
-    check_common, clip_x0, config_from_dict, config_to_dict, eps_channels, table_for,
+from dite.schedulers.base import (
+    Scheduler, SchedulerState, check_common, clip_x0, config_from_dict, config_to_dict, eps_channels, table_for,
 )
 
 SOLVER_TYPES = ("midpoint", "heun")

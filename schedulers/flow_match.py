@@ -24,8 +24,7 @@ import numpy as np
 import torch
 
 from dite.engine.errors import ConfigError, InputError
-from dite.schedulers.base import Scheduler, SchedulerState
-from dite.schedulers.ddim import config_from_dict, config_to_dict
+from dite.schedulers.base import Scheduler, SchedulerState, config_from_dict, config_to_dict
 
 TIME_SHIFT_TYPES = ("exponential", "linear")
 

@@ -115,6 +115,9 @@ def count_host_syncs(monkeypatch):
 
 
 def compiled_equals_eager(model, cond, plans, steps, monkeypatch, **kw):
+    with count_host_syncs(monkeypatch) as probe:  # the counter sees what it must
+        bool(torch.ones(1)), torch.ones(1).tolist()
+    assert probe == ["__bool__", "tolist"]
     eager, _ = generate(model, cond, plans, steps, **kw)
     executor = make_executor("compiled", backend="aot_eager")
     per_step, storage = [], {}

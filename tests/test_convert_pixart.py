@@ -18,7 +18,7 @@ from tiny_pixart import DEPTH, HEADS, pixart_to_original, tiny_pixart_pipeline
 
 @pytest.fixture(scope="module", params=["alpha", "sigma"])
 def pixart_pipe(request, tmp_path_factory):
-    return tiny_pixart_pipeline(tmp_path_factory.mktemp(request.param), variant=request.param)[1], request.param
+    return tiny_pixart_pipeline(tmp_path_factory.mktemp(request.param), pixart_version=request.param)[1], request.param
 
 
 def transformer_state(folder):

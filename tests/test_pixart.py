@@ -80,7 +80,7 @@ def test_original_layout_loads_with_nothing_missing_or_extra():
     state = pixart_to_original(model.state_dict(), DEPTH, null_caption=null, pos_embed=torch.zeros(1, 16, 24))
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     cfg = pixart.detect_config(shapes, num_heads=HEADS)
-    assert cfg.variant == "alpha" and cfg.micro_conditions and cfg.sample_size == 8 and cfg.learned_sigma
+    assert cfg.pixart_version == "alpha" and cfg.micro_conditions and cfg.sample_size == 8 and cfg.learned_sigma
     keymap, ignore = pixart.keymap(cfg, "original")
     ours = build_module(lambda: pixart.PixArt(cfg), keymap, StateDictReader(state, "test"), ignore=ignore)
     # The original's α rule gives interpolation 1 for this size, as diffusers' fallback does.
@@ -97,14 +97,14 @@ def test_variant_from_null_caption_not_embedders():
                                pos_embed=torch.zeros(1, 64 * 64, 24))
     shapes = {k: tuple(v.shape) for k, v in sigma.items()}
     cfg = pixart.detect_config(shapes, num_heads=HEADS)
-    assert cfg.variant == "sigma" and cfg.sample_size == 128 and cfg.interpolation_scale == 2.0
+    assert cfg.pixart_version == "sigma" and cfg.sample_size == 128 and cfg.interpolation_scale == 2.0
     assert cfg.max_sequence_length == 300
     with pytest.raises(ConfigError, match="PixArt-Σ .*300 rows"):
-        pixart.detect_config(shapes, num_heads=HEADS, variant="alpha")
+        pixart.detect_config(shapes, num_heads=HEADS, pixart_version="alpha")
     del shapes["y_embedder.y_embedding"]
     with pytest.raises(ConfigError, match="cannot be told apart"):
         pixart.detect_config(shapes, num_heads=HEADS)
-    assert pixart.detect_config(shapes, num_heads=HEADS, variant="alpha").interpolation_scale == 2.0
+    assert pixart.detect_config(shapes, num_heads=HEADS, pixart_version="alpha").interpolation_scale == 2.0
     shapes["y_embedder.y_embedding"] = (77, CAPTION)
     with pytest.raises(CheckpointError, match="77 rows"):
         pixart.detect_config(shapes, num_heads=HEADS)

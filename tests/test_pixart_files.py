@@ -72,7 +72,7 @@ def test_sigma_file_forced_as_alpha_is_refused(alpha, tmp_path):
     with pytest.raises(ConfigError, match="PixArt-Σ .*300 rows"):
         load(path, model_config={"num_heads": HEADS, "variant": "alpha"})
     pipe = load(path, model_config={"num_heads": HEADS})
-    assert pipe.variant == "sigma" and pipe.vae.config.scaling_factor == 0.13025
+    assert pipe.pixart_version == "sigma" and pipe.vae.config.scaling_factor == 0.13025
 
 
 def test_pth_without_its_parts_says_what_is_missing(alpha, tmp_path):
@@ -142,3 +142,13 @@ def test_cli_generates_with_a_pixart_folder(alpha, tmp_path, capsys):
     assert main(["inspect", str(folder), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["family"] == "pixart" and info["variant"] == "alpha"
+
+
+def test_pixart_config_recorded_as_variant_still_reads():
+    """Files converted before `variant` became `pixart_version` in PixArtConfig keep loading."""
+    from dite.engine.checkpoints.recorded import config_from_dict
+    from dite.models.pixart import PixArtConfig
+
+    old = PixArtConfig(pixart_version="sigma").to_dict()
+    old["variant"] = old.pop("pixart_version")
+    assert config_from_dict("pixart", old, "config of transformer") == PixArtConfig(pixart_version="sigma")

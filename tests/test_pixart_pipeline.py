@@ -29,7 +29,7 @@ def alpha_micro(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sigma(tmp_path_factory):
-    return tiny_pixart_pipeline(tmp_path_factory.mktemp("pixart-sigma"), variant="sigma")
+    return tiny_pixart_pipeline(tmp_path_factory.mktemp("pixart-sigma"), pixart_version="sigma")
 
 
 def compare(fixture, size, guidance=4.5, negative=None, steps=4, images_per_prompt=1, **kwargs):
@@ -69,7 +69,7 @@ def test_sigma_matches_diffusers(sigma):
 def test_sigma_default_length_is_300(sigma):
     reference, folder = sigma
     pipe = load(folder)
-    assert pipe.transformer.config.variant == "sigma" and pipe.describe()["max_sequence_length"] == 300
+    assert pipe.transformer.config.pixart_version == "sigma" and pipe.describe()["max_sequence_length"] == 300
     out = pipe(prompt="a cat", height=16, width=16, num_inference_steps=1, output_type="latent", progress=False)
     assert out.parameters[0]["max_sequence_length"] == 300
 

@@ -22,7 +22,7 @@ from dite.engine.loading.sd3 import RunningWithoutT5Warning
 from dite.engine.loading.weights import StateDictReader
 from dite.models import mmdit
 from dite.models.denoiser import Conditioning
-from dite.models.sd3_variants import sd3_variant
+from dite.models.sd3_releases import sd3_release
 from dite.models.tokenizers import TruncationWarning
 from tiny_sd3 import T5_FILE, hints, reference_images, write_release
 from tiny_tokenizers import BIG_PROMPT
@@ -240,14 +240,14 @@ def test_describe_and_inspect(sd3, release, capsys):
     assert report["family"] == "sd3" and report["variant"] == "custom" and report["config"]["depth"] == 3
 
 
-@pytest.mark.parametrize("variant, cfg", [
+@pytest.mark.parametrize("release, cfg", [
     ("sd3-medium", mmdit.MMDiTConfig(depth=24, num_heads=24, pos_embed_max_size=192)),
     ("sd3.5-large", mmdit.MMDiTConfig(depth=38, num_heads=38, pos_embed_max_size=192, qk_norm=True)),
     ("sd3.5-medium", mmdit.MMDiTConfig(depth=24, num_heads=24, pos_embed_max_size=384, qk_norm=True,
                                        dual_attention_layers=tuple(range(13)))),
     ("custom", mmdit.MMDiTConfig(depth=24, num_heads=24, pos_embed_max_size=192, qk_norm=True)),
 ])
-def test_release_variants_are_recognised(variant, cfg, tmp_path, monkeypatch):
+def test_releases_are_recognised(release, cfg, tmp_path, monkeypatch):
     """`dite inspect` on full-size single files: their tensor headers, built on the meta device."""
     import dite.engine.checkpoints.inspect as inspect_module
 
@@ -259,7 +259,7 @@ def test_release_variants_are_recognised(variant, cfg, tmp_path, monkeypatch):
     path.touch()
     monkeypatch.setattr(inspect_module, "open_weights", lambda _: StateDictReader(state, str(path)))
     info = inspect_module.inspect_source(str(path))
-    assert sd3_variant(cfg) == info["variant"] == variant and info["config"]["depth"] == cfg.depth
+    assert sd3_release(cfg) == info["variant"] == release and info["config"]["depth"] == cfg.depth
     assert info["parts"]["vae"] == "missing (pass --vae)" and info["parts"]["clip_l"] == "missing"
 
 

@@ -35,14 +35,14 @@ def pipe(dit_folder):
 
 @pytest.fixture(scope="module")
 def tuned(pipe, tmp_path_factory):
-    """One search (a reduced grid: two orders and strides, two adaptive max_cached), its file."""
+    """One search on a reduced grid (ditcache orders 0, 1 at stride 3, with promptgate on
+    the best), and its file."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(tune_module, "DITCACHE_ORDERS", (0, 1))
-        mp.setattr(tune_module, "DITCACHE_STRIDES", (2, 3))
-        mp.setattr(tune_module, "DELTACACHE_ORDERS", (0,))
-        mp.setattr(tune_module, "ADAPTIVE_AXES", (("max_cached", (2, 4)),))
+        mp.setattr(tune_module, "DITCACHE_STRIDES", (3,))
         lines = []
-        data = tune_module.tune(pipe, BUDGET, steps=STEPS, class_labels=LABELS, screen=1, top=3, log=lines.append)
+        data = tune_module.tune(pipe, BUDGET, steps=STEPS, class_labels=LABELS, screen=1, top=3,
+                                methods=("ditcache",), log=lines.append)
     path = tmp_path_factory.mktemp("tuned") / "tuned.json"
     tune_module.write_tuned(path, data)
     return data, path, lines
@@ -79,6 +79,18 @@ def test_search_fits_the_budget_and_beats_fewer_steps(tuned, pipe):
     if data["spec"] != "none":
         assert call(pipe, accel=data["spec"]).stats["compute_fraction"] == pytest.approx(data["compute_fraction"],
                                                                                          abs=1e-5)
+
+
+def test_adaptive_threshold_lands_under_the_budget(pipe):
+    tuner = tune_module.Tuner(pipe, 0.8, steps=STEPS, class_labels=[3], log=lambda line: None)
+    tuner.references()
+    m = tuner.bisect(dict(tune_module.ADAPTIVE_START, addon=""), 1, 0.08, 4)
+    assert m is not None and m.kind == "adaptive" and m.compute <= 0.8
+    assert m.params["threshold"] > 0 and f"threshold={m.params['threshold']:g}" in m.spec
+    # A setting that cannot reach the budget even caching whenever allowed is not run.
+    runs = tuner.runs
+    assert tuner.bisect(dict(tune_module.ADAPTIVE_START, max_cached=1, front=5, addon=""), 1, 0.08, 4) is None
+    assert tuner.runs == runs
 
 
 def test_tuned_file_reproduces_the_stored_spec(tuned, pipe):
@@ -148,15 +160,21 @@ def test_tuned_meets_the_other_methods_checks(tuned, pipe):
 def test_cli_tune_writes_the_file(dit_folder, tmp_path, capsys):
     out = tmp_path / "t.json"
     code = main(["tune", "--model", str(dit_folder), "--budget", "0.5", "--steps", "4", "--class-label", "3",
-                 "--methods", "deltacache", "-o", str(out)])
+                 "--guidance", "1", "--methods", "deltacache", "--quiet", "-o", str(out)])
     assert code == 0, capsys.readouterr().err
     data = json.loads(out.read_text())
     assert data["format"] == "dite-tuned/1" and data["compute_fraction"] <= 0.5 and data["valid_for"]["steps"] == 4
     err = capsys.readouterr().err
     assert "chose " in err and "tuned in" in err
-    code = main(["generate", "--model", str(dit_folder), "--class-label", "3", "--steps", "4", "--quiet",
-                 "--accel", f"tuned(file={out})", "-o", str(tmp_path / "x.png")])
+    code = main(["generate", "--model", str(dit_folder), "--class-label", "3", "--steps", "4", "--guidance", "1",
+                 "--quiet", "--accel", f"tuned(file={out})", "-o", str(tmp_path / "x.png")])
     assert code == 0 and (tmp_path / "x.png").exists()
+    capsys.readouterr()
+    # Tuned unguided, refused guided, in one line naming the field.
+    code = main(["generate", "--model", str(dit_folder), "--class-label", "3", "--steps", "4", "--quiet",
+                 "--accel", f"tuned(file={out})", "-o", str(tmp_path / "y.png")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "guidance 1.0, this call is guided" in err and len(err.splitlines()) == 1
 
 
 @pytest.mark.parametrize("args, message", [

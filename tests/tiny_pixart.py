@@ -66,7 +66,7 @@ def pixart_to_original(state: dict[str, torch.Tensor], depth: int, *, null_capti
     return {k: v.contiguous().clone() for k, v in out.items()}
 
 
-def tiny_pixart_pipeline(root, *, variant: str = "alpha", micro: bool = False, sample_size: int = 8,
+def tiny_pixart_pipeline(root, *, pixart_version: str = "alpha", micro: bool = False, sample_size: int = 8,
                          scheduler: str = "dpm", vae_levels: int = 2, depth: int = DEPTH):
     """A tiny PixArtAlphaPipeline / PixArtSigmaPipeline saved at root/"pipe"; returns
     (reference in eval mode, folder). `vae_levels` 4 gives the real VAE factor 8."""
@@ -89,9 +89,9 @@ def tiny_pixart_pipeline(root, *, variant: str = "alpha", micro: bool = False, s
     channels = (8, 8, 16, 16)[:vae_levels]
     vae = tiny_diffusers_vae(block_out_channels=channels, down_block_types=("DownEncoderBlock2D",) * vae_levels,
                              up_block_types=("UpDecoderBlock2D",) * vae_levels,
-                             scaling_factor=0.18215 if variant == "alpha" else 0.13025)
-    cls = PixArtAlphaPipeline if variant == "alpha" else PixArtSigmaPipeline
-    interpolation = None if variant == "alpha" else sample_size * 8 / 512
+                             scaling_factor=0.18215 if pixart_version == "alpha" else 0.13025)
+    cls = PixArtAlphaPipeline if pixart_version == "alpha" else PixArtSigmaPipeline
+    interpolation = None if pixart_version == "alpha" else sample_size * 8 / 512
     pipe = cls(tokenizer=tokenizer, text_encoder=t5, vae=vae, scheduler=sched,
                transformer=tiny_pixart_transformer(micro=micro, sample_size=sample_size,
                                                    interpolation_scale=interpolation, depth=depth))

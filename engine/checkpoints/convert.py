@@ -28,16 +28,18 @@ from dite.engine.checkpoints.layouts import (
     SD3_PREFIX, WEIGHTS_STEM, diffusers_config, diffusers_target, fp32_only, is_identity, original_target,
 )
 from dite.engine.checkpoints.pipeline_files import TOKENIZERS, model_index, scheduler_config, tokenizer_folders
+from dite.engine.dtypes import precisions, safetensors_dtypes
 from dite.engine.errors import CheckpointError, InputError
 from dite.engine.loading.hub import demo_folder, resolve_source
 from dite.engine.checkpoints.safetensors_writer import PlannedTensor, SafetensorsWriter, ShardedWriter, parse_size
 from dite.engine.checkpoints.tensor_stream import Component, PrecisionWarning, Target, iter_tensors, plan, require_clean
-from dite.engine.loading.weights import READ_WITHOUT_MMAP
 
 LAYOUTS = ("diffusers", "original")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 T5_FILE_BY_DTYPE = {torch.float16: "t5xxl_fp16.safetensors", torch.bfloat16: "t5xxl_bf16.safetensors",
                     torch.float32: "t5xxl_fp32.safetensors"}
+# Every tensor is read once: with plain positioned reads, not through a memory map whose
+# touched pages would count the whole file against the process (WeightReader.get).
+MMAP = False
 SD3_ENCODER_FILES = {"text_encoder": "clip_l.safetensors", "text_encoder_2": "clip_g.safetensors"}
 
 
@@ -51,14 +53,14 @@ class ConversionResult:
 def _dtype(dtype) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
-    if dtype not in DTYPES:
-        raise InputError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+    if dtype not in precisions():
+        raise InputError(f"unknown dtype {dtype!r}; use one of {', '.join(precisions())}")
+    return precisions()[dtype]
 
 
 def _folder_metadata(parts: Parts, component: Component) -> dict[str, str]:
     """A diffusers component's weights: its own config (config.json says the rest)."""
-    return file_metadata(family=parts.family, variant=parts.variant, components=[component], written=[component],
+    return file_metadata(family=parts.family, release=parts.release, components=[component], written=[component],
                          source=parts.label, scheduler=None, model_index=None)
 
 
@@ -66,13 +68,13 @@ def _file_metadata(parts: Parts, components: list[Component], written: list[Comp
     """An original-layout file: the configs of everything written, and the source pipeline's
     scheduler and model_index, so that converting it back gives the same folder."""
     pipeline = parts.family in ("dit", "sd3", "pixart") and any(c.name == "transformer" for c in written)
-    return file_metadata(family=parts.family, variant=parts.variant, components=components, written=written,
+    return file_metadata(family=parts.family, release=parts.release, components=components, written=written,
                          source=parts.label, scheduler=scheduler_config(parts) if pipeline else None,
                          model_index=parts.model_index if pipeline else None)
 
 
 def _stream(writer, component: Component, target: Target, dtype, keep) -> None:
-    for key, tensor in iter_tensors(component, target, dtype=dtype, keep=keep):
+    for key, tensor in iter_tensors(component, target, dtype=dtype, keep=keep, mmap=MMAP):
         writer.write(key, tensor)
 
 
@@ -103,7 +105,7 @@ def _write_side_tensors(folder: Path, component: Component, dtype) -> list[Path]
     beside the weights (diffusers ignores it; converting back restores it)."""
     if not component.side:
         return []
-    tensors = {key: reader.get(stored) for key, (reader, stored) in component.side.items()}
+    tensors = {key: reader.get(stored, mmap=MMAP) for key, (reader, stored) in component.side.items()}
     tensors = {k: t.to(dtype) if dtype is not None and t.is_floating_point() else t for k, t in tensors.items()}
     path = folder / PIXART_SIDE_FILE
     writer = SafetensorsWriter(path, [PlannedTensor(k, tuple(t.shape), t.dtype) for k, t in tensors.items()],
@@ -136,7 +138,7 @@ def _original_targets(parts: Parts, selected: list[str], bundled: bool) -> list[
     for name in selected:
         component = parts.components[name]
         prefix = SD3_PREFIX[name] if parts.family == "sd3" and (bundled or name in ("transformer", "vae")) else ""
-        target = original_target(component, prefix)
+        target = original_target(component, prefix, mmap=MMAP)
         if parts.family == "sd3" and name == "text_encoder" and "text_projection.weight" in component.keymap:
             _drop_identity_projection(component, target, parts)
         pairs.append((component, target))
@@ -147,7 +149,7 @@ def _drop_identity_projection(component: Component, target: Target, parts: Parts
     """SD3's CLIP-L projection, unused by the original layout's loaders: an identity (what
     single files come from) is left out, as releases carry none; another is kept, with a note."""
     source = component.keymap["text_projection.weight"]
-    projection = source.build([component.reader.get(k) for k in source.keys])
+    projection = source.build([component.reader.get(k, mmap=MMAP) for k in source.keys])
     if is_identity(projection):
         target.drop.add("text_projection.weight")
     else:
@@ -172,7 +174,7 @@ def _write_file(path: Path, parts: Parts, pairs: list[tuple[Component, Target]],
         # torch.save needs the whole state dict at once: not streamed (use .safetensors for that).
         state = {}
         for (component, target), keep in zip(pairs, keeps):
-            state.update(iter_tensors(component, target, dtype=dtype, keep=keep))
+            state.update(iter_tensors(component, target, dtype=dtype, keep=keep, mmap=MMAP))
         # PixArt's releases wrap the weights as {"state_dict": ...}; DiT's as its train.py does,
         # {"ema": ...}, which the original sample.py unwraps: the metadata rides beside them.
         wrapper = "state_dict" if parts.family == "pixart" else "ema"
@@ -231,11 +233,9 @@ def _to_original(parts: Parts, out: Path, selected: list[str], dtype, text_encod
 
 
 def _majority_dtype(component: Component) -> torch.dtype:
-    from dite.engine.checkpoints.safetensors_writer import TORCH_DTYPES
-
     key = component.keymap["embed_tokens.weight"].keys[0] if component.kind == "t5" else next(
         iter(component.keymap.values())).keys[0]
-    return TORCH_DTYPES.get(component.reader.dtype(key), torch.float16)
+    return safetensors_dtypes().get(component.reader.dtype(key), torch.float16)
 
 
 def _outputs(parts: Parts, dst: Path, to: str, selected: list[str], dtype, text_encoders: str) -> list[Path]:
@@ -329,21 +329,17 @@ def convert(source: str | os.PathLike, destination: str | os.PathLike, *, to: st
     # A demo name or a hub repo id ("owner/name", "owner/name/file.safetensors") is resolved as load() does.
     demo = demo_folder(source)
     src = demo if demo is not None else resolve_source(source, variant=variant)
-    token = READ_WITHOUT_MMAP.set(True)  # each tensor is read once: no memory map (see weights.py)
-    try:
-        with terminate_as_interrupt():  # SIGTERM cleans up as Ctrl-C does
-            return _convert(src, dst, to=to, dtype=dtype, limit=limit, components=components, force=force,
-                            tokenizers=tokenizers, model_config=model_config, text_encoders=text_encoders,
-                            variant=variant, vae=vae, label=_source_label(source, demo))
-    finally:
-        READ_WITHOUT_MMAP.reset(token)
+    with terminate_as_interrupt():  # SIGTERM cleans up as Ctrl-C does
+        return _convert(src, dst, to=to, dtype=dtype, limit=limit, components=components, force=force,
+                        tokenizers=tokenizers, model_config=model_config, text_encoders=text_encoders,
+                        variant=variant, vae=vae, label=_source_label(source, demo))
 
 
 def _add_vae(parts: Parts, vae, variant) -> None:
     if parts.family not in ("dit", "sd3", "pixart"):
         raise InputError(f"--vae adds a VAE to a pipeline (DiT, SD3, PixArt); {parts.path.name} is a "
                          f"{parts.family} checkpoint: drop --vae")
-    given = find_parts(vae, variant=variant)
+    given = find_parts(vae, variant=variant, mmap=MMAP)
     component = given.components.get("vae") or next(iter(given.components.values()))
     if component.kind != "vae":
         raise InputError(f"--vae {vae} holds no VAE (it is a {given.family} {component.kind} checkpoint); give a "
@@ -368,7 +364,7 @@ def _convert(src: Path, dst: Path, *, to, dtype, limit, components, force, token
     if tokenizers is not None and not Path(os.path.expanduser(str(tokenizers))).is_dir():
         raise InputError(f"--tokenizers {tokenizers}: no such folder; give a folder holding tokenizer/ "
                          "(tokenizer_2/, tokenizer_3/ for SD3)")
-    parts = find_parts(src, model_config=model_config, tokenizers=tokenizers, variant=variant)
+    parts = find_parts(src, model_config=model_config, tokenizers=tokenizers, variant=variant, mmap=MMAP)
     parts.label = label
     if tokenizers is not None and parts.family not in TOKENIZERS:
         raise InputError(f"{parts.path.name} is a {parts.family} checkpoint, which has no tokenizers: drop "

@@ -12,12 +12,13 @@ from typing import Any
 from dite.engine.loading import sd3_single_file as sd3_files
 from dite.engine.checkpoints.recorded import RecordedMetadataError, read_recorded, with_recorded
 from dite.engine.errors import CheckpointError, ConfigError, DiteError
+from dite.engine.families import PIXART_VERSION_OF_PIPELINE
 from dite.engine.loading.config_files import parse_config, read_model_index
 from dite.engine.loading.hub import demo_folder, resolve_source
 from dite.engine.checkpoints.inspect_parts import describe_parts
 from dite.engine.loading.weights import WeightReader, find_weights_file, open_weights
 from dite.models import dit, mmdit, pixart
-from dite.models.sd3_variants import sd3_variant
+from dite.models.sd3_releases import sd3_release
 
 
 def _tensor_summary(reader: WeightReader) -> dict[str, Any]:
@@ -92,12 +93,12 @@ def _inspect_source(source: str, path: Path, *, variant: str | None = None) -> d
         elif model_index.get("_class_name") == "StableDiffusion3Pipeline":
             info["family"] = "sd3"
             cfg = parse_config(path / "transformer/config.json", mmdit.MMDiTConfig.from_diffusers)
-            info["variant"], info["config"] = sd3_variant(cfg), cfg.to_dict()
-        elif model_index.get("_class_name") in ("PixArtAlphaPipeline", "PixArtSigmaPipeline"):
+            info["variant"], info["config"] = sd3_release(cfg), cfg.to_dict()
+        elif model_index.get("_class_name") in PIXART_VERSION_OF_PIPELINE:
             info["family"] = "pixart"
-            variant = "alpha" if model_index["_class_name"] == "PixArtAlphaPipeline" else "sigma"
+            pixart_version = PIXART_VERSION_OF_PIPELINE[model_index["_class_name"]]
             cfg = parse_config(path / "transformer/config.json",
-                               lambda c: pixart.PixArtConfig.from_diffusers(c, variant))
+                               lambda c: pixart.PixArtConfig.from_diffusers(c, pixart_version))
             info.update(_pixart_summary(cfg))
         for name, spec in model_index.items():
             if name.startswith("_") or not isinstance(spec, list) or not (path / name).is_dir():
@@ -136,7 +137,7 @@ def _sd3_file(path: Path, reader: WeightReader) -> dict[str, Any]:
     info: dict[str, Any] = {"format": "single file", "family": "sd3", "layout": "original"}
     try:
         cfg = mmdit.detect_config(sd3_files.transformer_shapes(reader, prefix))
-        info["variant"], info["config"] = sd3_variant(cfg), cfg.to_dict()
+        info["variant"], info["config"] = sd3_release(cfg), cfg.to_dict()
     except Exception as exc:  # a non-standard width: report what is known
         info["config_error"] = str(exc)
     vae = sd3_files.vae_prefix(keys)
@@ -149,8 +150,9 @@ def _sd3_file(path: Path, reader: WeightReader) -> dict[str, Any]:
 
 
 def _pixart_summary(cfg: pixart.PixArtConfig) -> dict[str, Any]:
-    """Variant (alpha / sigma), the training resolution in pixels and the config."""
-    return {"variant": cfg.variant, "resolution": cfg.sample_size * 8, "config": cfg.to_dict()}
+    """The PixArt version (alpha / sigma, key "variant"), the training resolution in pixels and
+    the config."""
+    return {"variant": cfg.pixart_version, "resolution": cfg.sample_size * 8, "config": cfg.to_dict()}
 
 
 def _pixart_file(reader: WeightReader) -> dict[str, Any]:

@@ -47,8 +47,8 @@ def describe_parts(path: Path, **options) -> dict[str, Any]:
     parts = find_parts(path, **options)
     info: dict[str, Any] = {"family": parts.family, "layout": parts.layout,
                             "components": {name: component_summary(c) for name, c in parts.components.items()}}
-    if parts.variant:
-        info["variant"] = parts.variant
+    if parts.release:
+        info["variant"] = parts.release
     if any("problems" in c for c in info["components"].values()):
         info["clean"] = False
     return info

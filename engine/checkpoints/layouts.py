@@ -61,8 +61,9 @@ def diffusers_target(component: Component) -> Target:
     return Target(t5_keymap(cfg, ["shared.weight"])[0])
 
 
-def original_target(component: Component, prefix: str = "") -> Target:
-    """`component` in its release names under `prefix` ("" for a file of its own)."""
+def original_target(component: Component, prefix: str = "", *, mmap: bool = True) -> Target:
+    """`component` in its release names under `prefix` ("" for a file of its own); `mmap`:
+    how stored extras are read (WeightReader.get)."""
     cfg = component.config
     if component.kind == "dit":
         # The original keeps its fixed sin-cos table as a (non-trainable) parameter, so its
@@ -78,7 +79,7 @@ def original_target(component: Component, prefix: str = "") -> Target:
         table = sincos_pos_embed_2d(cfg.hidden_size, side, side, base_size=side,
                                     interpolation_scale=cfg.interpolation_scale).unsqueeze(0)
         extras = {"pos_embed": table}
-        extras.update({key: reader.get(stored) for key, (reader, stored) in component.side.items()})
+        extras.update({key: reader.get(stored, mmap=mmap) for key, (reader, stored) in component.side.items()})
         return Target(pixart.keymap(cfg, "original")[0], extras=extras)
     if component.kind == "vae":
         return Target(vae_keymap(cfg, "ldm", [], prefix)[0])

@@ -19,7 +19,7 @@ import torch
 from dite.engine.checkpoints.recorded import read_recorded, recorded_config, with_recorded
 from dite.engine.loading import sd3_single_file as sd3_files
 from dite.engine.errors import CheckpointError, ConfigError
-from dite.engine.families import SD3_SCHEDULER
+from dite.engine.families import PIXART_VERSION_OF_PIPELINE, SD3_SCHEDULER
 from dite.engine.loading.sd3_single_file import component_hints
 from dite.engine.checkpoints.tensor_stream import Component
 from dite.engine.loading.config_files import parsed, read_config, read_model_index
@@ -29,7 +29,7 @@ from dite.engine.loading.vae import vae_parts
 from dite.engine.loading.weights import WeightReader, find_weights_file, open_weights
 from dite.models import dit, mmdit, pixart
 from dite.models.clip import CLIPTextConfig, clip_keymap, clip_layout, clip_prefixes, find_clip_prefix
-from dite.models.sd3_variants import sd3_variant
+from dite.models.sd3_releases import sd3_release
 from dite.models.t5 import T5Config
 from dite.models.vae import VAEConfig
 
@@ -56,13 +56,15 @@ ANCHORS = {
 @dataclass
 class Parts:
     """A recognised checkpoint: its family ("sd3", "dit", "vae", "clip", "t5"), the layout it
-    is in ("original" or "diffusers"), and its components by diffusers name."""
+    is in ("original" or "diffusers"), and its components by diffusers name. `release`: the
+    SD3 release ("sd3-medium", ...) or PixArt version ("alpha", "sigma"), written as the
+    files' `variant` metadata."""
 
     family: str
     layout: str
     path: Path
     components: dict[str, Component]
-    variant: str | None = None
+    release: str | None = None
     tokenizer_places: list[Path] = field(default_factory=list)
     scheduler_config: dict | None = None
     model_index: dict | None = None
@@ -81,7 +83,6 @@ def _read_json(path: Path) -> dict:
 
 # diffusers drops PixArt's learned null caption; conversion keeps it beside the weights.
 PIXART_SIDE_FILE = "dite_null_caption.safetensors"
-PIXART_PIPELINES = {"PixArtAlphaPipeline": "alpha", "PixArtSigmaPipeline": "sigma"}
 
 
 def pixart_component(reader: WeightReader, cfg, layout: str, side_file: Path | None = None) -> Component:
@@ -121,8 +122,9 @@ def _t5_component(reader: WeightReader, name: str, **options) -> Component:
 
 
 def component_folder(folder: Path, name: str | None = None, variant: str | None = None,
-                     pixart_variant: str | None = None) -> Component:
-    """One diffusers / transformers component folder (config.json + weights)."""
+                     pixart_version: str | None = None, *, mmap: bool = True) -> Component:
+    """One diffusers / transformers component folder (config.json + weights); `mmap`: how
+    the few tensors recognition reads are read (WeightReader.get)."""
     config = _read_json(folder / "config.json")
     name = name or folder.name
     cls = config.get("_class_name") or next(iter(config.get("architectures") or []), None)
@@ -131,11 +133,12 @@ def component_folder(folder: Path, name: str | None = None, variant: str | None 
         return _vae_component(reader, name, config=parsed(config, VAEConfig.from_diffusers))
     if cls in ("DiTTransformer2DModel", "Transformer2DModel"):
         reader = open_weights(find_weights_file(folder, variant=variant))
-        cfg = dit.fit_embedders(parsed(config, dit.DiTConfig.from_diffusers), reader.keys(), reader.get)
+        cfg = dit.fit_embedders(parsed(config, dit.DiTConfig.from_diffusers), reader.keys(),
+                                lambda key: reader.get(key, mmap=mmap))
         return _dit_component(reader, cfg, "diffusers")
     if cls == "PixArtTransformer2DModel":
         reader = open_weights(find_weights_file(folder, variant=variant))
-        cfg = parsed(config, lambda c: pixart.PixArtConfig.from_diffusers(c, pixart_variant or "alpha"))
+        cfg = parsed(config, lambda c: pixart.PixArtConfig.from_diffusers(c, pixart_version or "alpha"))
         return pixart_component(reader, cfg, "diffusers", side_file=folder / PIXART_SIDE_FILE)
     if cls == "SD3Transformer2DModel":
         reader = open_weights(find_weights_file(folder, variant=variant))
@@ -150,23 +153,24 @@ def component_folder(folder: Path, name: str | None = None, variant: str | None 
                       "DiTTransformer2DModel, SD3Transformer2DModel, CLIPTextModel[WithProjection], T5EncoderModel)")
 
 
-def _pipeline_folder(path: Path, variant: str | None) -> Parts:
+def _pipeline_folder(path: Path, variant: str | None, mmap: bool) -> Parts:
     index = read_model_index(path)
     cls = index.get("_class_name")
-    if cls not in ("DiTPipeline", "StableDiffusion3Pipeline", *PIXART_PIPELINES):
+    if cls not in ("DiTPipeline", "StableDiffusion3Pipeline", *PIXART_VERSION_OF_PIPELINE):
         raise ConfigError(f"{path / 'model_index.json'} describes a {cls!r}; dite converts DiTPipeline, "
                           "StableDiffusion3Pipeline and PixArtAlpha/SigmaPipeline folders")
     components = {}
     for name, spec in index.items():
         weighted = name in ("transformer", "vae") or name.startswith("text_encoder")
         if weighted and isinstance(spec, list) and spec[0] is not None and (path / name).is_dir():
-            components[name] = component_folder(path / name, name, variant, PIXART_PIPELINES.get(cls))
+            components[name] = component_folder(path / name, name, variant, PIXART_VERSION_OF_PIPELINE.get(cls),
+                                                mmap=mmap)
     family = {"DiTPipeline": "dit", "StableDiffusion3Pipeline": "sd3"}.get(cls, "pixart")
     parts = Parts(family, "diffusers", path, components, model_index=index, tokenizer_places=[path])
     if family == "sd3" and "transformer" in components:
-        parts.variant = sd3_variant(components["transformer"].config)
+        parts.release = sd3_release(components["transformer"].config)
     if family == "pixart":
-        parts.variant = PIXART_PIPELINES[cls]
+        parts.release = PIXART_VERSION_OF_PIPELINE[cls]
     scheduler = path / "scheduler" / "scheduler_config.json"
     parts.scheduler_config = read_scheduler_config(scheduler) if scheduler.exists() else None
     return parts
@@ -205,7 +209,7 @@ def _sd3_file(path: Path, reader: WeightReader, model_config: dict, tokenizers: 
                 sd3_clip_l_projection(component, prefix)
         components[name] = component
     places = [tokenizers] if tokenizers is not None else sd3_files.tokenizer_places(path)
-    return _recorded_pipeline(Parts("sd3", "original", path, components, variant=sd3_variant(cfg),
+    return _recorded_pipeline(Parts("sd3", "original", path, components, release=sd3_release(cfg),
                                     tokenizer_places=places, scheduler_config=dict(SD3_SCHEDULER)))
 
 
@@ -302,17 +306,17 @@ def _pixart_file(path: Path, reader: WeightReader, model_config: dict, tokenizer
 
     _only(model_config, ("num_heads", "variant", "sample_size"), "a PixArt checkpoint")
     cfg = pixart.detect_config(reader.shapes(), num_heads=model_config.get("num_heads"),
-                               variant=model_config.get("variant"), sample_size=model_config.get("sample_size"))
+                               pixart_version=model_config.get("variant"), sample_size=model_config.get("sample_size"))
     cfg = recorded_config(path, "transformer", cfg)
     components = {"transformer": pixart_component(reader, cfg, "original")}
-    encoder, vae = _beside(path, "text_encoder"), _beside(path, "vae", cfg.variant)
+    encoder, vae = _beside(path, "text_encoder"), _beside(path, "vae", cfg.pixart_version)
     if encoder is not None:
         components["text_encoder"] = component_folder(encoder, "text_encoder")
     if vae is not None:
         components["vae"] = component_folder(vae, "vae")
-        components["vae"].config = replace(components["vae"].config, scaling_factor=pixart.VAE_SCALE[cfg.variant])
+        components["vae"].config = replace(components["vae"].config, scaling_factor=pixart.VAE_SCALE[cfg.pixart_version])
     places = [tokenizers] if tokenizers is not None else [path.parent]
-    return _recorded_pipeline(Parts("pixart", "original", path, components, variant=cfg.variant,
+    return _recorded_pipeline(Parts("pixart", "original", path, components, release=cfg.pixart_version,
                                     tokenizer_places=places, scheduler_config=dict(PIXART_SCHEDULER)))
 
 
@@ -340,8 +344,9 @@ def unsupported(path: Path, keys: list[str]) -> CheckpointError:
 
 
 def find_parts(path: str | Path, *, model_config: dict | None = None, tokenizers: str | Path | None = None,
-               variant: str | None = None) -> Parts:
-    """Recognise the checkpoint at `path` (a local file or folder)."""
+               variant: str | None = None, mmap: bool = True) -> Parts:
+    """Recognise the checkpoint at `path` (a local file or folder). `mmap`: how the few
+    tensors recognition reads are read (WeightReader.get)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
@@ -350,13 +355,13 @@ def find_parts(path: str | Path, *, model_config: dict | None = None, tokenizers
             raise ConfigError(f"model_config is for single checkpoint files; {path} is a folder, whose config.json "
                               "files say it all: drop it (--model-config)")
         if (path / "model_index.json").exists():
-            return _pipeline_folder(path, variant)
+            return _pipeline_folder(path, variant, mmap)
         if (path / "config.json").exists():
-            component = component_folder(path, variant=variant)
+            component = component_folder(path, variant=variant, mmap=mmap)
             family = {"dit": "dit", "mmdit": "sd3"}.get(component.kind, component.kind)
             if component.kind == "pixart":
                 return Parts("pixart", "diffusers", path, {component.name: component},
-                             variant=component.config.variant)
+                             release=component.config.pixart_version)
             return Parts(family, "diffusers", path, {component.name: component})
         raise CheckpointError(f"{path} has neither model_index.json (a pipeline folder) nor config.json (a component "
                               "folder)")

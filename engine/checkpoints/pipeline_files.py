@@ -14,11 +14,12 @@ import shutil
 from pathlib import Path
 
 from dite.engine.checkpoints.parts import Parts
-from dite.engine.families import SD3_SCHEDULER, original_dit_scheduler_config
+from dite.engine.families import PIXART_VERSION_OF_PIPELINE, SD3_SCHEDULER, original_dit_scheduler_config
 from dite.engine.checkpoints.layouts import DIFFUSERS_VERSION
 
-PIPELINE_CLASS = {"sd3": "StableDiffusion3Pipeline", "dit": "DiTPipeline", "alpha": "PixArtAlphaPipeline",
-                  "sigma": "PixArtSigmaPipeline"}
+# By family, and by PixArt version for PixArt.
+PIPELINE_CLASS = {"sd3": "StableDiffusion3Pipeline", "dit": "DiTPipeline",
+                  **{version: cls for cls, version in PIXART_VERSION_OF_PIPELINE.items()}}
 COMPONENT_CLASSES = {
     "transformer": {"sd3": ["diffusers", "SD3Transformer2DModel"], "dit": ["diffusers", "DiTTransformer2DModel"],
                     "pixart": ["diffusers", "PixArtTransformer2DModel"]},
@@ -79,7 +80,7 @@ def model_index(parts: Parts, written: list[str], tokenizers: list[str], out: Pa
             if name.startswith("tokenizer") and name not in tokenizers:  # not found this time
                 index[name] = [None, None]
         return index
-    index = {"_class_name": PIPELINE_CLASS[parts.variant if family == "pixart" else family],
+    index = {"_class_name": PIPELINE_CLASS[parts.release if family == "pixart" else family],
              "_diffusers_version": DIFFUSERS_VERSION}
     if family == "sd3":
         index.update({"feature_extractor": [None, None], "image_encoder": [None, None]})

@@ -5,7 +5,8 @@ A safetensors file keeps it in its header's `__metadata__` (strings); a `.pt` / 
 wrapping of DiT's own train.py checkpoints, which its sample.py unwraps) and
 `{"state_dict": weights, "dite": ...}` for PixArt. Keys:
 
-- `family`, `component`, `kind`, `variant`, `dite_version`, `format: pt`;
+- `family`, `component`, `kind`, `variant` (SD3's release or PixArt's version), `dite_version`,
+  `format: pt`;
 - `config`: the dite config (JSON) of the component, or {name: config} for several;
 - `configs`: {name: {"kind", "config"}} of every component written by the conversion,
   including text encoders written to files of their own beside it;
@@ -13,7 +14,7 @@ wrapping of DiT's own train.py checkpoints, which its sample.py unwraps) and
   the same folder (e.g. demo-dit's cosine DDIM, not the original DiT's linear DDPM);
 - `source`: the source's file or folder name, or its hub id (never a local absolute path).
 
-What shapes cannot tell (heads, PixArt's variant, the encoders' and VAE's configs) comes
+What shapes cannot tell (heads, PixArt's version, the encoders' and VAE's configs) comes
 from the recorded configs; a `model_config` that says otherwise is refused, naming the
 field and both values. Recorded metadata that is malformed or does not fit the tensors is
 refused too: the file was changed after dite wrote it.
@@ -35,6 +36,8 @@ CONFIG_CLASSES = {"dit": ("dite.models.dit", "DiTConfig"), "mmdit": ("dite.model
                   "pixart": ("dite.models.pixart", "PixArtConfig"), "vae": ("dite.models.vae", "VAEConfig"),
                   "clip": ("dite.models.clip", "CLIPTextConfig"), "t5": ("dite.models.t5", "T5Config")}
 FAMILIES = ("dit", "sd3", "pixart", "vae", "clip", "t5")
+# Config fields renamed since dite first recorded them: files written before still read.
+RENAMED_FIELDS = {"pixart": {"variant": "pixart_version"}}
 # Config fields a loader always reads from the file itself, whatever a hint says.
 FROM_THE_FILE = {"clip": {"projection_dim"}}
 
@@ -101,6 +104,7 @@ def config_from_dict(kind: str, data: Any, what: str):
     cls = config_class(kind)
     if not isinstance(data, dict):
         raise ValueError(f"{what} is a {type(data).__name__}, not an object")
+    data = {RENAMED_FIELDS.get(kind, {}).get(name, name): value for name, value in data.items()}
     default = cls()
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(data) - set(known))
@@ -167,7 +171,7 @@ class Recorded:
             if name == "transformer":
                 hints["num_heads"] = config.num_heads
                 if self.kinds[name] == "pixart":
-                    hints["variant"], hints["sample_size"] = config.variant, config.sample_size
+                    hints["variant"], hints["sample_size"] = config.pixart_version, config.sample_size
             elif self.family == "sd3":
                 hints[name] = config
             elif self.family == "vae" and name == "vae":
@@ -385,10 +389,11 @@ def recorded_id2label(path: str | os.PathLike) -> dict | None:
     return labels if isinstance(labels, dict) else None
 
 
-def file_metadata(*, family: str, variant: str | None, components: list, written: list, source: str,
+def file_metadata(*, family: str, release: str | None, components: list, written: list, source: str,
                   scheduler: dict | None, model_index: dict | None) -> dict[str, str]:
     """The metadata of one written file: `components` are in it, `written` is every
-    component the conversion wrote (the file records all their configs)."""
+    component the conversion wrote (the file records all their configs). `release` (SD3's
+    release, PixArt's version) goes under the key "variant", as files have always had it."""
     from dite.engine.version import dite_version
 
     first = components[0]
@@ -397,7 +402,7 @@ def file_metadata(*, family: str, variant: str | None, components: list, written
     else:
         config = {c.name: config_dict(c.config) for c in components}
     meta = {"format": "pt", "family": family, "component": ",".join(c.name for c in components),
-            "kind": first.kind, "variant": variant or "", "config": json.dumps(config, default=list),
+            "kind": first.kind, "variant": release or "", "config": json.dumps(config, default=list),
             "configs": json.dumps({c.name: {"kind": c.kind, "config": config_dict(c.config)} for c in written},
                                   default=list),
             "source": source, "dite_version": dite_version()}

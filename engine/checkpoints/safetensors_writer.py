@@ -16,12 +16,9 @@ from pathlib import Path
 
 import torch
 
+from dite.engine.dtypes import safetensors_names
 from dite.engine.errors import CheckpointError, InputError
 
-DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-               torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
-TORCH_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 
 
 @dataclass(frozen=True)
@@ -64,7 +61,7 @@ class SafetensorsWriter:
             header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
         offset = 0
         for item in planned:
-            header[item.key] = {"dtype": DTYPE_NAMES[item.dtype], "shape": list(item.shape),
+            header[item.key] = {"dtype": safetensors_names()[item.dtype], "shape": list(item.shape),
                                 "data_offsets": [offset, offset + item.nbytes]}
             offset += item.nbytes
         text = json.dumps(header, separators=(",", ":")).encode()

@@ -18,9 +18,10 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from dite.engine.dtypes import safetensors_dtypes
 from dite.engine.errors import CheckpointError
-from dite.engine.checkpoints.safetensors_writer import TORCH_DTYPES, PlannedTensor
-from dite.engine.loading.weights import WeightReader
+from dite.engine.checkpoints.safetensors_writer import PlannedTensor
+from dite.engine.loading.weights import WeightReader, key_differences
 from dite.models.checkpoint import KeyMap, export_state_dict
 
 FP16_MAX = torch.finfo(torch.float16).max
@@ -107,9 +108,7 @@ def key_report(component: Component, keys: list[str] | None = None) -> KeyReport
     state = {n: t for n, t in component.expected().items() if n not in component.synthesized}
     expected = expected_key_shapes(component.keymap, state)
     available = set(component.reader.keys())
-    scope = set(keys) if keys is not None else available
-    missing = sorted(k for k in expected if k not in available)
-    unexpected = sorted(scope - set(expected) - component.ignore)
+    missing, unexpected = key_differences(expected, available, component.ignore, scope=keys)
     misshaped = [{"key": k, "shape": list(component.reader.shape(k)), "expected": list(shape)}
                  for k, shape in expected.items() if k in available and tuple(component.reader.shape(k)) != shape]
     return KeyReport(missing, unexpected, misshaped)
@@ -162,9 +161,9 @@ def groups(source: KeyMap, target: KeyMap, names: list[str]) -> list[list[str]]:
 
 def _source_dtype(reader: WeightReader, key: str) -> torch.dtype:
     name = reader.dtype(key)
-    if name not in TORCH_DTYPES:
+    if name not in safetensors_dtypes():
         raise CheckpointError(f"{key} in {reader.where(key)} has dtype {name}, which dite cannot convert")
-    return TORCH_DTYPES[name]
+    return safetensors_dtypes()[name]
 
 
 def output_dtype(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
@@ -186,10 +185,12 @@ def _cast(key: str, tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Te
 
 
 def iter_tensors(component: Component, target: Target, *, dtype: torch.dtype | None = None,
-                 meta: bool = False, keep: Callable[[str], bool] = lambda key: False) -> Iterator[tuple[str, torch.Tensor]]:
+                 meta: bool = False, keep: Callable[[str], bool] = lambda key: False,
+                 mmap: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
     """(target key, tensor) pairs of `component` written in `target`'s layout, in a fixed
     order. meta=True yields meta tensors of the right shapes and dtypes without reading.
-    `keep(key)` tensors keep their dtype (fp32-only tensors under a half-precision dtype)."""
+    `keep(key)` tensors keep their dtype (fp32-only tensors under a half-precision dtype).
+    `mmap`: how the reader reads each tensor (WeightReader.get)."""
     expected = component.expected()
     names = [n for n in expected if n not in target.drop]
     unmapped = [n for n in names if n not in target.keymap]
@@ -211,7 +212,7 @@ def iter_tensors(component: Component, target: Target, *, dtype: torch.dtype | N
                 continue
             for key in source.keys:
                 if key not in cache:
-                    cache[key] = reader.get(key)
+                    cache[key] = reader.get(key, mmap=mmap)
             tensor = source.build([cache[k] for k in source.keys])
             if tuple(tensor.shape) != tuple(expected[name].shape):
                 raise CheckpointError(f"{' + '.join(source.keys)} in {reader.where(source.keys[0])} gives shape "

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from dite.engine.dtypes import precisions
 from dite.engine.errors import CheckpointError, ConfigError, InputError
 from dite.engine.families import BY_NAME, FAMILIES, by_pipeline_class, supported_pipelines
 from dite.engine.loading.config_files import read_model_index
@@ -24,22 +25,16 @@ from dite.schedulers.base import Scheduler
 
 from dite.engine.loading.hub import DEMO_MODELS, demo_folder  # noqa: F401  (here for load's callers)
 
-DTYPES = {
-    "fp32": torch.float32, "float32": torch.float32,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-}
-
-
 def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    names = precisions(long_names=True)
     if isinstance(dtype, torch.dtype):
-        if dtype not in DTYPES.values():
+        if dtype not in names.values():
             raise InputError(f"dtype {dtype} is not supported; use float32, float16 or bfloat16")
         return dtype
     try:
-        return DTYPES[str(dtype).lower().removeprefix("torch.")]
+        return names[str(dtype).lower().removeprefix("torch.")]
     except KeyError:
-        raise InputError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}") from None
+        raise InputError(f"unknown dtype {dtype!r}; use one of {sorted(names)}") from None
 
 
 def parse_device(device: torch.device | str) -> torch.device:

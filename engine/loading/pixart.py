@@ -5,7 +5,7 @@ An original file holds the transformer and its learned null caption only. T5, it
 and the VAE come from `text_encoder=` / `tokenizer=` / `vae=` (paths or hub ids), else from
 folders beside the file: a diffusers-style `text_encoder/`, `tokenizer/`, `vae/` (as in
 PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers), or the α repo's `t5-v1_1-xxl/` and
-`sd-vae-ft-ema/`. The VAE's latent scale follows the variant (α 0.18215, Σ 0.13025): the SD
+`sd-vae-ft-ema/`. The VAE's latent scale follows the PixArt version (α 0.18215, Σ 0.13025): the SD
 and SDXL VAEs have the same shapes, and the transformer was trained on its family's scale.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from dite.engine.errors import CheckpointError, ConfigError
 from dite.engine.checkpoints.recorded import recorded_config, recorded_scheduler, with_recorded
-from dite.engine.families import PIXART_SCHEDULER
+from dite.engine.families import PIXART_SCHEDULER, PIXART_VERSION_OF_PIPELINE
 from dite.engine.loading.pixart_files import beside as _beside, beside_hint as _beside_hint
 from dite.engine.loading.config_files import naming
 from dite.engine.loading.hub import resolve_source
@@ -31,11 +31,10 @@ from dite.models.config_fields import check_fields
 from dite.models.tokenizers import T5Tokenizer
 from dite.schedulers import from_diffusers_config, load_scheduler
 
-VARIANT_OF_PIPELINE = {"PixArtAlphaPipeline": "alpha", "PixArtSigmaPipeline": "sigma"}
 TRANSFORMER_CLASSES = ("PixArtTransformer2DModel", "Transformer2DModel")
 # The sampler of the original inference scripts and of every diffusers PixArt release.
 # Folders beside an original file, best first, for each part.
-FILE_HINTS = ("num_heads", "variant", "sample_size")
+FILE_HINTS = ("num_heads", "variant", "sample_size")  # model_config keys; "variant": the PixArt version
 
 
 def detect_file(keys) -> bool:
@@ -70,11 +69,11 @@ def load_folder(path: Path, model_index: dict, *, device, dtype, vae, variant, m
     _check_components(components)
     if model_config:
         raise ConfigError("model_config is for original .pth files; a diffusers folder's config.json says it all")
-    family_variant = VARIANT_OF_PIPELINE[model_index["_class_name"]]
+    pixart_version = PIXART_VERSION_OF_PIPELINE[model_index["_class_name"]]
     config, reader = open_component(path / "transformer", TRANSFORMER_CLASSES, pixart.detect_layout,
                                     "PixArt transformer", variant)
     with naming(config):
-        cfg = pixart.PixArtConfig.from_diffusers(config, family_variant)
+        cfg = pixart.PixArtConfig.from_diffusers(config, pixart_version)
     places = {"text_encoder": _given(components.get("text_encoder")) or path / "text_encoder",
               "tokenizer": _given(components.get("tokenizer")) or _given(tokenizers) or path / "tokenizer"}
     transformer = build_transformer(cfg, reader, "diffusers", device=device, dtype=dtype)
@@ -97,30 +96,30 @@ def load_file(path: Path, reader: WeightReader, *, device, dtype, vae, variant, 
     check_fields(model_config, "model_config", {"num_heads": "size", "variant": "str", "sample_size": "size"})
     model_config = with_recorded(path, model_config)  # what dite recorded in a file it converted
     shapes = reader.shapes()
-    cfg = pixart.detect_config(shapes, num_heads=model_config.get("num_heads"), variant=model_config.get("variant"),
-                               sample_size=model_config.get("sample_size"))
+    cfg = pixart.detect_config(shapes, num_heads=model_config.get("num_heads"),
+                               pixart_version=model_config.get("variant"), sample_size=model_config.get("sample_size"))
     cfg = recorded_config(path, "transformer", cfg)
     places = {"text_encoder": _given(components.get("text_encoder")) or _beside(path, "text_encoder"),
               "tokenizer": _given(components.get("tokenizer")) or _given(tokenizers) or _beside(path, "tokenizer")}
-    vae_place = vae if vae is not None else _beside(path, "vae", cfg.variant)
+    vae_place = vae if vae is not None else _beside(path, "vae", cfg.pixart_version)
     missing = [name for name, place in {**places, "vae": vae_place}.items() if place is None]
     if missing:
         raise CheckpointError(
             f"{path} is an original PixArt checkpoint, which holds the transformer only; no "
             f"{' and no '.join(missing)} found beside it. Pass them (text_encoder=, tokenizer=, vae=; CLI --vae, "
-            f"--tokenizers) or put the folders next to the file: {_beside_hint(cfg.variant)}")
+            f"--tokenizers) or put the folders next to the file: {_beside_hint(cfg.pixart_version)}")
 
     transformer = build_transformer(cfg, reader, "original", device=device, dtype=dtype)
     null_caption = reader.get(pixart.NULL_CAPTION_KEY).float() if pixart.NULL_CAPTION_KEY in shapes else None
     text = _text(places, device=device, dtype=dtype, variant=variant)
     _check_width(cfg, text, path)
     vae_module = resolve_vae(vae_place, None, dtype=dtype, device=device, variant=variant)
-    scale = pixart.VAE_SCALE[cfg.variant]
+    scale = pixart.VAE_SCALE[cfg.pixart_version]
     if vae_module.config.scaling_factor != scale:
         if isinstance(vae_place, (str, Path)) and (Path(str(vae_place)) / "config.json").is_file():
             warnings.warn(f"the VAE's config says scaling_factor {vae_module.config.scaling_factor}, but PixArt-"
-                          f"{'α' if cfg.variant == 'alpha' else 'Σ'} latents use {scale}, which is used; is this "
-                          f"the {'sd-vae-ft-ema' if cfg.variant == 'alpha' else 'SDXL'} VAE?", stacklevel=3)
+                          f"{'α' if cfg.pixart_version == 'alpha' else 'Σ'} latents use {scale}, which is used; is this "
+                          f"the {'sd-vae-ft-ema' if cfg.pixart_version == 'alpha' else 'SDXL'} VAE?", stacklevel=3)
         vae_module.config = replace(vae_module.config, scaling_factor=scale)
     return PixArtPipeline(transformer, vae_module, from_diffusers_config(recorded_scheduler(path) or PIXART_SCHEDULER),
                           text, null_caption=null_caption)

@@ -9,8 +9,8 @@ BESIDE = {"text_encoder": ("text_encoder", "t5-v1_1-xxl"), "tokenizer": ("tokeni
           "vae": {"alpha": ("vae", "sd-vae-ft-ema"), "sigma": ("vae", "sdxl-vae", "sdxl-vae-fp16-fix")}}
 
 
-def beside(path: Path, part: str, variant: str | None = None) -> Path | None:
-    names = BESIDE[part][variant] if part == "vae" else BESIDE[part]
+def beside(path: Path, part: str, pixart_version: str | None = None) -> Path | None:
+    names = BESIDE[part][pixart_version] if part == "vae" else BESIDE[part]
     for name in names:
         folder = path.parent / name
         if part == "tokenizer" and ((folder / "spiece.model").is_file() or (folder / "tokenizer.json").is_file()):
@@ -20,7 +20,7 @@ def beside(path: Path, part: str, variant: str | None = None) -> Path | None:
     return None
 
 
-def beside_hint(variant: str) -> str:
-    if variant == "alpha":
+def beside_hint(pixart_version: str) -> str:
+    if pixart_version == "alpha":
         return "text_encoder/ (or t5-v1_1-xxl/), tokenizer/ and vae/ (or sd-vae-ft-ema/), as in the PixArt-alpha repos"
     return "text_encoder/, tokenizer/ and vae/, as in PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers"

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-from contextvars import ContextVar
 from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
 from torch import nn
 
+from dite.engine.dtypes import safetensors_dtypes, safetensors_names
 from dite.engine.errors import CheckpointError, ConfigError, NonFiniteError
 from dite.models.checkpoint import KeyMap
 
@@ -33,7 +33,11 @@ class WeightReader:
     def shape(self, key: str) -> tuple[int, ...]:
         raise TypeError
 
-    def get(self, key: str) -> torch.Tensor:
+    def get(self, key: str, *, mmap: bool = True) -> torch.Tensor:
+        """The tensor `key`. mmap=False reads a safetensors tensor with plain positioned reads
+        instead of through the file's memory map, whose touched pages stay in the process's
+        resident set: conversion, which reads every tensor once, passes it so that a whole
+        file never counts against it (tools/bench_convert_memory.py measures both)."""
         raise TypeError
 
     def where(self, key: str) -> str:
@@ -47,18 +51,10 @@ class WeightReader:
         return {k: self.shape(k) for k in self.keys()}
 
 
-# Conversion reads every tensor exactly once: it sets this so that safetensors files are read
-# with plain positioned reads instead of through a memory map, whose touched pages stay in
-# the process's resident set and would count the whole file against it (tools/
-# bench_convert_memory.py measures both).
-READ_WITHOUT_MMAP: ContextVar[bool] = ContextVar("READ_WITHOUT_MMAP", default=False)
-
-
 class SafetensorsReader(WeightReader):
     def __init__(self, files: Iterable[str | os.PathLike], key_prefix: str = ""):
         from safetensors import safe_open
 
-        self._pread = READ_WITHOUT_MMAP.get()
         self._headers: dict[str, tuple[int, dict]] = {}  # file -> (header length, header), for pread
         self._handles = {}
         self._file_of: dict[str, str] = {}
@@ -100,9 +96,9 @@ class SafetensorsReader(WeightReader):
         handle, full = self._handle(key)
         return handle.get_slice(full).get_dtype()
 
-    def get(self, key: str) -> torch.Tensor:
+    def get(self, key: str, *, mmap: bool = True) -> torch.Tensor:
         handle, full = self._handle(key)
-        if self._pread:
+        if not mmap:
             file = self._file_of[full]
             if file not in self._headers:
                 self._headers[file] = _read_header(file)
@@ -124,11 +120,9 @@ def _read_header(file: str) -> tuple[int, dict]:
 
 def _pread_tensor(file: str, header_len: int, header: dict, key: str) -> torch.Tensor:
     """One tensor of a safetensors file read with positioned reads (no memory map)."""
-    from dite.engine.checkpoints.safetensors_writer import TORCH_DTYPES
-
     entry = header[key]
     begin, end = entry["data_offsets"]
-    dtype, shape = TORCH_DTYPES[entry["dtype"]], entry["shape"]
+    dtype, shape = safetensors_dtypes()[entry["dtype"]], entry["shape"]
     if end == begin:
         return torch.empty(shape, dtype=dtype)
     data = bytearray(end - begin)
@@ -165,18 +159,15 @@ class StateDictReader(WeightReader):
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._state[key].shape)
 
-    def get(self, key: str) -> torch.Tensor:
-        return self._state[key]
+    def get(self, key: str, *, mmap: bool = True) -> torch.Tensor:
+        return self._state[key]  # torch.load already chose how to read it
 
     def dtype(self, key: str) -> str:
-        return _SHORT_DTYPE.get(self._state[key].dtype, str(self._state[key].dtype))
+        return safetensors_names().get(self._state[key].dtype, str(self._state[key].dtype))
 
     def where(self, key: str) -> str:
         return self._origin
 
-
-_SHORT_DTYPE = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-                torch.int64: "I64", torch.int32: "I32", torch.float8_e4m3fn: "F8_E4M3", torch.uint8: "U8"}
 
 # Wrapper keys of training checkpoints, in the order we prefer them (EMA weights first).
 _WRAPPERS = ("ema", "state_dict", "model", "module")
@@ -299,6 +290,18 @@ def open_component(folder: Path, classes: Iterable[str], detect, what: str, vari
     return config, reader
 
 
+def key_differences(expected: Iterable[str], available: Iterable[str], ignore: Iterable[str] = (),
+                    scope: Iterable[str] | None = None) -> tuple[list[str], list[str]]:
+    """(missing, unexpected), each sorted: the `expected` checkpoint keys not `available`,
+    and the keys of `scope` (default: all `available`) neither expected nor in `ignore`.
+    Loading (load_weights) and conversion and `dite inspect` (tensor_stream.key_report)
+    judge a checkpoint by this one rule."""
+    expected, available = set(expected), set(available)
+    missing = sorted(expected - available)
+    unexpected = sorted(set(available if scope is None else scope) - expected - set(ignore))
+    return missing, unexpected
+
+
 def load_weights(
     module: nn.Module,
     keymap: KeyMap,
@@ -316,20 +319,17 @@ def load_weights(
     """
     expected = module.state_dict(keep_vars=True)
     available = set(reader.keys())
-    ignore = set(ignore)
 
     unmapped = sorted(set(expected) - set(keymap))
     if unmapped:
         raise CheckpointError(f"internal key map misses module tensors: {', '.join(unmapped[:5])}")
-    missing = sorted({k for name in expected for k in keymap[name].keys if k not in available})
+    missing, unexpected = key_differences((k for name in expected for k in keymap[name].keys), available, ignore)
     if missing:
         origin = reader.where(next(iter(available))) if available else "the checkpoint"
         raise CheckpointError(
             f"{len(missing)} tensor(s) missing from {origin}, e.g. {', '.join(missing[:5])}; "
             "the file is incomplete or belongs to another model"
         )
-    used = {k for name in expected for k in keymap[name].keys}
-    unexpected = sorted(available - used - ignore)
     if unexpected:
         raise CheckpointError(
             f"{len(unexpected)} unexpected tensor(s) in {reader.where(unexpected[0])}, e.g. "

@@ -179,9 +179,3 @@ def latents(value: Any, expected: Sequence[int]) -> torch.Tensor | None:
     check_tensor(value, "latents", "give finite initial latents (e.g. torch.randn)")
     return value
 
-
-def mapping_or_none(name: str, value: Any) -> dict | None:
-    """For load()'s dict options (model_config, executor_options)."""
-    if value is not None and not isinstance(value, dict):
-        raise InputError(f"{name} must be a dict (or None), got {shown(value)}")
-    return value

@@ -88,7 +88,7 @@ class Pipeline:
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return self.vae.downscale
 
     def latent_size(self, height: int | None, width: int | None, default_latent: int) -> tuple[int, int]:
         """Check a pixel size against the patch x VAE factor (and the model's position table,

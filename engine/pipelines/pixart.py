@@ -36,14 +36,15 @@ class PixArtPipeline(Pipeline):
         self.null_caption = null_caption
 
     @property
-    def variant(self) -> str:
-        return self.transformer.config.variant
+    def pixart_version(self) -> str:
+        """"alpha" (PixArt-α) or "sigma" (PixArt-Σ)."""
+        return self.transformer.config.pixart_version
 
     def describe(self) -> dict[str, Any]:
         info = super().describe()
         cfg = self.transformer.config
-        bins = bins_for(cfg.sample_size, cfg.variant)
-        info.update(variant=cfg.variant, resolution=cfg.sample_size * self.vae_scale_factor,
+        bins = bins_for(cfg.sample_size, cfg.pixart_version)
+        info.update(variant=cfg.pixart_version, resolution=cfg.sample_size * self.vae_scale_factor,
                     max_sequence_length=cfg.max_sequence_length, micro_conditions=cfg.micro_conditions,
                     resolution_bins=len(bins) if bins else None, null_caption=self.null_caption is not None,
                     text_encoder_parameters=sum(p.numel() for p in self.text.t5.parameters()))
@@ -55,7 +56,7 @@ class PixArtPipeline(Pipeline):
         default = cfg.sample_size * self.vae_scale_factor
         height = default if height is None else height
         width = default if width is None else width
-        bins = bins_for(cfg.sample_size, cfg.variant) if use_resolution_binning else None
+        bins = bins_for(cfg.sample_size, cfg.pixart_version) if use_resolution_binning else None
         if bins is None:
             return height, width, None
         height = arguments.integer("height", height, minimum=1)
@@ -144,7 +145,7 @@ class PixArtPipeline(Pipeline):
         return self.finish(
             x, call.output_type, timings,
             {"steps": call.steps, "guidance": call.guidance, "max_sequence_length": max_sequence_length,
-             "variant": cfg.variant, "generated_size": f"{gen_w}x{gen_h}"},
+             "variant": cfg.pixart_version, "generated_size": f"{gen_w}x{gen_h}"},
             [{"prompt": p, "negative_prompt": neg_per_image[k] if neg_per_image else None}
              for k, p in enumerate(per_image)],
             latents is not None, call.seed, (h, w), self.stats(call.methods, call.plans, state, x0_shape, cond),

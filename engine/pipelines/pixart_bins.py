@@ -44,9 +44,9 @@ def _scaled(table: dict, divisor: int) -> dict:
 BINS_BY_SAMPLE_SIZE = {32: _scaled(_BINS_1024, 4), 64: _scaled(_BINS_1024, 2), 128: _BINS_1024}
 
 
-def bins_for(sample_size: int, variant: str) -> dict | None:
+def bins_for(sample_size: int, pixart_version: str) -> dict | None:
     """The bin table of a model trained at `sample_size` (latent side), or None if PixArt has none."""
-    if sample_size == 256 and variant == "sigma":
+    if sample_size == 256 and pixart_version == "sigma":
         return _BINS_2048
     return BINS_BY_SAMPLE_SIZE.get(sample_size)
 

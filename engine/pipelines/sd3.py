@@ -15,7 +15,7 @@ from dite.engine.runtime.sampling import GenerationState, denoise
 from dite.engine.pipelines.sd3_prompts import T5_MAX_LENGTH, SD3TextEncoders
 from dite.models.denoiser import Conditioning
 from dite.models.mmdit import MMDiT
-from dite.models.sd3_variants import sd3_variant
+from dite.models.sd3_releases import sd3_release
 
 
 class SD3Pipeline(Pipeline):
@@ -29,7 +29,7 @@ class SD3Pipeline(Pipeline):
 
     def describe(self) -> dict[str, Any]:
         info = super().describe()
-        info["variant"] = sd3_variant(self.transformer.config)
+        info["variant"] = sd3_release(self.transformer.config)  # key kept: README documents it
         encoders = {"clip_l": self.text.clip_l, "clip_g": self.text.clip_g, "t5": self.text.t5}
         info["text_encoders"] = {name: sum(p.numel() for p in model.parameters()) if model is not None else None
                                  for name, model in encoders.items()}

@@ -14,11 +14,11 @@ from typing import Any, Sequence
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from dite.engine.runtime.attention_cache import AttentionCache
-from dite.engine.runtime.delta_store import DeltaStore
+from dite.engine.runtime.sampling import GenerationState
 from dite.engine.runtime.step import run_step
 from dite.models.denoiser import Conditioning, Denoiser
 from dite.models.plan import PLAIN_STEP, RangeOp, StepPlan
+from dite.schedulers.base import SchedulerState
 
 
 def meta_copy(transformer: Denoiser) -> Denoiser:
@@ -28,8 +28,8 @@ def meta_copy(transformer: Denoiser) -> Denoiser:
 
 
 def _to_meta(cond: Conditioning) -> Conditioning:
-    return dataclasses.replace(cond, **{f.name: getattr(cond, f.name).to("meta") for f in dataclasses.fields(cond)
-                                       if isinstance(getattr(cond, f.name), torch.Tensor)})
+    return dataclasses.replace(cond, **{name: getattr(cond, name).to("meta") for name in cond.FIELDS
+                                       if isinstance(getattr(cond, name), torch.Tensor)})
 
 
 # Attention's own products (q.k and p.v): SDPA, which decomposes to bmm on the meta device
@@ -69,14 +69,15 @@ def step_flops(meta: Denoiser, plans: Sequence[StepPlan], x_shape: tuple[int, ..
     batch halves where a plan turns cond-only, exactly as the sampling loop does."""
     cond = _to_meta(cond)
     dtype = next(meta.parameters()).dtype
-    cache, attn_cache, gated, per_signature, out = DeltaStore(), AttentionCache(), False, {}, []
+    # The per-call caches of a real call (the scheduler's state is a stand-in: only shapes run).
+    state = GenerationState(scheduler=SchedulerState(torch.zeros(len(plans))))
+    gated, per_signature, out = False, {}, []
     for plan in plans:
         plan = static_plan(plan, adaptive_action)
         step_cond = cond
         if plan.cfg_mode == "cond_only" and cond.guided:
             if not gated:
-                cache.select_rows(cond.cond_rows(2 * x_shape[0]))
-                attn_cache.select_rows(cond.cond_rows(2 * x_shape[0]))
+                state.keep_rows(cond.cond_rows(2 * x_shape[0]))
                 gated = True
             step_cond = cond.conditional_only()
         rows = x_shape[0] * (2 if step_cond.guided else 1)
@@ -92,9 +93,9 @@ def step_flops(meta: Denoiser, plans: Sequence[StepPlan], x_shape: tuple[int, ..
                 # but its shape): the record version of the plan leaves one.
                 run_step(meta, x, t, step_cond, static_plan(dataclasses.replace(
                     plan, ranges=tuple(RangeOp(r.start, r.stop, "record") for r in plan.ranges)), "record"),
-                    cache, attn_cache)
+                    state.deltas, state.attention)
             with counter:
-                run_step(meta, x, t, step_cond, plan, cache, attn_cache)
+                run_step(meta, x, t, step_cond, plan, state.deltas, state.attention)
             per_signature[signature] = _split(counter)
         out.append(per_signature[signature])
     return out
@@ -148,8 +149,8 @@ def _adaptive_fraction(plan: StepPlan, step: dict, depth: int) -> float:
 
 
 def _shapes(cond: Conditioning) -> tuple:
-    return tuple((f.name, tuple(v.shape)) for f in dataclasses.fields(cond)
-                 if isinstance(v := getattr(cond, f.name), torch.Tensor)) + (cond.cfg_layout,)
+    return tuple((name, tuple(v.shape)) for name in cond.FIELDS
+                 if isinstance(v := getattr(cond, name), torch.Tensor)) + (cond.cfg_layout,)
 
 
 def summary_line(stats: dict, timings: dict[str, float]) -> str:

@@ -20,6 +20,7 @@ import torch
 
 from dite.engine.errors import ConfigError
 from dite.engine.runtime.forecast import DeltaHistory
+from dite.models.attention import stateful
 from dite.models.denoiser import Hidden
 from dite.models.plan import RangeOp
 
@@ -153,7 +154,7 @@ def merge_rows(full: torch.Tensor, idx: torch.Tensor, computed: torch.Tensor, sk
 def run_adaptive(transformer, plan, op: RangeOp, hidden: Hidden, prepared: Hidden, rs: RangeState) -> Hidden:
     """Blocks [op.start, op.stop) for the samples that decide to run them, forecast deltas
     for the others."""
-    if any(_stateful(plan.block(i).attention) for i in range(op.start, op.stop)):
+    if any(stateful(plan.block(i).attention) for i in range(op.start, op.stop)):
         raise ConfigError("the adaptive cache gathers the rows that run, which DiTFastAttn's per-layer attention "
                           "cache cannot follow yet: use adaptive without fastattn")
     key, streams = op.key, transformer.streams
@@ -177,10 +178,6 @@ def run_adaptive(transformer, plan, op: RangeOp, hidden: Hidden, prepared: Hidde
                                  for s in streams})
     settle(rs, op, signal, run_rows)
     return out
-
-
-def _stateful(policy) -> bool:
-    return policy.kind != "full" or bool(policy.cfg_share) or policy.store_output or policy.store_residual
 
 
 def _rows(hidden: Hidden, idx: torch.Tensor) -> Hidden:

@@ -1,4 +1,8 @@
-"""Per-call block-range deltas (DiTCache, Δ-Cache): what a cached range adds to its input.
+"""Per-call block-range deltas: what a cached range adds to its input (ranges with order 0;
+forecasting ranges keep a DeltaHistory in runtime/adaptive.RangeState instead).
+
+`DeltaStore` is this run-time store; `DeltaCache` is the Δ-DiT acceleration method
+(accel/methods.py), whose plans, like DiTCache's, record into it and apply from it.
 
 One DeltaStore lives in each call's GenerationState, never in a module, so two generations
 never share one. Deltas are kept per batch row (each CFG branch has its own) and per

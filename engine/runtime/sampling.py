@@ -37,6 +37,15 @@ class GenerationState:
     steps_run: list[dict[str, Any]] = field(default_factory=list)
     executor: dict[str, Any] = field(default_factory=dict)  # what the executor did (graphs, hits)
 
+    def keep_rows(self, rows: slice) -> None:
+        """Keep only `rows` of every per-call cache that holds one entry per batch row: the
+        conditional rows, when a cond-only step (PromptGate) drops the unconditional branch
+        for good. The sampling loop and the FLOP count (runtime/accounting.py) both call
+        this, so a new per-row cache joins here once."""
+        self.deltas.select_rows(rows)
+        self.attention.select_rows(rows)
+        self.ranges.select_rows(rows)
+
 
 def batch_for_cfg(x: torch.Tensor, layout: str) -> torch.Tensor:
     """The model input of a guided step: the same rows once for each CFG branch."""
@@ -99,10 +108,7 @@ def denoise(
             if not gated:
                 # The unconditional rows leave the batch for good: every per-row cache
                 # keeps only the conditional rows, by the family's declared CFG layout.
-                rows = cond.cond_rows(2 * x.shape[0])
-                state.deltas.select_rows(rows)
-                state.attention.select_rows(rows)
-                state.ranges.select_rows(rows)
+                state.keep_rows(cond.cond_rows(2 * x.shape[0]))
                 gated = True
             step_cond = cond.conditional_only()
         elif gated:

@@ -22,9 +22,9 @@ from dite.models.plan import StepPlan
 
 
 def run_step(transformer: Denoiser, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, plan: StepPlan,
-             cache: DeltaStore, attn_cache: AttentionCache | None = None,
+             deltas: DeltaStore, attn_cache: AttentionCache | None = None,
              ranges: RangeState | None = None) -> torch.Tensor:
-    """`ranges` is the call's state of forecasting and adaptive ranges; a plan with neither
+    """`deltas` holds the call's recorded range deltas; `ranges` is the call's state of forecasting and adaptive ranges; a plan with neither
     runs without it."""
     hidden = transformer.prepare(x, t, cond)
     if attn_cache is not None:
@@ -39,7 +39,7 @@ def run_step(transformer: Denoiser, x: torch.Tensor, t: torch.Tensor, cond: Cond
         if action == "adaptive":
             hidden = run_adaptive(transformer, plan, op, hidden, prepared, ranges)
         elif action == "apply":
-            hidden = apply_forecast(ranges, op, hidden, streams) if op.order else cache.apply((start, stop), hidden, streams)
+            hidden = apply_forecast(ranges, op, hidden, streams) if op.order else deltas.apply((start, stop), hidden, streams)
         else:
             before = hidden
             hidden = transformer.run_blocks(hidden, plan, start, stop)
@@ -47,5 +47,5 @@ def run_step(transformer: Denoiser, x: torch.Tensor, t: torch.Tensor, cond: Cond
                 if op.order:
                     record(ranges, op, before, hidden, streams)
                 else:
-                    cache.record((start, stop), before, hidden, streams)
+                    deltas.record((start, stop), before, hidden, streams)
     return transformer.finalize(hidden)

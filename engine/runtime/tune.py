@@ -46,7 +46,7 @@ import torch
 
 from dite.accel.build import as_methods, build_plans, resolve
 from dite.accel.fastattn import read_plan
-from dite.accel.methods import PlanContext
+from dite.accel.methods import Adaptive, PlanContext
 from dite.accel.tuned import TUNED_FORMAT
 from dite.engine.errors import ConfigError, InputError
 from dite.engine.version import dite_version
@@ -62,7 +62,8 @@ PSNR_CAP = 100.0  # dB for identical images (PSNR is infinite there)
 METRICS = {"compute": "compute_fraction", "flops": "flops_ratio"}
 DITCACHE_ORDERS, DITCACHE_STRIDES = (0, 1, 2), (2, 3, 4)
 DELTACACHE_ORDERS, DELTACACHE_INTERVALS = (0, 1, 2), (2, 3, 4)
-ADAPTIVE_START = {"max_cached": 3, "order": 1, "front": 1, "back": 0}
+# The adaptive search starts from the method's own defaults (the best measured on the demos).
+ADAPTIVE_START = {key: getattr(Adaptive, key) for key in ("max_cached", "order", "front", "back")}
 ADAPTIVE_AXES = (("max_cached", (2, 3, 4, 6)), ("order", (1, 2)), ("front", (1, 2)), ("back", (0, 1)))
 FAMILIES = ("ditcache", "deltacache", "adaptive")
 
@@ -296,8 +297,6 @@ class Tuner:
     def adaptive_floor(self, p: dict) -> float:
         """The compute when every sample caches whenever it may (threshold -> infinity):
         after the warm-up, the middle blocks run once every max_cached + 1 steps."""
-        from dite.accel.methods import Adaptive
-
         warmup = Adaptive().resolved(self.ctx).warmup
         gate = None
         if "promptgate" in p.get("addon", ""):
@@ -363,9 +362,10 @@ class Tuner:
         found = []
         p = dict(ADAPTIVE_START, addon="")
         if self.adaptive_floor(p) > self.budget:  # start where the budget is reachable
-            p["max_cached"] = max(ADAPTIVE_AXES[0][1])
-        best = self.bisect(p, k, 0.08, 8)
-        threshold = best.params["threshold"] if best else 0.08
+            p["max_cached"] = max((v for axis, values in ADAPTIVE_AXES if axis == "max_cached" for v in values),
+                                  default=p["max_cached"])
+        best = self.bisect(p, k, Adaptive.threshold, 8)
+        threshold = best.params["threshold"] if best else Adaptive.threshold
         if best:
             found.append(best)
         for axis, values in ADAPTIVE_AXES:

@@ -19,7 +19,7 @@ RELEASES = {
 NOT_A_RELEASE = "custom"
 
 
-def sd3_variant(cfg: MMDiTConfig) -> str:
+def sd3_release(cfg: MMDiTConfig) -> str:
     """"sd3-medium", "sd3.5-large" (or large-turbo) or "sd3.5-medium"; "custom" for shapes
     no release has (fine-tunes keep their base model's shapes and name)."""
     if cfg.head_dim != 64 or cfg.num_heads != cfg.depth:
