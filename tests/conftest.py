@@ -14,3 +14,18 @@ def sd3(tmp_path_factory):
     from tiny_sd3 import tiny_sd3_pipeline
 
     return tiny_sd3_pipeline(tmp_path_factory.mktemp("sd3"))
+
+
+@pytest.fixture(scope="module")
+def dit():
+    """A randomised tiny DiT (4 blocks, 10 classes, 8x8 latents) with its computed buffers, for
+    the runtime tests (executors, attention kernels, Ascend); test files that need another DiT
+    define their own `dit`."""
+    import torch
+
+    from dite.models.dit import DiT, DiTConfig
+    from tiny_runtime import randomized
+
+    model = randomized(DiT(DiTConfig(hidden_size=16, depth=4, num_heads=2, num_classes=10, input_size=8)), seed=1)
+    model.init_computed_buffers(torch.device("cpu"))
+    return model

@@ -21,8 +21,7 @@ from dite.models.dit import DiT, DiTConfig
 from dite.models.layers import SelfAttention
 from dite.models.mmdit import JointBlock, MMDiT, MMDiTConfig
 from dite.models.plan import AttentionPolicy, BlockPlan, RangeOp, StepPlan
-from test_executors import generate, planned_graphs
-from tiny_runtime import dit_cond, plans_for, randomized, sd3_cond
+from tiny_runtime import dit_cond, generate, planned_graphs, plans_for, randomized, sd3_cond
 
 STORE_ALL = AttentionPolicy(store_residual=True, window=2, store_output=True)
 

@@ -14,8 +14,7 @@ from dite.models.attention import attention
 from dite.engine.errors import ConfigError
 from dite.engine.runtime.executors import make_executor
 from dite.models.plan import AttentionPolicy
-from tiny_runtime import dit_cond, plans_for
-from test_executors import dit, generate  # noqa: F401  (fixture)
+from tiny_runtime import dit_cond, generate, plans_for
 
 
 def qkv(b=2, h=3, n=5, m=7, d=8, seed=0):
@@ -85,7 +84,7 @@ def test_npu_kernel_without_torch_npu_is_clear():
         attention(q, k, v, policy=AttentionPolicy(backend="npu"))
 
 
-def test_executor_writes_the_kernel_into_every_block(dit, monkeypatch):  # noqa: F811
+def test_executor_writes_the_kernel_into_every_block(dit, monkeypatch):
     used = []
     math = attention_backends.KERNELS["math"]
     monkeypatch.setitem(attention_backends.KERNELS, "math", lambda *a: used.append(1) or math(*a))

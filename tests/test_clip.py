@@ -11,27 +11,9 @@ import transformers
 from dite.engine.errors import CheckpointError, ConfigError
 from dite.engine.loading.text_encoders import load_clip
 from dite.models.clip import CLIPTextConfig, detect_clip
+from tiny_encoders import CLIP_COMMON as COMMON, CLIP_TINY as TINY, clip_reference as reference, to_openclip
 
 TOL = 1e-5  # the contract; on CPU fp32 the outputs are bit-identical today
-
-# "legacy": eos_token_id 2, pooled at the argmax id; "eos": a real EOS id (97) that is not
-# the largest id, pooled at its first occurrence, with a square projection (as bigG's) so a
-# missed OpenCLIP transpose could not hide behind a shape error.
-TINY = {
-    "legacy": dict(hidden_act="quick_gelu", eos_token_id=2, projection_dim=24),
-    "eos": dict(hidden_act="gelu", eos_token_id=97, projection_dim=32),
-}
-COMMON = dict(vocab_size=99, hidden_size=32, intermediate_size=40, num_hidden_layers=3, num_attention_heads=4,
-              max_position_embeddings=12, bos_token_id=0, pad_token_id=1)
-
-
-def reference(kind: str, seed: int = 0):
-    torch.manual_seed(seed)
-    model = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**COMMON, **TINY[kind]))
-    with torch.no_grad():  # perturb every tensor, norms included, so a swapped name shows
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
 
 
 def token_ids(kind: str) -> torch.Tensor:
@@ -120,27 +102,6 @@ def test_sd3_single_file_prefix_and_position_ids(kind, ref, folder, tmp_path):
         load_clip(tmp_path / "sd3.safetensors", config=our_config(kind))
     model = load_clip(tmp_path / "sd3.safetensors", config=our_config(kind), prefix="text_encoders.clip_g.transformer.")
     assert_matches(model, ref, token_ids(kind))
-
-
-def to_openclip(state: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
-    """transformers names -> OpenCLIP names (docs/checkpoints.md §5.2), written independently
-    of dite's map."""
-    hf = {k.removeprefix("text_model."): v for k, v in state.items()}
-    out = {
-        "token_embedding.weight": hf["embeddings.token_embedding.weight"],
-        "positional_embedding": hf["embeddings.position_embedding.weight"],
-        "ln_final.weight": hf["final_layer_norm.weight"], "ln_final.bias": hf["final_layer_norm.bias"],
-        "text_projection": hf["text_projection.weight"].t().contiguous(),  # OpenCLIP computes x @ P
-        "logit_scale": torch.tensor(4.6),
-    }
-    for i in range(layers):
-        a, b = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
-        for p in ("weight", "bias"):
-            out[b + f"attn.in_proj_{p}"] = torch.cat([hf[a + f"self_attn.{x}_proj.{p}"] for x in "qkv"])
-            for theirs, ours in (("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"),
-                                 ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")):
-                out[b + f"{theirs}.{p}"] = hf[a + f"{ours}.{p}"]
-    return out
 
 
 def test_openclip_layout_matches_reference(kind, ref, folder, tmp_path):

@@ -1,7 +1,7 @@
 """Conversion of DiT, VAE, CLIP and T5 checkpoints (SD3 single files: test_convert_sd3.py).
 
 Sources are tiny random models saved by diffusers / transformers, or renamed to the
-original layouts by the tests' own converters (tests/tiny.py, test_vae.py, test_clip.py),
+original layouts by the tests' own converters (tests/tiny.py, tests/tiny_encoders.py),
 so dite's maps are checked against names it did not write. Round trips are bitwise,
 tensor by tensor; converted folders load in diffusers / transformers and compute what the
 source computes in dite.
@@ -22,10 +22,8 @@ from dite.engine.checkpoints.convert import ConversionNote
 from dite.engine.errors import CheckpointError, DiteError
 from dite.engine.checkpoints.tensor_stream import PrecisionWarning
 from dite.models.denoiser import Conditioning
-from test_clip import COMMON, reference as clip_reference, to_openclip
-from test_t5 import reference as t5_reference
-from test_vae import TINY as VAE_TINY, reference as vae_reference, to_ldm
-from tiny import dit_to_original, tiny_dit_pipeline
+from tiny import dit_to_original, tiny_dit_pipeline, vae_to_ldm as to_ldm
+from tiny_encoders import CLIP_COMMON as COMMON, VAE_TINY, clip_reference, t5_reference, to_openclip, vae_reference
 
 
 def assert_same(actual: dict, expected: dict):

@@ -11,7 +11,7 @@ from diffusers import DPMSolverMultistepScheduler as Reference
 
 from dite.engine.errors import ConfigError
 from dite.schedulers import DPMSolverMultistepScheduler, by_name, from_diffusers_config, load_scheduler
-from test_schedulers import FakeModel, assert_same_run, run_diffusers, run_dite, start_noise
+from tiny_schedulers import FakeModel, assert_same_run, run_diffusers, run_dite, start_noise
 
 # PixArt-Σ-1024's scheduler_config.json (docs/checkpoints.md §2.5).
 PIXART = dict(algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint", beta_schedule="linear",

@@ -11,11 +11,8 @@ from dite.accel import AttentionPolicy, BlockPlan, StepPlan
 from dite.engine.errors import ConfigError
 from dite.engine.runtime.executors import make_executor
 from dite.engine.runtime.executors.compiled import RecompileError
-from dite.engine.runtime.sampling import GenerationState, denoise
-from dite.models.dit import DiT, DiTConfig
 from dite.models.mmdit import MMDiT, MMDiTConfig
-from dite.schedulers import by_name
-from tiny_runtime import dit_cond, plans_for, randomized, sd3_cond
+from tiny_runtime import dit_cond, generate, planned_graphs, plans_for, randomized, sd3_cond
 
 
 @pytest.fixture(scope="module")
@@ -23,35 +20,6 @@ def mmdit():
     cfg = MMDiTConfig(depth=6, num_heads=2, head_dim=8, in_channels=4, out_channels=4, pos_embed_max_size=8,
                       context_dim=8, pooled_dim=6, sample_size=4)
     return randomized(MMDiT(cfg))
-
-
-@pytest.fixture(scope="module")
-def dit():
-    model = randomized(DiT(DiTConfig(hidden_size=16, depth=4, num_heads=2, num_classes=10, input_size=8)), seed=1)
-    model.init_computed_buffers(torch.device("cpu"))
-    return model
-
-
-def generate(model, cond, plans, steps, executor=None, hook=None, latent=(4, 6, 4), scheduler="flow_euler"):
-    sched = by_name(scheduler)
-    state = GenerationState(scheduler=sched.start(steps))
-    x = torch.randn(1, *latent, generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        out = denoise(model, sched, x, cond, state, guidance_scale=5.0, prediction_channels=4, plans=plans,
-                      progress=False, executor=executor, plan_hook=hook)
-    return out, state
-
-
-def planned_graphs(model, plans, guided=True):
-    """The graphs the plans need, counted here independently: per batch layout one prepare,
-    one finalize and one graph per distinct (segment, its blocks' plans)."""
-    total = 0
-    for gated in ([False, True] if guided and any(p.cfg_mode == "cond_only" for p in plans) else [False]):
-        layout = [p for p in plans if (p.cfg_mode == "cond_only") == gated]
-        segments = {(s, tuple(p.block(i) for i in range(s[0], s[1])) if s[2] != "apply" else ())
-                    for p in layout for s in p.segments(len(model.blocks))}
-        total += 2 + len(segments)
-    return total
 
 
 def test_eager_executor_is_the_default_path(mmdit):

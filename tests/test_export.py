@@ -13,10 +13,10 @@ from dite.models.checkpoint import KeyMap, export_state_dict, take
 from dite.models.clip import clip_keymap, detect_clip
 from dite.models.t5 import T5Config, t5_keymap
 from dite.models.vae import vae_keymap
-from test_clip import COMMON, TINY as CLIP_TINY, reference as clip_reference, to_openclip
-from test_t5 import reference as t5_reference, TINY as T5_TINY
-from test_vae import TINY as VAE_TINY, our_config as our_vae_config, reference as vae_reference, to_ldm
 from tiny import dit_to_original, sd3_to_original, tiny_diffusers_dit, tiny_diffusers_sd3_transformer
+from tiny import vae_to_ldm as to_ldm
+from tiny_encoders import CLIP_COMMON as COMMON, CLIP_TINY, T5_TINY, VAE_TINY, clip_reference, t5_reference
+from tiny_encoders import to_openclip, vae_config as our_vae_config, vae_reference
 
 
 def assert_round_trip(state: dict[str, torch.Tensor], keymap: KeyMap, ignore: set[str]):

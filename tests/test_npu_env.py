@@ -15,7 +15,6 @@ from dite.engine.runtime.executors import make_executor
 from dite.engine.loading.loader import parse_device
 from dite.engine.runtime.npu_env import BackendUnavailableError, npu_available
 from dite.engine.errors import ConfigError
-from test_executors import dit  # noqa: F401  (fixture)
 
 HINTS = ("set_env.sh", "TORCH_DEVICE_BACKEND_AUTOLOAD=0", "needs torch X.Y.Z exactly", torch.__version__)
 
@@ -71,7 +70,7 @@ def fake_torchair(calls):
     return types.SimpleNamespace(CompilerConfig=CompilerConfig, get_npu_backend=get_npu_backend)
 
 
-def test_npu_graph_executor_builds_the_torchair_config(monkeypatch, dit):  # noqa: F811
+def test_npu_graph_executor_builds_the_torchair_config(monkeypatch, dit):
     calls = []
     monkeypatch.setitem(sys.modules, "torch_npu", types.SimpleNamespace())
     monkeypatch.setitem(sys.modules, "torchair", fake_torchair(calls))

@@ -13,21 +13,11 @@ import transformers
 from dite.engine.errors import CheckpointError, ConfigError
 from dite.engine.loading.text_encoders import load_t5
 from dite.models.t5 import T5Config, detect_t5, relative_position_buckets
+from tiny_encoders import T5_TINY as TINY, t5_reference as reference
 
 TOL = 1e-5  # the contract; on CPU fp32 the outputs are bit-identical today
-# inner width heads * d_kv (3 * 8) differs from d_model, as a transposed map would show.
-TINY = dict(vocab_size=64, d_model=32, d_kv=8, d_ff=40, num_layers=3, num_heads=3, feed_forward_proj="gated-gelu")
 OURS = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=40, layers=3, heads=3)
 T = 24  # beyond 8 positions, so log-spaced buckets are used
-
-
-def reference(seed: int = 0):
-    torch.manual_seed(seed)
-    model = transformers.T5EncoderModel(transformers.T5Config(**TINY))
-    with torch.no_grad():  # perturb every tensor, norms included, so a swapped name shows
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model.eval()  # T5 has dropout
 
 
 @pytest.fixture(scope="module")

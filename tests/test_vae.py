@@ -15,32 +15,10 @@ from dite.engine.errors import CheckpointError, ConfigError  # noqa: E402
 from dite.engine.loading.vae import load_vae  # noqa: E402
 from dite.models.vae import VAEConfig, detect_vae, vae_keymap  # noqa: E402
 from tiny import vae_to_ldm as to_ldm  # noqa: E402
+from tiny_encoders import VAE_TINY as TINY, vae_config as our_config, vae_reference as reference  # noqa: E402
 
 TOL = 1e-4  # the contract; on CPU fp32 today the outputs are bit-identical to diffusers
 WEIGHTS = "diffusion_pytorch_model.safetensors"
-
-# 4-channel SD-like (with quant convs, 32 groups so detection from shapes alone works) and
-# 16-channel SD3-like (no quant convs, small groups, one resnet per level).
-TINY = {
-    "sd": dict(latent_channels=4, block_out_channels=(32, 32, 64, 64), layers_per_block=2, norm_num_groups=32),
-    "sd3": dict(
-        latent_channels=16, block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=4,
-        use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5305, shift_factor=0.0609,
-    ),
-}
-
-
-def reference(kind: str):
-    kw = dict(TINY[kind])
-    n = len(kw["block_out_channels"])
-    torch.manual_seed(0)
-    ref = diffusers.AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n, **kw
-    )
-    with torch.no_grad():  # perturb every tensor, norms included, so a swapped name shows
-        for p in ref.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return ref.eval()
 
 
 @pytest.fixture(scope="module", params=["sd", "sd3"])
@@ -53,10 +31,6 @@ def folder(kind, tmp_path_factory):
     path = tmp_path_factory.mktemp(f"vae_{kind}")
     reference(kind).save_pretrained(path, safe_serialization=True)
     return path
-
-
-def our_config(kind: str) -> VAEConfig:
-    return VAEConfig(**TINY[kind])
 
 
 def latents(kind, h=5, w=7, seed=1):

@@ -1,6 +1,7 @@
 """Builders shared by the runtime tests (acceleration, executors, attention kernels, adaptive
-caching): randomised tiny denoisers, their conditioning, plans from a spec, one sampling run,
-and a hook that counts the rows each block ran."""
+caching): randomised tiny denoisers, their conditioning, plans from a spec, one sampling run
+(and one under inference mode through a given executor), the graphs a set of plans needs, and
+a hook that counts the rows each block ran."""
 
 from __future__ import annotations
 
@@ -42,9 +43,31 @@ def sample(model, cond, plans, steps, scheduler="flow_euler", latent=(4, 6, 4), 
     return out, state
 
 
+def generate(model, cond, plans, steps, executor=None, hook=None, latent=(4, 6, 4), scheduler="flow_euler"):
+    sched = by_name(scheduler)
+    state = GenerationState(scheduler=sched.start(steps))
+    x = torch.randn(1, *latent, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        out = denoise(model, sched, x, cond, state, guidance_scale=5.0, prediction_channels=4, plans=plans,
+                      progress=False, executor=executor, plan_hook=hook)
+    return out, state
+
+
 def plans_for(spec, model, steps, guided=True):
     ctx = PlanContext(model.family, len(model.blocks), steps, guided)
     return build_plans(resolve(as_methods(spec), ctx), ctx)
+
+
+def planned_graphs(model, plans, guided=True):
+    """The graphs the plans need, counted here independently: per batch layout one prepare,
+    one finalize and one graph per distinct (segment, its blocks' plans)."""
+    total = 0
+    for gated in ([False, True] if guided and any(p.cfg_mode == "cond_only" for p in plans) else [False]):
+        layout = [p for p in plans if (p.cfg_mode == "cond_only") == gated]
+        segments = {(s, tuple(p.block(i) for i in range(s[0], s[1])) if s[2] != "apply" else ())
+                    for p in layout for s in p.segments(len(model.blocks))}
+        total += 2 + len(segments)
+    return total
 
 
 class RowCounter:
