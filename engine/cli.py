@@ -88,6 +88,8 @@ def _budget(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every sub-command's arguments. Long because it is one flat list of declarations, read
+    top to bottom like `dite --help`; splitting it would only scatter them."""
     parser = _Parser(prog="dite", description="Diffusion transformer inference engine")
     parser.add_argument("--version", action="version", version=f"dite {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -21,7 +21,7 @@ from dite.models.attention import attention
 from dite.engine.errors import CheckpointError, ConfigError
 from dite.models.config_fields import check_fields, check_instance
 from dite.models.checkpoint import KeyMap, Source, count_indexed, piece_of, take, transformed
-from dite.models.layers import merge_heads, split_heads
+from dite.models.layers import Embedding, merge_heads, split_heads
 
 ACTIVATIONS = ("quick_gelu", "gelu")
 # Heads and activation are not in tensor shapes; the released text towers by width
@@ -172,8 +172,8 @@ class CLIPTextModel(nn.Module):
     def __init__(self, config: CLIPTextConfig):
         super().__init__()
         self.config = c = config
-        self.token_embedding = nn.Embedding(c.vocab_size, c.width)
-        self.position_embedding = nn.Embedding(c.max_positions, c.width)
+        self.token_embedding = Embedding(c.vocab_size, c.width)
+        self.position_embedding = Embedding(c.max_positions, c.width)
         self.layers = nn.ModuleList(CLIPEncoderLayer(c) for _ in range(c.layers))
         self.final_layer_norm = nn.LayerNorm(c.width, eps=c.layer_norm_eps)
         self.text_projection = nn.Linear(c.width, c.projection_dim, bias=False) if c.projection_dim else None

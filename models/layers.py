@@ -114,13 +114,24 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(features.to(self.mlp[0].weight.dtype))
 
 
+class Embedding(nn.Embedding):
+    """nn.Embedding whose meta weight is left uninitialised. Key maps and loaders build models
+    under torch.device("meta"); there nn.Embedding's normal_ init runs through a decomposition
+    that imports torch._dynamo (seconds on a small CPU) for values that are never read. On a
+    real device it initialises as nn.Embedding does."""
+
+    def reset_parameters(self) -> None:
+        if self.weight.device.type != "meta":
+            super().reset_parameters()
+
+
 class LabelEmbedder(nn.Module):
     """Class labels -> [B, D]. The table has num_classes + 1 rows: the last is the null class."""
 
     def __init__(self, num_classes: int, dim: int):
         super().__init__()
         self.num_classes = num_classes
-        self.embedding_table = nn.Embedding(num_classes + 1, dim)
+        self.embedding_table = Embedding(num_classes + 1, dim)
 
     def forward(self, labels: torch.Tensor) -> torch.Tensor:
         return self.embedding_table(labels)

@@ -26,7 +26,7 @@ from dite.models.attention import attention
 from dite.engine.errors import CheckpointError, ConfigError
 from dite.models.config_fields import check_fields, check_instance
 from dite.models.checkpoint import KeyMap, count_indexed, identical_copies, take
-from dite.models.layers import RMSNorm, merge_heads, split_heads
+from dite.models.layers import Embedding, RMSNorm, merge_heads, split_heads
 
 
 # The config.json fields from_transformers reads, by kind (models/config_fields.py).
@@ -171,8 +171,8 @@ class T5Encoder(nn.Module):
     def __init__(self, config: T5Config):
         super().__init__()
         self.config = c = config
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.d_model)
-        self.relative_attention_bias = nn.Embedding(c.relative_buckets, c.heads)
+        self.embed_tokens = Embedding(c.vocab_size, c.d_model)
+        self.relative_attention_bias = Embedding(c.relative_buckets, c.heads)
         self.blocks = nn.ModuleList(T5Block(c) for _ in range(c.layers))
         self.final_norm = RMSNorm(c.d_model, eps=c.eps)
 

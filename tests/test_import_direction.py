@@ -43,3 +43,29 @@ def test_import_engine_is_light():
     heavy = sorted(m for m in loaded if m.startswith(("torch._dynamo", "dite.engine.runtime", "dite.engine.pipelines",
                                                       "dite.engine.loading", "dite.engine.checkpoints")))
     assert not heavy, f"import dite.engine loads {heavy}"
+
+
+def test_loader_and_cli_import_no_executor_or_dynamo():
+    """The executors load when a pipeline is built or a loop runs, not with dite."""
+    loaded = modules_after("import dite.engine.cli, dite.engine.loading.loader, dite.engine.runtime.sampling")
+    heavy = sorted(m for m in loaded if m.startswith("torch._dynamo") or "executors" in m)
+    assert not heavy, f"importing the loader loads {heavy}"
+
+
+def test_cli_help_imports_no_torch():
+    code = ("import runpy, sys\nsys.argv = ['dite', '--help']\n"
+            "try:\n    runpy.run_module('dite.engine.cli', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules, 'dite --help imported torch'")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_key_maps_import_no_dynamo():
+    """Key maps build each model on the meta device; an embedding's normal_ init there would
+    import torch._dynamo (seconds) for values nobody reads."""
+    loaded = modules_after("from dite.models.clip import CLIPTextConfig, clip_keymap\n"
+                           "from dite.models.t5 import T5Config, t5_keymap\n"
+                           "from dite.models import dit\n"
+                           "clip_keymap(CLIPTextConfig.clip_l(), 'transformers', [])\n"
+                           "t5_keymap(T5Config.t5_xxl(), [])\n"
+                           "dit.keymap(dit.DiTConfig(), 'diffusers')")
+    assert not [m for m in loaded if m.startswith("torch._dynamo")]

@@ -18,7 +18,6 @@ from dite.engine.errors import ConfigError, InputError
 from dite.engine.families import BY_NAME as FAMILY_BY_NAME
 from dite.engine.pipelines import arguments
 from dite.engine.pipelines.noise import image_generators
-from dite.engine.runtime.executors.eager import EagerExecutor
 from dite.engine.runtime.finite import check_tensor, dtype_hint
 from dite.models.denoiser import Denoiser
 from dite.models.plan import StepPlan
@@ -67,6 +66,9 @@ class Pipeline:
         self.defaults: dict = {}
         # How each denoising step runs (engine/runtime/executors): eager unless load(executor=...)
         # or an assignment says otherwise. It keeps compiled graphs, never per-call state.
+        # Imported here, not with the module: importing dite imports no executor.
+        from dite.engine.runtime.executors.eager import EagerExecutor
+
         self.executor = EagerExecutor()
         # The scheduler the model came with: its prediction type (epsilon, v_prediction,
         # sample) and noise table (ᾱ) are the training's; a replacement must share them.

@@ -123,9 +123,12 @@ def accel_stats(transformer: Denoiser, methods: list, plans: Sequence[StepPlan],
     if key not in memo:
         meta = meta_copy(transformer)
         adaptive = any(p.adaptive for p in plans)
-        memo[key] = {"run": step_flops(meta, plans, x_shape, cond),
+        run = step_flops(meta, plans, x_shape, cond)
+        plain_plans = [PLAIN_STEP] * len(plans)
+        memo[key] = {"run": run,
                      "skip": step_flops(meta, plans, x_shape, cond, "apply") if adaptive else None,
-                     "plain": step_flops(meta, [PLAIN_STEP] * len(plans), x_shape, cond)}
+                     # A plain call is its own baseline: counted once (counting costs seconds on 2 cores).
+                     "plain": run if list(plans) == plain_plans else step_flops(meta, plain_plans, x_shape, cond)}
     counted = memo[key]
     fractions = [_adaptive_fraction(p, s, depth) for p, s in zip(plans, steps_run)]
     totals = {}

@@ -7,7 +7,7 @@ modules and the scheduler are only read, so two threads can sample at once.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -16,12 +16,13 @@ from dite.engine.runtime.adaptive import RangeState
 from dite.engine.runtime.attention_cache import AttentionCache
 from dite.engine.runtime.delta_store import DeltaStore
 from dite.engine.errors import ConfigError
-from dite.engine.runtime.executors.base import Executor, StepExample
-from dite.engine.runtime.executors.eager import EagerExecutor
 from dite.engine.runtime.finite import StepWatch
 from dite.models.denoiser import Conditioning, Denoiser
 from dite.models.plan import PLAIN_STEP, StepPlan
 from dite.schedulers.base import Scheduler, SchedulerState
+
+if TYPE_CHECKING:  # the executors are imported when a loop runs, not when dite is imported
+    from dite.engine.runtime.executors.base import Executor, StepExample
 
 
 @dataclass
@@ -99,7 +100,11 @@ def denoise(
     all_plans = list(plans) if plans is not None else [PLAIN_STEP] * sched.num_steps
     times = sched.timesteps.tolist()  # forecast coordinates, read once (no sync per step)
     watch = StepWatch(sched.num_steps, x.device)  # NaN/inf flags: no host sync per step, one after the loop
-    run = (executor or EagerExecutor()).begin(transformer, all_plans, _examples(x, cond, all_plans, sched))
+    if executor is None:
+        from dite.engine.runtime.executors.eager import EagerExecutor
+
+        executor = EagerExecutor()
+    run = executor.begin(transformer, all_plans, _examples(x, cond, all_plans, sched))
     for i in tqdm(range(sched.num_steps), disable=not progress, desc="denoise", leave=False):
         state.step_index = i
         plan = plans[i] if plans is not None else PLAIN_STEP
@@ -141,6 +146,8 @@ def _examples(x: torch.Tensor, cond: Conditioning, plans: Sequence[StepPlan], sc
     """The batch layouts the plans will run, as StepExamples (shapes are what count: the
     latents stand in for the scaled model input). A callable, so eager runs never build it."""
     def build() -> list[StepExample]:
+        from dite.engine.runtime.executors.base import StepExample
+
         t = sched.timesteps[0].to(x.device)
         layouts = [(cond, False)]
         if cond.guided and any(p.cfg_mode == "cond_only" for p in plans):

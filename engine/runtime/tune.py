@@ -459,8 +459,9 @@ class Tuner:
         if k < n:
             ranked, seen = [], set()
             for m in sorted(results, key=lambda m: -m.psnr):
-                if m.cost(self.metric) <= self.budget + 1e-9 and m.resolved not in seen:
-                    seen.add(m.resolved)
+                same = (m.compute, m.flops, tuple(m.psnrs))  # settings that made the same images count once
+                if m.cost(self.metric) <= self.budget + 1e-9 and same not in seen:
+                    seen.add(same)
                     ranked.append(m)
             self.log(f"final: the best {min(self.top, len(ranked))} on all {n} calibration inputs")
             for m in ranked[:self.top]:

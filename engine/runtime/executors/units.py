@@ -20,7 +20,7 @@ from dite.models.attention import NO_STATE, AttentionState, reads
 from dite.models.denoiser import Conditioning, Denoiser, Hidden
 from dite.models.plan import AttentionPolicy, StepPlan
 
-COND_FIELDS = ("class_labels", "context", "context_mask", "pooled")
+COND_FIELDS = Conditioning.FIELDS
 
 
 def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
