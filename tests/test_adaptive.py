@@ -149,6 +149,7 @@ def test_each_sample_decides_alone_in_a_mixed_batch(mmdit):
     assert any(len(set(d)) > 1 for d in per_step), "no step mixed running and reusing samples: test is vacuous"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", ["ditcache(order=1)", "deltacache(order=2)+promptgate",
                                   "adaptive(front=1,back=1,threshold=0.9,warmup=2,max_cached=2)",
                                   "adaptive(front=1,threshold=0.9,warmup=2,max_cached=2)+promptgate"])

@@ -147,6 +147,7 @@ def kinds(plans):
     return {(p.kind, bool(p.cfg_share)) for plan in plans for p in (b.attention for b in plan.blocks)}
 
 
+@pytest.mark.slow
 def test_compiled_dit_fastattn_with_promptgate_equals_eager(tmp_path, monkeypatch):
     torch._dynamo.reset()
     model = randomized(DiT(DiTConfig(hidden_size=16, depth=4, num_heads=2, num_classes=10, input_size=8)), seed=1)
@@ -158,6 +159,7 @@ def test_compiled_dit_fastattn_with_promptgate_equals_eager(tmp_path, monkeypatc
     assert sum(s["rows"] for s in state.steps_run) == 4 * 2 + 2 * 1
 
 
+@pytest.mark.slow
 def test_compiled_sd3_fastattn_with_ditcache_and_promptgate_equals_eager(tmp_path, monkeypatch):
     """Joint attention (two output streams, a pre-only last block), uncond_first rows, a
     cached range that skips some layers' steps, and the gate halving the stored state."""

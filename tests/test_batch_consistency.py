@@ -20,7 +20,8 @@ def as_uint8(images) -> np.ndarray:
 
 
 @pytest.mark.parametrize("model, argument, values, steps", [
-    ("demo-sd3", "prompt", ["a red circle at the top left", "a small blue square", "a green triangle in the middle"], 4),
+    pytest.param("demo-sd3", "prompt", ["a red circle at the top left", "a small blue square",
+                                        "a green triangle in the middle"], 4, marks=pytest.mark.slow),
     ("demo-dit", "class_labels", [0, 7, 14], 4),
 ])
 def test_batched_images_match_single_calls_within_one_level(model, argument, values, steps):

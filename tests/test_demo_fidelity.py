@@ -28,6 +28,7 @@ from dite.engine import load  # noqa: E402
 FLOORS = json.loads((Path(__file__).parent / "data" / "demo_fidelity_floors.json").read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", sorted(FLOORS))
 def test_demo_accuracy_and_accel_psnr_floors(model, monkeypatch):
     monkeypatch.chdir(ROOT)  # plan files are recorded relative to the repository

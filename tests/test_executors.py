@@ -29,6 +29,7 @@ def test_eager_executor_is_the_default_path(mmdit):
     assert torch.equal(a, b) and state.executor["name"] == "eager"
 
 
+@pytest.mark.slow
 def test_compiled_sd3_every_step_kind_equals_eager(mmdit):
     """SD3 + DiTCache + PromptGate + ToDo: plain, record, apply steps on both batch sizes."""
     torch._dynamo.reset()
@@ -53,6 +54,7 @@ def test_compiled_sd3_every_step_kind_equals_eager(mmdit):
     assert torch.equal(again, out) and state2.executor["graphs_built"] == 0
 
 
+@pytest.mark.slow
 def test_compiled_dit_deltacache_equals_eager(dit):
     torch._dynamo.reset()
     plans = plans_for("deltacache", dit, 8)
@@ -81,6 +83,7 @@ def test_unplanned_shapes_and_broken_attention_chains_are_errors(dit):
         make_executor("jit")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not __import__("shutil").which("g++"), reason="inductor on CPU needs a C++ compiler")
 def test_inductor_on_cpu(dit):
     torch._dynamo.reset()

@@ -313,20 +313,20 @@ class Tuner:
         return total / (self.steps * plain_rows * self.depth)
 
     def bisect(self, p: dict, k: int, guess: float, evals: int) -> Measured | None:
-        """The threshold whose compute lands just under the budget on the first k inputs: the
-        best point within budget found in `evals` runs. Compute does not rise with the
-        threshold; steps are on a log scale: doubling or halving until the budget is
-        bracketed, then interpolating inside the bracket (regula falsi, kept off its ends)."""
+        """The smallest threshold whose compute is within the budget on the first k inputs,
+        by `evals` runs; returns the best point within budget. Compute does not rise with the
+        threshold but moves in steps (whole sample-steps of the middle blocks), and on one
+        step the smallest threshold runs the most sensitive decisions, so the search does not
+        stop at the first point just under the budget: it multiplies or divides the
+        threshold (by 1.2 to 4, by how far the compute is from the budget) until the budget
+        is bracketed, then halves the bracket on a log scale until it is 5 % wide."""
         if p["front"] + p["back"] >= self.depth:
             return None
         floor = self.adaptive_floor(p)
         if floor > self.budget + (0.0 if self.metric == "compute" else 0.02):
             self.log(f"  skip {self.adaptive_spec(p, 0)}: at least {floor:.3f} even caching whenever allowed")
             return None
-        # One sample x one step of the middle blocks, in compute: closer than ~1.5 of it is done.
-        tol = max(0.004, 1.5 * (self.depth - p["front"] - p["back"]) / self.depth / (self.steps * k))
-        target = self.budget - tol / 2
-        low = high = None  # (log threshold, cost) over budget / within budget
+        low = high = None  # thresholds known over budget / within budget
         best, t = None, guess
         for _ in range(evals):
             t = float(f"{t:.4g}")
@@ -335,27 +335,24 @@ class Tuner:
                 return best
             cost = m.cost(self.metric)
             if cost <= self.budget + 1e-9:
-                high = (math.log(t), cost)
+                high = t if high is None else min(high, t)
                 if best is None or m.psnr > best.psnr:
                     best = m
-                if self.budget - cost <= tol:
-                    break
             else:
-                low = (math.log(t), cost)
+                low = t if low is None else max(low, t)
+            gap = abs(cost - self.budget)  # compute is steep in the threshold: small steps when close
             if high is None:
                 if t >= 50:
                     break
-                t *= 2 if cost - self.budget < 0.1 else 4
+                t *= 1.2 if gap < 0.05 else 1.6 if gap < 0.15 else 4
             elif low is None:
                 if t <= 1e-4:
                     break
-                t /= 2 if self.budget - cost < 0.1 else 4
+                t /= 1.2 if gap < 0.05 else 1.6 if gap < 0.15 else 4
             else:
-                width = high[0] - low[0]
-                if width < math.log(1.03):
+                if high / low < 1.05:
                     break
-                x = low[0] + width * (low[1] - target) / max(low[1] - high[1], 1e-9)
-                t = math.exp(min(max(x, low[0] + 0.15 * width), high[0] - 0.15 * width))
+                t = math.sqrt(low * high)
         return best
 
     def search_adaptive(self, k: int) -> list[Measured]:
