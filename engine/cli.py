@@ -175,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     tun.add_argument("--prompts", default=None, metavar="FILE",
                      help="calibration prompts, one a line (default: a built-in list of simple generic prompts)")
     tun.add_argument("--class-label", action="append", default=None, metavar="ID",
-                     help="calibration class label, index or name (repeat; DiT); default: seeded, from the named classes")
+                     help="calibration class label, index or name (repeat; DiT); default: seeded, from the named "
+                          "classes")
     tun.add_argument("--negative-prompt", default=None)
     tun.add_argument("--calibration", type=_positive, default=4, help="calibration prompts / labels (default 4)")
     tun.add_argument("--screen", type=_positive, default=2,

@@ -190,7 +190,9 @@ class BlockCounter:
 
 def ssim(a: np.ndarray, b: np.ndarray, size: int = 11, sigma: float = 1.5) -> float:
     """SSIM of two images [H, W, 3] (or [N, H, W, 3]) in [0, 1]: Gaussian window, data range
-    from the reference `a` (the formula of dite's calibration ssim_loss, reimplemented here)."""
+    from the reference `a`, zero padding. An image-space score for the tables, kept as it was
+    when the peer numbers were first taken (dite's calibration ssim_loss is the reference's
+    latent-space metric, with data range 1 and a cropped border)."""
     ta, tb = (torch.from_numpy(np.asarray(x, dtype=np.float32)) for x in (a, b))
     if ta.ndim == 3:
         ta, tb = ta[None], tb[None]

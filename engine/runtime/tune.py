@@ -138,7 +138,8 @@ class Tuner:
             if class_labels:
                 raise ConfigError(f"this is a text-to-image model ({pipe.family}): tune it with prompts, "
                                   "not class labels")
-            texts = list(prompts) if prompts else [DEFAULT_PROMPTS[k % len(DEFAULT_PROMPTS)] for k in range(calibration)]
+            texts = list(prompts) if prompts else [DEFAULT_PROMPTS[k % len(DEFAULT_PROMPTS)]
+                                                   for k in range(calibration)]
             if not all(isinstance(t, str) and t.strip() for t in texts):
                 raise ConfigError("calibration prompts must be non-empty strings")
             self.inputs = texts
@@ -281,8 +282,9 @@ class Tuner:
     def fit_deltacache(self, order: int, addon: str = "") -> str | None:
         tail = f"+{addon}" if addon else ""
         for interval in DELTACACHE_INTERVALS:
-            spec = self.first_fitting(list(range(1, self.depth + 1)),
-                                      lambda c: f"deltacache(order={order},interval={interval},cached_blocks={c}){tail}")
+            spec = self.first_fitting(
+                list(range(1, self.depth + 1)),
+                lambda c: f"deltacache(order={order},interval={interval},cached_blocks={c}){tail}")
             if spec:
                 return spec
         return None
