@@ -21,14 +21,15 @@ Search (one line printed per measured candidate):
     PSNR also over blocks 1..depth instead of the default range), deltacache(order) at the
     smallest interval and cached_blocks that fit; then the best three again with
     +promptgate (guided calls; metric="flops" also +todo, +fastattn plans), re-fitted;
- 3. adaptive: a coordinate search from the default settings over max_cached, order, front,
-    back, then +promptgate; at each point the threshold is bisected on a log scale so that
-    the compute lands just under the budget (compute does not rise with the threshold).
+ 3. adaptive, on every calibration input: a coordinate search from the method's default
+    settings over max_cached, order, front, back (one axis at a time around the defaults,
+    then around the best), then +promptgate; at each point the threshold is bisected on a log scale for the
+    smallest one whose compute is within the budget (compute does not rise with it).
     Settings that cannot reach the budget even when caching whenever allowed are skipped
     without running;
- 4. the best `top` by screen PSNR measured on every calibration prompt (adaptive
-    thresholds re-fitted there): the best within budget wins. Fewer steps is always a
-    contender, so the winner is never worse than it on the calibration prompts.
+ 4. the best `top` static candidates by screen PSNR measured on every calibration input:
+    the best within budget of everything measured there wins. Fewer steps is always a
+    contender, so the winner is never worse than it on the calibration inputs.
 """
 
 from __future__ import annotations
@@ -358,34 +359,44 @@ class Tuner:
         return best
 
     def search_adaptive(self, k: int) -> list[Measured]:
-        found = []
+        """Coordinate search from the method's defaults: every other value of each axis, one
+        axis at a time, around a centre (each point's threshold bisected); a second pass
+        around the best if it moved; then the best with each add-on."""
+        found, tried = [], set()
+
+        def point(p: dict, guess: float, evals: int) -> Measured | None:
+            key = tuple(p[a] for a in ADAPTIVE_START) + (p.get("addon", ""),)
+            if key in tried:
+                return None
+            tried.add(key)
+            m = self.bisect(p, k, guess, evals)
+            if m:
+                found.append(m)
+            return m
+
         p = dict(ADAPTIVE_START, addon="")
         if self.adaptive_floor(p) > self.budget:  # start where the budget is reachable
             p["max_cached"] = max((v for axis, values in ADAPTIVE_AXES if axis == "max_cached" for v in values),
                                   default=p["max_cached"])
-        best = self.bisect(p, k, Adaptive.threshold, 8)
+        best = point(p, Adaptive.threshold, 8)
+        centre = dict(best.params) if best else p
         threshold = best.params["threshold"] if best else Adaptive.threshold
-        if best:
-            found.append(best)
-        for axis, values in ADAPTIVE_AXES:
-            centre = dict(best.params) if best else p
-            for value in values:
-                if value == centre[axis]:
-                    continue
-                trial = {**{key: centre[key] for key in ADAPTIVE_START}, "addon": "", axis: value}
-                m = self.bisect(trial, k, threshold, 6)
-                if m:
-                    found.append(m)
-                    if best is None or m.psnr > best.psnr:
-                        best, threshold = m, m.params["threshold"]
+        for _ in range(2):  # a star around the centre: one axis changed at a time
+            improved = False
+            for axis, values in ADAPTIVE_AXES:
+                for value in values:
+                    trial = {**{a: centre[a] for a in ADAPTIVE_START}, "addon": "", axis: value}
+                    m = point(trial, threshold, 6)
+                    if m and (best is None or m.psnr > best.psnr):
+                        best, improved = m, True
+            if not improved:
+                break
+            centre, threshold = dict(best.params), best.params["threshold"]
         if best:
             for addon in self.addons():
                 if "fastattn" in addon:  # the adaptive cache refuses DiTFastAttn's attention caches
                     continue
-                trial = {**{key: best.params[key] for key in ADAPTIVE_START}, "addon": addon}
-                m = self.bisect(trial, k, best.params["threshold"], 6)
-                if m:
-                    found.append(m)
+                point({**{a: best.params[a] for a in ADAPTIVE_START}, "addon": addon}, best.params["threshold"], 6)
         return found
 
     # --- the search ---------------------------------------------------------------
@@ -451,8 +462,9 @@ class Tuner:
         if few >= 1:
             fewer = self.measure("fewer-steps", "", few, n)
         results = self.screen_static(k)
-        if "adaptive" in self.methods:
-            results += self.search_adaptive(k)
+        # The adaptive threshold is fitted on every calibration input: its compute there is
+        # what the budget bounds.
+        adaptive = self.search_adaptive(n) if "adaptive" in self.methods else []
         # Final: the best `top` on every calibration input.
         finals = [fewer] if fewer else []
         if k < n:
@@ -462,16 +474,15 @@ class Tuner:
                 if m.cost(self.metric) <= self.budget + 1e-9 and same not in seen:
                     seen.add(same)
                     ranked.append(m)
-            self.log(f"final: the best {min(self.top, len(ranked))} on all {n} calibration inputs")
+            self.log(f"final: the best {min(self.top, len(ranked))} static candidates on all {n} calibration "
+                     "inputs")
             for m in ranked[:self.top]:
-                if m.kind == "adaptive":
-                    full = self.bisect(m.params, n, m.params["threshold"], 4)
-                else:
-                    full = self.measure(m.kind, m.spec, m.steps, n)
+                full = self.measure(m.kind, m.spec, m.steps, n)
                 if full:
                     finals.append(full)
         else:
             finals += results
+        finals += adaptive
         feasible = [m for m in finals if m.cost(self.metric) <= self.budget + 1e-9 and m.images == n]
         if not feasible:
             raise ConfigError(f"nothing fits a budget of {self.budget}: not even 1 step of {self.steps}")
@@ -482,8 +493,8 @@ class Tuner:
     def result(self, choice: Measured, fewer: Measured | None, seconds: float) -> dict:
         n = len(self.inputs)
         rows, seen = [], set()
-        for m in sorted(self.measured, key=lambda m: (m.images != n, -m.psnr)):
-            key = (m.resolved, m.steps)
+        for m in sorted(self.measured, key=lambda m: (m is not choice, m.images != n, -m.psnr)):
+            key = (m.images, m.compute, m.flops, tuple(m.psnrs))  # settings that made the same images: once
             if key in seen or m.cost(self.metric) > self.budget + 1e-9:
                 continue
             seen.add(key)
