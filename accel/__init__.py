@@ -16,6 +16,7 @@ from dite.accel.methods import (  # noqa: F401
     ToDo,
 )
 from dite.accel.registry import METHODS  # noqa: F401
+from dite.accel.schedule import StepSchedule  # noqa: F401
 from dite.accel.spec import parse_spec  # noqa: F401
 from dite.models.plan import (  # noqa: F401
     FULL_ATTENTION,
@@ -29,6 +30,6 @@ from dite.models.plan import (  # noqa: F401
 
 __all__ = [
     "AttentionPolicy", "BlockPlan", "RangeOp", "StepPlan", "FULL_ATTENTION", "PLAIN_BLOCK", "PLAIN_STEP",
-    "Method", "Adaptive", "DiTCache", "DeltaCache", "PromptGate", "ToDo", "FastAttn", "METHODS", "PlanContext",
+    "Method", "Adaptive", "DiTCache", "DeltaCache", "PromptGate", "ToDo", "FastAttn", "StepSchedule", "METHODS", "PlanContext",
     "as_methods", "build_plans", "resolve", "parse_spec",
 ]

@@ -85,7 +85,7 @@ def test_cli_accel_flag_and_listing(dit_folder, tmp_path, capsys):
     assert "accel ditcache(blocks=1:5,start_step=2,stride=2)" in err and "of plain" in err
     assert main(["accel", "--json"]) == 0
     listing = json.loads(capsys.readouterr().out)
-    assert {m["name"] for m in listing} == {"ditcache", "deltacache", "adaptive", "promptgate", "todo", "fastattn", "tuned"}
+    assert {m["name"] for m in listing} == {"ditcache", "deltacache", "adaptive", "schedule", "promptgate", "todo", "fastattn", "tuned"}
     assert listing[0]["defaults"]["sd3"] == "ditcache(blocks=1:21,start_step=10,stride=2)"
     assert main(["generate", "--model", str(dit_folder), "--class-label", "3", "--accel", "warp"]) == 2
     assert "unknown accel method 'warp'" in capsys.readouterr().err

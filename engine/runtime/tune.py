@@ -21,13 +21,16 @@ Search (one line printed per measured candidate):
     PSNR also over blocks 1..depth instead of the default range), deltacache(order) at the
     smallest interval and cached_blocks that fit; then the best three again with
     +promptgate (guided calls; metric="flops" also +todo, +fastattn plans), re-fitted;
- 3. adaptive, on every calibration input: a coordinate search from the method's default
+ 3. schedule(run=...), on the screen prompts: which steps run blocks 1..depth, by greedy
+    removal from "every step" until the budget is met (engine/runtime/tune_schedule.py),
+    for forecast orders 1 and 2;
+ 4. adaptive, on every calibration input: a coordinate search from the method's default
     settings over max_cached, order, front, back (one axis at a time around the defaults,
     then around the best), then +promptgate; at each point the threshold is bisected on a log scale for the
     smallest one whose compute is within the budget (compute does not rise with it).
     Settings that cannot reach the budget even when caching whenever allowed are skipped
     without running;
- 4. the best `top` static candidates by screen PSNR measured on every calibration input:
+ 5. the best `top` static candidates by screen PSNR measured on every calibration input:
     the best within budget of everything measured there wins. Fewer steps is always a
     contender, so the winner is never worse than it on the calibration inputs.
 """
@@ -50,6 +53,7 @@ from dite.accel.fastattn import read_plan
 from dite.accel.methods import Adaptive, PlanContext
 from dite.accel.tuned import TUNED_FORMAT
 from dite.engine.errors import ConfigError, InputError
+from dite.engine.runtime.tune_schedule import search_schedules
 from dite.engine.version import dite_version
 
 # Simple, generic prompts. For the demo SD3 they are training captions (none held out).
@@ -66,7 +70,7 @@ DELTACACHE_ORDERS, DELTACACHE_INTERVALS = (0, 1, 2), (2, 3, 4)
 # The adaptive search starts from the method's own defaults (the best measured on the demos).
 ADAPTIVE_START = {key: getattr(Adaptive, key) for key in ("max_cached", "order", "front", "back")}
 ADAPTIVE_AXES = (("max_cached", (2, 3, 4, 6)), ("order", (1, 2)), ("front", (1, 2)), ("back", (0, 1)))
-FAMILIES = ("ditcache", "deltacache", "adaptive")
+FAMILIES = ("ditcache", "deltacache", "schedule", "adaptive")
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -462,6 +466,8 @@ class Tuner:
         if few >= 1:
             fewer = self.measure("fewer-steps", "", few, n)
         results = self.screen_static(k)
+        if "schedule" in self.methods:
+            results += search_schedules(self, k)
         # The adaptive threshold is fitted on every calibration input: its compute there is
         # what the budget bounds.
         adaptive = self.search_adaptive(n) if "adaptive" in self.methods else []

@@ -1,0 +1,79 @@
+"""A block-range cache on an explicit set of computed steps.
+
+DiTCache's schedule is one arithmetic rule (start, stride); the best set of steps to compute
+under a budget is not: with a forecast, the early steps (where the image changes most) want
+to run densely and the late ones can be spaced further and further apart. `schedule(run=…)`
+takes the set itself, written as dot-separated steps and inclusive ranges
+(`run=0-9.11.14.18.23`), so `dite tune` can search it step by step (greedy removal on the
+calibration inputs) and store it in a tuned file as an ordinary spec.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import ClassVar
+
+from dite.accel.methods import Method, PlanContext, StepDraft, _check_blocks, check_forecast
+from dite.engine.errors import ConfigError
+from dite.models.plan import RangeOp
+
+
+def parse_steps(name: str, text: str, steps: int) -> tuple[int, ...]:
+    """`0-9.11.14` -> (0, 1, ..., 9, 11, 14), checked against the call's step count."""
+    picked: set[int] = set()
+    for item in str(text).split("."):
+        a, sep, b = item.strip().partition("-")
+        try:
+            lo, hi = int(a), int(b) if sep else int(a)
+        except ValueError:
+            raise ConfigError(f"{name}: run={text!r} must list steps as dot-separated numbers and ranges, "
+                              "e.g. run=0-9.11.14") from None
+        if lo > hi:
+            raise ConfigError(f"{name}: run={text!r}: the range {lo}-{hi} runs backwards; write {hi}-{lo}")
+        if not 0 <= lo <= hi < steps:
+            raise ConfigError(f"{name}: run={text!r} names step {hi}, outside [0, {steps - 1}] for {steps} steps")
+        picked.update(range(lo, hi + 1))
+    if 0 not in picked:
+        raise ConfigError(f"{name}: run={text!r} must include step 0 (a cached range needs a first record)")
+    return tuple(sorted(picked))
+
+
+def format_steps(steps) -> str:
+    """The inverse of parse_steps, with runs of consecutive steps as ranges."""
+    ordered, parts, i = sorted(set(steps)), [], 0
+    while i < len(ordered):
+        j = i
+        while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
+            j += 1
+        parts.append(str(ordered[i]) if i == j else f"{ordered[i]}-{ordered[j]}")
+        i = j + 1
+    return ".".join(parts)
+
+
+@dataclass(frozen=True)
+class StepSchedule(Method):
+    """Run the block range `blocks` (default: all but the first block) on the steps listed in
+    `run`, recording its delta; on every other step apply the delta, forecast from the
+    recorded history (`order`, in `coord`). Blocks outside the range always run."""
+
+    name: ClassVar[str] = "schedule"
+    summary: ClassVar[str] = "block-range cache on an explicit set of computed steps, forecast between (dite tune)"
+    edits: ClassVar[str] = "ranges"
+    run: str = ""
+    blocks: tuple[int, int] | None = None
+    order: int = 1
+    coord: str = "step"
+
+    def resolved(self, ctx: PlanContext) -> "StepSchedule":
+        if not self.run:
+            raise ConfigError(f"{self.name}: give the computed steps, e.g. run=0-9.11.14 (dite tune finds them)")
+        blocks = self.blocks or (1, ctx.depth)
+        _check_blocks(self.name, blocks, ctx.depth)
+        check_forecast(self.name, self.order, self.coord)
+        return replace(self, run=format_steps(parse_steps(self.name, self.run, ctx.steps)), blocks=blocks)
+
+    def edit(self, drafts: list[StepDraft], ctx: PlanContext) -> None:
+        running = set(parse_steps(self.name, self.run, ctx.steps))
+        for i in range(ctx.steps):
+            drafts[i].ranges.append(RangeOp(*self.blocks, "record" if i in running else "apply", order=self.order,
+                                            coord=self.coord))

@@ -1,0 +1,53 @@
+"""`dite tune`'s search for `schedule(run=…)`: which steps run the cached block range.
+
+Greedy removal: start from every step running, and remove one step at a time, the one whose
+removal keeps the calibration images closest to plain, until the schedule fits the budget.
+Each candidate removal is one measured run on the screen inputs. Evaluated lazily: a
+removal's PSNR measured in an earlier round (with more steps running) is an optimistic
+estimate of what it gives now, so each round re-measures only the candidates whose old
+estimate could still beat the best fresh one (a max-heap on the estimates); on the demo
+models that is a few runs a round instead of one per remaining step.
+"""
+
+from __future__ import annotations
+
+import heapq
+
+from dite.accel.schedule import format_steps
+
+
+def schedule_spec(run, blocks: tuple[int, int], order: int) -> str:
+    return f"schedule(run={format_steps(run)},blocks={blocks[0]}:{blocks[1]},order={order})"
+
+
+def greedy_schedule(tuner, k: int, order: int, blocks: tuple[int, int]):
+    """The schedule found by lazy greedy removal for one forecast order and block range, as
+    the tuner's Measured on the first k inputs (None if even step 0 alone does not fit)."""
+    steps = tuner.steps
+    run = set(range(steps))
+    if tuner.cost(schedule_spec({0}, blocks, order)) > tuner.budget + 1e-9:
+        return None
+    heap = [(-float("inf"), s, -1) for s in range(1, steps)]  # (-estimate, step, round measured)
+    heapq.heapify(heap)
+    rnd = 0
+    while tuner.cost(schedule_spec(run, blocks, order)) > tuner.budget + 1e-9:
+        while True:
+            neg, step, seen = heapq.heappop(heap)
+            if seen == rnd:  # fresh and the best estimate left: take it
+                break
+            m = tuner.measure("static", schedule_spec(run - {step}, blocks, order), steps, k)
+            heapq.heappush(heap, (-(m.psnr if m else -float("inf")), step, rnd))
+        run.discard(step)
+        rnd += 1
+    return tuner.measure("static", schedule_spec(run, blocks, order), steps, k)
+
+
+def search_schedules(tuner, k: int) -> list:
+    """Greedy schedules over the blocks after the first, for forecast orders 1 and 2."""
+    found = []
+    for order in (1, 2):
+        m = greedy_schedule(tuner, k, order, (1, tuner.depth))
+        if m:
+            tuner.log(f"  schedule, order {order}: {m.spec}  PSNR {m.psnr:.2f} dB at {m.compute:.3f}")
+            found.append(m)
+    return found

@@ -1,0 +1,95 @@
+"""schedule(run=...): the step list's syntax and refusals, its plans, its compute, compiled =
+eager, and dite tune's greedy search of it (tiny DiT, 6 steps)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dite.accel import PlanContext, as_methods, build_plans, resolve
+from dite.accel.schedule import format_steps, parse_steps
+from dite.engine import load
+from dite.engine.errors import ConfigError
+from dite.engine.runtime import tune as tune_module
+from dite.engine.runtime.executors import make_executor
+from dite.engine.runtime.tune_schedule import greedy_schedule, schedule_spec
+from tiny import tiny_dit_pipeline
+from tiny_runtime import dit_cond, generate, planned_graphs, plans_for
+
+STEPS, LABELS = 6, [3, 7]
+
+
+def test_step_lists_round_trip():
+    assert parse_steps("s", "0-3.5.7-8", 10) == (0, 1, 2, 3, 5, 7, 8)
+    assert format_steps([8, 0, 1, 2, 3, 5, 7]) == "0-3.5.7-8"
+    assert format_steps([0]) == "0" and parse_steps("s", "0.0.1", 4) == (0, 1)
+
+
+@pytest.mark.parametrize("run, message", [
+    ("0-3.x", "dot-separated numbers"), ("0-12", r"step 12, outside \[0, 9\]"), ("1-5", "must include step 0"),
+    ("0.3-2", "runs backwards; write 2-3"), ("", "give the computed steps"),
+])
+def test_bad_step_lists_are_refused(run, message):
+    ctx = PlanContext("dit", 4, 10, False)
+    with pytest.raises(ConfigError, match=message):
+        resolve(as_methods(f"schedule(run={run})"), ctx)
+
+
+def test_plans_record_on_listed_steps_and_forecast_between():
+    ctx = PlanContext("dit", 4, 6, False)
+    methods = resolve(as_methods("schedule(run=0-2.4,order=2)"), ctx)
+    assert methods[0].spec() == "schedule(run=0-2.4,blocks=1:4,order=2,coord=step)"
+    plans = build_plans(methods, ctx)
+    ops = [p.ranges[0] for p in plans]
+    assert [op.action for op in ops] == ["record", "record", "record", "apply", "record", "apply"]
+    assert all((op.start, op.stop, op.order) == (1, 4, 2) for op in ops)
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dit-schedule")
+    tiny_dit_pipeline(folder, "ddim", num_layers=6)
+    return load(folder)
+
+
+def test_compute_fraction_counts_the_skipped_blocks(pipe):
+    out = pipe(class_labels=LABELS, num_inference_steps=STEPS, accel="schedule(run=0-2.4)", output_type="np",
+               progress=False)
+    # 4 steps run all 6 blocks; 2 run block 0 only (both CFG rows alike).
+    assert out.stats["compute_fraction"] == pytest.approx((4 * 6 + 2 * 1) / (6 * 6))
+
+
+@pytest.mark.slow
+def test_compiled_schedule_equals_eager(dit):
+    torch._dynamo.reset()
+    plans = plans_for("schedule(run=0-3.5,order=2)", dit, 8)
+    eager, _ = generate(dit, dit_cond(), plans, 8, latent=(4, 8, 8), scheduler="ddim")
+    out, state = generate(dit, dit_cond(), plans, 8, executor=make_executor("compiled", backend="aot_eager"),
+                          latent=(4, 8, 8), scheduler="ddim")
+    assert (out - eager).abs().max().item() <= 1e-5
+    assert state.executor["graphs_built"] == planned_graphs(dit, plans)
+
+
+def tuner(pipe, budget):
+    t = tune_module.Tuner(pipe, budget, steps=STEPS, class_labels=LABELS, screen=2, log=lambda line: None)
+    t.references()
+    return t
+
+
+def test_greedy_takes_the_best_single_removal(pipe):
+    # One removed step saves 5 of 6 blocks of 1 of 6 steps (0.139): a budget of 0.9 needs one.
+    t = tuner(pipe, 0.9)
+    found = greedy_schedule(t, 2, 1, (1, 6))
+    every = {s: t.measure("static", schedule_spec(set(range(STEPS)) - {s}, (1, 6), 1), STEPS, 2)
+             for s in range(1, STEPS)}
+    best = max(every, key=lambda s: every[s].psnr)
+    assert found.spec == every[best].spec and found.compute <= 0.9
+
+
+def test_greedy_fits_tight_budgets_and_refuses_impossible_ones(pipe):
+    t = tuner(pipe, 0.45)
+    found = greedy_schedule(t, 2, 1, (1, 6))
+    assert found is not None and found.compute <= 0.45 and found.psnr > 0
+    assert found.compute == pytest.approx(t.cost(found.spec))
+    # Step 0 alone costs (6 + 5 * 1) / 36 = 0.306: below it nothing fits.
+    assert greedy_schedule(tuner(pipe, 0.3), 2, 1, (1, 6)) is None
