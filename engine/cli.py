@@ -181,9 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     tun.add_argument("--calibration", type=_positive, default=4, help="calibration prompts / labels (default 4)")
     tun.add_argument("--screen", type=_positive, default=2,
                      help="inputs every candidate is first measured on; the best 5 then on all (default 2)")
-    tun.add_argument("--methods", default="ditcache,deltacache,adaptive", metavar="NAMES",
-                     help="comma-separated families to search: ditcache, deltacache, adaptive (default: all; "
-                          "fewer steps is always a contender)")
+    tun.add_argument("--methods", default=None, metavar="NAMES",
+                     help="comma-separated families to search: ditcache, deltacache, schedule, adaptive (default: "
+                          "all; fewer steps is always a contender)")
     tun.add_argument("--fastattn-plan", action="append", default=[], metavar="PATH",
                      help="a DiTFastAttn plan file to try (repeat; --metric flops)")
     tun.add_argument("--seed", type=_seed, default=1000, help="seed of the first calibration image (default 1000)")
@@ -556,7 +556,7 @@ def cmd_tune(args) -> int:
     check_writable([Path(args.output)])
     from dite.engine.runtime.tune import FAMILIES, read_prompts, tune, write_tuned
 
-    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    methods = FAMILIES if args.methods is None else tuple(m.strip() for m in args.methods.split(",") if m.strip())
     if not methods or set(methods) - set(FAMILIES):
         raise InputError(f"--methods {args.methods!r}: give some of {', '.join(FAMILIES)}, comma-separated")
     prompts = read_prompts(args.prompts) if args.prompts is not None else None

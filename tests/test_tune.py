@@ -208,3 +208,15 @@ def test_default_prompts_are_no_held_out_demo_captions():
     held_out = set(all_captions(True))
     assert not held_out & set(tune_module.DEFAULT_PROMPTS)
     assert len(set(tune_module.DEFAULT_PROMPTS)) >= 4
+
+
+def test_cli_tune_searches_every_family_by_default(dit_folder, tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_tune(pipe, budget, **options):
+        seen.update(options)
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr(tune_module, "tune", fake_tune)
+    assert main(["tune", "--model", str(dit_folder), "--budget", "0.5", "--quiet", "-o", str(tmp_path / "t.json")]) == 2
+    assert seen["methods"] == tune_module.FAMILIES and "schedule" in seen["methods"]

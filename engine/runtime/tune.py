@@ -21,7 +21,7 @@ Search (one line printed per measured candidate):
     PSNR also over blocks 1..depth instead of the default range), deltacache(order) at the
     smallest interval and cached_blocks that fit; then the best three again with
     +promptgate (guided calls; metric="flops" also +todo, +fastattn plans), re-fitted;
- 3. schedule(run=...), on the screen prompts: which steps run blocks 1..depth, by greedy
+ 3. schedule(run=...), on every calibration input: which steps run blocks 1..depth, by greedy
     removal from "every step" until the budget is met (engine/runtime/tune_schedule.py),
     for forecast orders 1 and 2;
  4. adaptive, on every calibration input: a coordinate search from the method's default
@@ -467,7 +467,7 @@ class Tuner:
             fewer = self.measure("fewer-steps", "", few, n)
         results = self.screen_static(k)
         if "schedule" in self.methods:
-            results += search_schedules(self, k)
+            results += search_schedules(self, n)  # on every input: a schedule is fitted to them, as a threshold is
         # The adaptive threshold is fitted on every calibration input: its compute there is
         # what the budget bounds.
         adaptive = self.search_adaptive(n) if "adaptive" in self.methods else []
