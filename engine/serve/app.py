@@ -7,6 +7,7 @@ web page), GET /v1/images/files/{name} (images asked for as URLs).
 from __future__ import annotations
 
 import asyncio
+import os
 import base64
 import dataclasses
 import logging
@@ -136,7 +137,8 @@ def create_app(pipe, served_name: str, options: ServeOptions | None = None) -> F
     @app.get("/health")
     async def health():
         batcher = state.get("batcher")
-        return {"status": "ok", "model": served_name, "queue": len(batcher.queue) if batcher else 0}
+        return {"status": "ok", "model": served_name, "queue": len(batcher.queue) if batcher else 0,
+                "pid": os.getpid()}  # which process (Ray replica) answered
 
     @app.get("/metrics")
     async def prometheus():
