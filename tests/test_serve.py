@@ -295,3 +295,35 @@ def test_cli_serve_refuses_a_busy_port(capsys):
         assert main(["serve", "--port", str(busy.getsockname()[1])]) == 2
     err = capsys.readouterr().err.strip()
     assert "cannot listen on 127.0.0.1" in err and len(err.splitlines()) == 1
+
+
+def test_cli_serve_without_the_extra_says_how_to_install(monkeypatch, capsys):
+    import importlib.util
+
+    from dite.engine.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "uvicorn" else real(name, *a))
+    assert main(["serve"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "dite: error: dite serve needs uvicorn: pip install 'dite[serve]'"
+
+
+@pytest.mark.slow  # building the tiny PixArt (a T5 tokenizer trained first) takes most of it
+def test_pixart_requests_batch_with_masks_and_their_own_images(tmp_path):
+    """PixArt: T5 with a padding mask, so prompts of different lengths share a batch."""
+    from dite.engine import load
+    from tiny_pixart import tiny_pixart_pipeline
+
+    _, folder = tiny_pixart_pipeline(tmp_path)
+    pipe = load(folder)
+    bodies = [{"prompt": "a cat", "seed": 1, "steps": 3, "size": "64x64"},
+              {"prompt": "a very small red dog sitting on a chair", "seed": 2, "steps": 3, "size": "64x64",
+               "negative_prompt": "blurry"}]
+    with serve(pipe, name="tiny-pixart", max_batch=2, batch_wait_ms=5000) as url:
+        responses = post_all(url, bodies)
+    assert [r.json()["dite"]["batch_images"] for r in responses] == [2, 2]
+    for body, response in zip(bodies, responses):
+        alone = library_image(pipe, prompt=body["prompt"], negative_prompt=body.get("negative_prompt"),
+                              seed=body["seed"], num_inference_steps=3, height=64, width=64)
+        assert max_diff(png_array(response.json()["data"][0]["b64_json"]), alone) <= 1

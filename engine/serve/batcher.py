@@ -135,7 +135,7 @@ class Batcher:
             outcomes = await loop.run_in_executor(self.thread, self.execute, batch)
             self._account(batch, outcomes, time.monotonic() - start)
             for job, outcome in zip(batch, outcomes):
-                if job.future.done():
+                if job.future.done() or job.cancelled:  # nobody waits for a cancelled job's outcome
                     continue
                 if isinstance(outcome, BaseException):
                     job.future.set_exception(outcome)

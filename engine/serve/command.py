@@ -46,7 +46,13 @@ def add_parser(sub, *, positive, finite) -> None:
 
 
 def require(modules: tuple[str, ...], extra: str) -> None:
-    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    def absent(module: str) -> bool:
+        try:
+            return importlib.util.find_spec(module) is None
+        except (ImportError, ValueError):  # a broken or blocked installation
+            return True
+
+    missing = [m for m in modules if absent(m)]
     if missing:
         raise MissingExtraError(f"dite serve{' --ray' if extra == 'ray' else ''} needs {', '.join(missing)}: "
                                 f"pip install 'dite[{extra}]'")

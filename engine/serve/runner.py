@@ -38,11 +38,20 @@ class Result:
     timings: dict[str, float]
 
 
+def generated_size(pipe, height: int, width: int) -> tuple[int, int]:
+    """The size the call generates at: PixArt's resolution binning picks its nearest bin
+    (and scales the image back to the size asked for); the others, the size itself."""
+    if hasattr(pipe, "resolve_size"):
+        return pipe.resolve_size(height, width, True)[:2]
+    return height, width
+
+
 def _noise(pipe, spec) -> tuple[torch.Tensor, list[torch.Generator]]:
     """The request's initial noise, drawn as a lone library call would draw it."""
     generators = image_generators(spec.seed, spec.n)
     factor = pipe.vae_scale_factor
-    shape = (pipe.transformer.config.in_channels, spec.height // factor, spec.width // factor)
+    height, width = generated_size(pipe, spec.height, spec.width)
+    shape = (pipe.transformer.config.in_channels, height // factor, width // factor)
     rows = [torch.randn(shape, generator=g, dtype=torch.float32) for g in generators]
     return torch.stack(rows), generators
 

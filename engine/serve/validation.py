@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from dite.engine.errors import DiteError
 from dite.engine.families import BY_NAME as FAMILIES
 from dite.engine.pipelines.arguments import MAX_STEPS, SEED_END
+from dite.engine.serve.runner import generated_size
 
 MAX_N = 10  # OpenAI's own limit for n
 
@@ -171,7 +172,8 @@ def check_body(body: GenerationBody, pipe, served_name: str, default_accel: str 
             _no_server_files(body.accel)
         cfg = pipe.transformer.config
         default_latent = cfg.input_size if pipe.family == "dit" else cfg.sample_size
-        pipe.check_call(images=body.n, height=height, width=width, default_latent=default_latent,
+        gen_height, gen_width = generated_size(pipe, height, width)
+        pipe.check_call(images=body.n, height=gen_height, width=gen_width, default_latent=default_latent,
                         num_inference_steps=steps, guidance_scale=guidance, seed=seed, latents=None,
                         output_type="pil", accel=accel, progress=False, plan_hook=None)
     except DiteError as exc:
