@@ -22,6 +22,7 @@ from tiny_serve import library_image, max_diff, metric, png_array, png_parameter
 
 GEN = "/v1/images/generations"
 STEPS = 3  # enough to tell seeds apart; keeps each request near 0.1 s on 2 cores
+SMALL = "32x32"  # a quarter of the demo's tokens, where the size does not matter to the check
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +84,7 @@ def png_array_of(image):
 
 
 def test_compatible_requests_batch_and_each_image_is_its_own(sd3_pipe):
-    bodies = [{"prompt": p, "seed": s, "steps": STEPS}
+    bodies = [{"prompt": p, "seed": s, "steps": STEPS, "size": SMALL}
               for p, s in (("a red circle", 1), ("a blue square", 20), ("a green triangle", 300), ("a red circle", 2))]
     with serve(sd3_pipe, max_batch=4, batch_wait_ms=5000) as url:
         responses = post_all(url, bodies)
@@ -94,14 +95,15 @@ def test_compatible_requests_batch_and_each_image_is_its_own(sd3_pipe):
     for body, response in zip(bodies, responses):
         item = response.json()["data"][0]
         assert item["seed"] == body["seed"]
-        alone = library_image(sd3_pipe, prompt=body["prompt"], seed=body["seed"], num_inference_steps=STEPS)
+        alone = library_image(sd3_pipe, prompt=body["prompt"], seed=body["seed"], num_inference_steps=STEPS,
+                              height=32, width=32)
         assert max_diff(png_array(item["b64_json"]), alone) <= 1  # README: batches agree to 1/255
 
 
 def test_incompatible_requests_run_apart(sd3_pipe):
     bodies = [{"prompt": "a red circle", "seed": 1, "steps": STEPS},
               {"prompt": "a red circle", "seed": 1, "steps": STEPS + 1},
-              {"prompt": "a red circle", "seed": 1, "steps": STEPS, "size": "32x32"}]
+              {"prompt": "a red circle", "seed": 1, "steps": STEPS, "size": SMALL}]
     with serve(sd3_pipe, max_batch=8, batch_wait_ms=300) as url:
         responses = post_all(url, bodies)
     assert [r.json()["dite"]["batch_images"] for r in responses] == [1, 1, 1]
@@ -112,13 +114,14 @@ def test_stochastic_scheduler_batches_exactly():
     from dite.engine import load
 
     pipe = load("demo-dit", scheduler="ddpm")
-    bodies = [{"class_label": label, "seed": seed, "steps": 4} for label, seed in ((3, 11), ("red square", 500),
-                                                                                     (16, 12))]
+    bodies = [{"class_label": label, "seed": seed, "steps": 4, "size": SMALL}
+              for label, seed in ((3, 11), ("red square", 500), (16, 12))]
     with serve(pipe, name="demo-dit", max_batch=3, batch_wait_ms=5000) as url:
         responses = post_all(url, bodies)
     assert [r.json()["dite"]["batch_images"] for r in responses] == [3, 3, 3]
     for body, response in zip(bodies, responses):
-        alone = library_image(pipe, class_labels=[body["class_label"]], seed=body["seed"], num_inference_steps=4)
+        alone = library_image(pipe, class_labels=[body["class_label"]], seed=body["seed"], num_inference_steps=4,
+                              height=32, width=32)
         assert max_diff(png_array(response.json()["data"][0]["b64_json"]), alone) <= 1
 
 
@@ -218,15 +221,17 @@ class FailsOnBoom:
 
 
 def test_an_error_reaches_only_its_own_request(sd3_pipe):
-    bodies = [{"prompt": "a red circle", "seed": 4, "steps": STEPS}, {"prompt": "boom", "seed": 5, "steps": STEPS},
-              {"prompt": "a blue square", "seed": 6, "steps": STEPS}]
+    bodies = [{"prompt": "a red circle", "seed": 4, "steps": STEPS, "size": SMALL},
+              {"prompt": "boom", "seed": 5, "steps": STEPS, "size": SMALL},
+              {"prompt": "a blue square", "seed": 6, "steps": STEPS, "size": SMALL}]
     with serve(FailsOnBoom(sd3_pipe), max_batch=3, batch_wait_ms=5000) as url:
         responses = post_all(url, bodies)
         text = httpx.get(url + "/metrics").text
     assert [r.status_code for r in responses] == [200, 500, 200]
     assert responses[1].json()["error"]["type"] == "server_error"
     for k in (0, 2):
-        alone = library_image(sd3_pipe, prompt=bodies[k]["prompt"], seed=bodies[k]["seed"], num_inference_steps=STEPS)
+        alone = library_image(sd3_pipe, prompt=bodies[k]["prompt"], seed=bodies[k]["seed"], num_inference_steps=STEPS,
+                              height=32, width=32)
         assert max_diff(png_array(responses[k].json()["data"][0]["b64_json"]), alone) == 0  # re-run alone
     assert metric(text, "dite_errors_total", kind="RuntimeError") == 1
 
@@ -327,3 +332,22 @@ def test_pixart_requests_batch_with_masks_and_their_own_images(tmp_path):
         alone = library_image(pipe, prompt=body["prompt"], negative_prompt=body.get("negative_prompt"),
                               seed=body["seed"], num_inference_steps=3, height=64, width=64)
         assert max_diff(png_array(response.json()["data"][0]["b64_json"]), alone) <= 1
+
+
+def test_stopping_the_server_stops_a_running_batch(sd3_pipe):
+    """A server stopped mid-generation stops the call before its next step, not at its end."""
+    app = create_app(sd3_pipe, "demo-sd3", ServeOptions(timeout_s=600))
+    pool = cf.ThreadPoolExecutor(1)
+    try:
+        with running(app) as url:
+            pending = pool.submit(httpx.post, url + GEN, json={"prompt": "a red circle", "steps": 1000},
+                                  timeout=300)
+            wait_for(lambda: metric(httpx.get(url + "/metrics").text, "dite_queue_seconds_count") == 1)
+        try:  # uvicorn answers 500 for a request it had to cancel, or closes the connection
+            assert pending.result().status_code == 500
+        except httpx.HTTPError:
+            pass
+    finally:
+        pool.shutdown(wait=True)
+    assert app.state.metrics.aborted.get() == 1 and app.state.metrics.images.get() == 0
+    assert app.state.metrics.cancelled.get(reason="cancelled") == 1

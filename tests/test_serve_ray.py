@@ -15,6 +15,7 @@ from dite.engine.serve.server import free_port  # noqa: E402
 from tiny_serve import library_image, png_array, png_parameters  # noqa: E402
 
 
+@pytest.mark.slow  # starting a Ray instance and two replicas: about 30 s on 2 busy cores
 def test_two_replicas_serve_the_library_images():
     from ray import serve
 

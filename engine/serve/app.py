@@ -104,7 +104,11 @@ def create_app(pipe, served_name: str, options: ServeOptions | None = None) -> F
         except QueueFull as full:
             _count(429, "queue_full")
             return _error(429, str(full), kind="rate_limit_error", headers={"Retry-After": str(full.retry_after)})
-        outcome = await _wait(request, batcher, job, arrived + options.timeout_s)
+        try:
+            outcome = await _wait(request, batcher, job, arrived + options.timeout_s)
+        except asyncio.CancelledError:  # the server stops, or a proxy (Ray Serve's) dropped the request
+            batcher.cancel(job, "cancelled")
+            raise
         if outcome is None:  # the client left; nobody reads this
             _count(499, "disconnect")
             return Response(status_code=499)

@@ -48,11 +48,16 @@ class Batcher:
         self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dite-serve-batch")
         self.seconds_per_image = 1.0  # running estimate, for Retry-After
         self.task: asyncio.Task | None = None
+        self.running: list[Job] = []  # the batch on the worker thread
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
+        """Stop taking batches; the running one stops before its next step (it is not
+        waited for to the end); queued requests get runner.Cancelled."""
+        for job in self.running:
+            job.cancelled = job.cancelled or "shutdown"
         if self.task is not None:
             self.task.cancel()
             try:
@@ -132,7 +137,15 @@ class Batcher:
                 for job in batch:
                     job.started = start
                     self.metrics.queue_wait.observe(start - job.arrived)
-            outcomes = await loop.run_in_executor(self.thread, self.execute, batch)
+            self.running = batch
+            call = loop.run_in_executor(self.thread, self.execute, batch)
+            try:
+                outcomes = await asyncio.shield(call)
+            except asyncio.CancelledError:  # stop(): its jobs are cancelled, so it ends at its next step
+                self._account(batch, await call, time.monotonic() - start)
+                raise
+            finally:
+                self.running = []
             self._account(batch, outcomes, time.monotonic() - start)
             for job, outcome in zip(batch, outcomes):
                 if job.future.done() or job.cancelled:  # nobody waits for a cancelled job's outcome

@@ -80,7 +80,8 @@ class Histogram:
 
 class Metrics:
     """What /metrics reports. `requests` by final HTTP status; `errors` by kind; `cancelled`
-    by reason (timeout, disconnect); `batch_images` is images per pipeline call."""
+    by reason (timeout, disconnect, cancelled: the request's own task was cancelled, as when the
+    server stops or a proxy drops it); `batch_images` is images per pipeline call."""
 
     def __init__(self):
         self.lock = threading.Lock()
