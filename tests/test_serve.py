@@ -109,11 +109,16 @@ def test_incompatible_requests_run_apart(sd3_pipe):
     assert [r.json()["dite"]["batch_images"] for r in responses] == [1, 1, 1]
 
 
-def test_stochastic_scheduler_batches_exactly():
-    """DDPM adds noise at every step: a batched image must draw it from its own seed."""
+@pytest.fixture(scope="module")
+def dit_ddpm():
     from dite.engine import load
 
-    pipe = load("demo-dit", scheduler="ddpm")
+    return load("demo-dit", scheduler="ddpm")
+
+
+def test_stochastic_scheduler_batches_exactly(dit_ddpm):
+    """DDPM adds noise at every step: a batched image must draw it from its own seed."""
+    pipe = dit_ddpm
     bodies = [{"class_label": label, "seed": seed, "steps": 4, "size": SMALL}
               for label, seed in ((3, 11), ("red square", 500), (16, 12))]
     with serve(pipe, name="demo-dit", max_batch=3, batch_wait_ms=5000) as url:
@@ -144,6 +149,21 @@ BAD_BODIES = [
 ]
 
 
+def test_dit_bodies_and_a_size_beyond_ram_are_400(dit_ddpm):
+    with serve(dit_ddpm, name="demo-dit") as url:
+        for body, field, words in (({"class_label": 3, "size": "16384x16384"}, "size", "GiB"),
+                                   ({"class_label": 100000}, "class_label", "out of range"),
+                                   ({"prompt": "golden retriever"}, "prompt", "unknown class name"),
+                                   ({"class_label": 3, "negative_prompt": "x"}, "negative_prompt", "class"),
+                                   ({}, "class_label", "required")):
+            response = httpx.post(url + GEN, json=body, timeout=30)
+            assert response.status_code == 400, (body, response.text)
+            error = response.json()["error"]
+            assert error["param"] == field and words in error["message"], (body, error)
+        by_name = httpx.post(url + GEN, json={"prompt": "cyan circle", "steps": 2, "size": SMALL}, timeout=60)
+        assert png_parameters(by_name.json()["data"][0]["b64_json"])["class_label"] == 3
+
+
 def test_bad_bodies_are_400_naming_the_field(sd3_pipe):
     with serve(sd3_pipe) as url:
         for body, field in BAD_BODIES:
@@ -161,7 +181,7 @@ def test_bad_bodies_are_400_naming_the_field(sd3_pipe):
 
 def test_full_queue_429_and_timeout_504_cancels_the_work(sd3_pipe):
     long = {"prompt": "a red circle", "steps": 1000, "seed": 0}  # minutes, unless cancelled
-    with serve(sd3_pipe, max_batch=1, max_queue=1, timeout_s=3) as url:
+    with serve(sd3_pipe, max_batch=1, max_queue=1, timeout_s=5) as url:
         with cf.ThreadPoolExecutor(2) as pool:
             running_one = pool.submit(httpx.post, url + GEN, json=long, timeout=120)
             wait_for(lambda: metric(httpx.get(url + "/metrics").text, "dite_queue_seconds_count") == 1)

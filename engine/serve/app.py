@@ -68,6 +68,9 @@ def create_app(pipe, served_name: str, options: ServeOptions | None = None) -> F
 
     @asynccontextmanager
     async def lifespan(app):
+        # The model fingerprint (accel plans use it) is computed once, here, not in the first
+        # request's checks on the event loop.
+        await asyncio.to_thread(lambda: pipe.model_id)
         batcher = Batcher(lambda jobs: run_batch(pipe, jobs), metrics, max_batch=options.max_batch,
                           wait_s=options.batch_wait_ms / 1000, max_queue=options.max_queue)
         batcher.start()

@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from dite.engine.errors import DiteError
+from dite.engine.errors import DiteError, InputError
 from dite.engine.families import BY_NAME as FAMILIES
 from dite.engine.pipelines.arguments import MAX_STEPS, SEED_END
 from dite.engine.serve.runner import generated_size
@@ -133,6 +133,22 @@ def _no_server_files(accel: str) -> None:
                                  "do; start the server with --accel to use one", "accel")
 
 
+def _check_memory(pipe, height: int, width: int, images: int, guided: bool) -> None:
+    """On a CPU, refuse what would not fit in RAM, as `dite generate` does (its estimate of
+    one step's peak); a request must not take the server down with it."""
+    from dite.engine.cli import available_memory, step_memory
+
+    if pipe.device.type != "cpu":
+        return
+    text = 0
+    if pipe.family == "sd3":
+        text = 77 + (pipe.defaults.get("max_sequence_length") or FAMILIES["sd3"].default_sequence_length)
+    need, free = step_memory(pipe, height, width, images, guided, text), available_memory()
+    if free is not None and need > free:
+        raise InputError(f"height {height} x width {width}: {images} image(s) need about {need / 2**30:.1f} GiB "
+                         f"for one step and {free / 2**30:.1f} GiB of RAM is available; ask for a smaller size")
+
+
 def check_body(body: GenerationBody, pipe, served_name: str, default_accel: str | None) -> Spec:
     """The meaning checks; raises BadRequest. Cheap: no prompt is encoded."""
     if body.model is not None and body.model != served_name:
@@ -176,6 +192,7 @@ def check_body(body: GenerationBody, pipe, served_name: str, default_accel: str 
         pipe.check_call(images=body.n, height=gen_height, width=gen_width, default_latent=default_latent,
                         num_inference_steps=steps, guidance_scale=guidance, seed=seed, latents=None,
                         output_type="pil", accel=accel, progress=False, plan_hook=None)
+        _check_memory(pipe, gen_height, gen_width, body.n, guidance > 1.0)
     except DiteError as exc:
         param = _param_of(str(exc))
         message = f"size {body.size}: {exc}" if param == "size" and body.size else str(exc)
