@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 
-from dite.engine.errors import DiteError, InputError, NonFiniteError
+from dite.engine.errors import DiteError, InputError
 from dite.engine.serve.batcher import Batcher, QueueFull
 from dite.engine.serve.files import ImageFiles
 from dite.engine.serve.metrics import Metrics
@@ -52,14 +52,16 @@ def _failure(exc: BaseException) -> JSONResponse:
         return _error(400, str(exc))
     if isinstance(exc, Cancelled):  # not by its client: the server is stopping
         return _error(503, "the server is shutting down; retry elsewhere", kind="server_error")
-    if isinstance(exc, (NonFiniteError, DiteError)):
+    if isinstance(exc, DiteError):  # e.g. NonFiniteError: the library's one-line message
         return _error(500, f"generation failed: {exc}", kind="server_error")
     log.error("generation failed", exc_info=exc)
     return _error(500, f"generation failed: {type(exc).__name__} (see the server log)", kind="server_error")
 
 
 def create_app(pipe, served_name: str, options: ServeOptions | None = None) -> FastAPI:
-    """The app over a loaded pipeline; `served_name` is the model id clients see."""
+    """The app over a loaded pipeline; `served_name` is the model id clients see. Long
+    because the routes are declared in it: closures over one server's pipeline, batcher,
+    metrics and image files (two apps in one process share nothing)."""
     from dite.engine.serve.page import PAGE
 
     options = options or ServeOptions()
