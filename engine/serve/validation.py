@@ -13,7 +13,7 @@ import dataclasses
 import random
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from dite.engine.errors import DiteError, InputError
 from dite.engine.families import BY_NAME as FAMILIES
@@ -51,10 +51,10 @@ class GenerationBody(BaseModel):
     user: str | None = None  # OpenAI's end-user id: accepted, not used
     negative_prompt: str | None = None
     steps: int | None = Field(None, ge=1, le=MAX_STEPS, strict=True)
-    guidance: float | None = Field(None, ge=1.0, allow_inf_nan=False)
+    guidance: float | None = Field(None, ge=1.0, allow_inf_nan=False, strict=True)
     seed: int | None = Field(None, ge=0, lt=SEED_END, strict=True)
     accel: str | None = None
-    class_label: int | str | None = None
+    class_label: StrictInt | StrictStr | None = None  # no bool or float read as a class
 
 
 def pydantic_error(errors: list[dict]) -> BadRequest:
