@@ -277,7 +277,7 @@ def test_cli_serve_end_to_end():
     """`dite serve` as a user starts it: a process, on a free loopback port, stopped at the end."""
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "dite.engine.cli", "serve", "--model", "demo-sd3",
-                                "--port", str(port), "--max-batch", "2"],
+                                "--port", str(port), "--max-batch", "2", "--served-model-name", "shapes"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -290,7 +290,9 @@ def test_cli_serve_end_to_end():
                 return False
 
         wait_for(up, 120)
-        response = httpx.post(url + GEN, json={"prompt": "a red circle", "steps": STEPS, "seed": 3}, timeout=120)
+        assert [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]] == ["shapes"]
+        response = httpx.post(url + GEN, json={"model": "shapes", "prompt": "a red circle", "steps": STEPS,
+                                               "seed": 3}, timeout=120)
         assert response.status_code == 200
         assert png_parameters(response.json()["data"][0]["b64_json"])["seed"] == 3
     finally:

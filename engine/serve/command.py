@@ -22,6 +22,9 @@ def add_parser(sub, *, positive, finite) -> None:
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine "
                                                          "only; 0.0.0.0 for every interface)")
     srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--served-model-name", default=None, metavar="NAME",
+                     help="the model id clients see and send (default: the name image metadata records, e.g. "
+                          "demo-sd3, a hub id, or a local folder's name without its path)")
     srv.add_argument("--accel", default=None, metavar="SPEC", help="accel spec for requests that name none")
     srv.add_argument("--max-batch", type=positive, default=8,
                      help="most images per pipeline call (1 turns batching off; default 8)")
@@ -94,7 +97,7 @@ def cmd_serve(args) -> int:
         from dite.engine.serve.ray_app import run_replicas
 
         return run_replicas(load_args(args), options_of(args), host=args.host, port=args.port,
-                            replicas=args.replicas, address=args.ray_address)
+                            replicas=args.replicas, address=args.ray_address, served_name=args.served_model_name)
     if args.replicas != 1:
         raise InputError("--replicas needs --ray (one process serves one pipeline)")
     _check_port(args.host, args.port)
@@ -104,6 +107,7 @@ def cmd_serve(args) -> int:
 
     settings = load_args(args)
     pipe = load(settings.pop("source"), **settings)
-    print(f"dite serve: {args.model} ({pipe.family}) on http://{args.host}:{args.port}", file=sys.stderr)
-    serve_forever(create_app(pipe, args.model, options_of(args)), args.host, args.port)
+    name = args.served_model_name or pipe.model_name
+    print(f"dite serve: {name} ({pipe.family}) on http://{args.host}:{args.port}", file=sys.stderr)
+    serve_forever(create_app(pipe, name, options_of(args)), args.host, args.port)
     return 0

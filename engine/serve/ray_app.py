@@ -46,7 +46,8 @@ def application(load_kwargs: dict, options, served_name: str, replicas: int, num
     return deployment.bind(load_kwargs, served_name, options)
 
 
-def run_replicas(load_kwargs: dict, options, *, host: str, port: int, replicas: int, address: str | None) -> int:
+def run_replicas(load_kwargs: dict, options, *, host: str, port: int, replicas: int, address: str | None,
+                 served_name: str | None = None) -> int:
     """Start (or join) Ray, serve the app on host:port until interrupted."""
     import ray
     from ray import serve
@@ -54,10 +55,13 @@ def run_replicas(load_kwargs: dict, options, *, host: str, port: int, replicas: 
     address = address or os.environ.get("RAY_ADDRESS")
     ray.init(address=address, include_dashboard=False) if address else ray.init(include_dashboard=False)
     serve.start(http_options={"host": host, "port": port})
-    name = load_kwargs["source"]
-    print(f"dite serve: {name} as {replicas} Ray Serve replica(s) on http://{host}:{port}", file=sys.stderr)
+    if served_name is None:  # what image metadata records for the source, as one process serves it
+        from dite.engine.loading.loader import recorded_name
+
+        served_name = recorded_name(load_kwargs["source"])
+    print(f"dite serve: {served_name} as {replicas} Ray Serve replica(s) on http://{host}:{port}", file=sys.stderr)
     try:
-        serve.run(application(load_kwargs, options, name, replicas), name="dite", route_prefix="/", blocking=True)
+        serve.run(application(load_kwargs, options, served_name, replicas), name="dite", route_prefix="/", blocking=True)
     except KeyboardInterrupt:
         pass
     finally:
