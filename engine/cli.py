@@ -1,4 +1,4 @@
-"""The `dite` command line: generate, inspect, accel.
+"""The `dite` command line: generate, inspect, accel, serve (engine/serve/command.py).
 
 Every error the user can cause is one line on stderr and a non-zero exit code; tracebacks
 are for bugs (set DITE_DEBUG=1 to see them for user errors too).
@@ -215,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="SD3 -> original: encoders inside the file, or in text_encoders/ beside it")
     conv.add_argument("--model-config", default=None, metavar="JSON",
                       help="what shapes cannot tell, as load(model_config=...): a JSON string or file")
+
+    from dite.engine.serve.command import add_parser as add_serve_parser  # imports no server library
+
+    add_serve_parser(sub, positive=_positive, finite=_finite)
 
     ins = sub.add_parser("inspect", help="describe a model source without loading it")
     ins.add_argument("source", help="checkpoint file or folder, hub repo id, or demo-sd3 / demo-dit")
@@ -672,6 +676,12 @@ def print_tree(value, indent: int = 0) -> None:
             print(f"{pad}{key}: {item}")
 
 
+def _cmd_serve(args) -> int:
+    from dite.engine.serve.command import cmd_serve
+
+    return cmd_serve(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -679,7 +689,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_USER_ERROR
     try:
         return {"generate": cmd_generate, "inspect": cmd_inspect, "accel": cmd_accel, "calibrate": cmd_calibrate,
-                "convert": cmd_convert, "tune": cmd_tune}[args.command](args)
+                "convert": cmd_convert, "tune": cmd_tune, "serve": _cmd_serve}[args.command](args)
     except DiteError as exc:
         if os.environ.get("DITE_DEBUG"):
             raise
