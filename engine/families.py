@@ -21,8 +21,10 @@ class Family:
     pipeline_classes: tuple[str, ...]
     # diffusers' transformer class names (transformer/config.json `_class_name`).
     transformer_classes: tuple[str, ...]
-    model_module: str   # dite.models.<...>: the nn.Module, its config and key maps
-    loader_module: str  # dite.engine.loading.<...>: detect_file, load_folder, load_file
+    # dite.models.<...>: the nn.Module, its config, key maps and `detect_layout(keys)`, by which
+    # engine/checkpoints/recognise.py tells a file's family.
+    model_module: str
+    loader_module: str  # dite.engine.loading.<...>: load_folder, load_file
     # Row order of a guided batch: which CFG half comes first.
     cfg_layout: str
     default_steps: int

@@ -32,11 +32,6 @@ class RunningWithoutT5Warning(UserWarning):
     """An SD3 single file was loaded without T5 because no T5 weights were found."""
 
 
-def detect_file(keys) -> bool:
-    keys = list(keys)
-    return any(k.endswith(mmdit.ORIGINAL_ANCHOR) for k in keys) or mmdit.detect_layout(keys) is not None
-
-
 def build_transformer(cfg: mmdit.MMDiTConfig, reader: WeightReader, layout: str, *, device, dtype, prefix="",
                       ignore=frozenset()):
     keymap, keymap_ignore = mmdit.keymap(cfg, layout, prefix)
