@@ -67,7 +67,7 @@ class DiTPipeline(Pipeline):
         """The class labels; guided, followed by as many null-class rows (conditional first)."""
         rows = labels + [self.transformer.null_class] * len(labels) if call.guided else labels
         return Conditioning(class_labels=torch.tensor(rows, device=self.device),
-                            cfg_layout="cond_first" if call.guided else "none")
+                            cfg_row_order="cond_first" if call.guided else "none")
 
     @torch.inference_mode()
     def __call__(

@@ -70,7 +70,7 @@ class PixArtPipeline(Pipeline):
         dtype, device = self.dtype, self.device
         states, mask = self.text.encode(prompts, length)
         if negatives is None:
-            return Conditioning(context=states.to(device, dtype), context_mask=mask.to(device), cfg_layout="none")
+            return Conditioning(context=states.to(device, dtype), context_mask=mask.to(device), cfg_row_order="none")
         null = self.null_caption
         if null is not None and negatives.count("") == len(negatives) and null.shape[0] == length:
             neg_states = null.float().to(states.device).expand(len(prompts), -1, -1)
@@ -79,7 +79,7 @@ class PixArtPipeline(Pipeline):
             neg_states, neg_mask = self.text.encode(negatives, length)
         context = torch.cat([neg_states.to(states.device), states]).to(device, dtype)
         return Conditioning(context=context, context_mask=torch.cat([neg_mask, mask]).to(device),
-                            cfg_layout="uncond_first")
+                            cfg_row_order="uncond_first")
 
     def micro_conditioned(self, cond: Conditioning, height: int, width: int) -> Conditioning:
         """α-1024's micro-conditions: the generated size in pixels and its aspect ratio, one
@@ -88,7 +88,7 @@ class PixArtPipeline(Pipeline):
             return cond
         sizes = torch.tensor([[float(height), float(width), float(height / width)]]).to(self.device, self.dtype)
         return Conditioning(context=cond.context, context_mask=cond.context_mask,
-                            pooled=sizes.expand(cond.context.shape[0], -1), cfg_layout=cond.cfg_layout)
+                            pooled=sizes.expand(cond.context.shape[0], -1), cfg_row_order=cond.cfg_row_order)
 
     @torch.inference_mode()
     def __call__(

@@ -38,7 +38,7 @@ class SD3Pipeline(Pipeline):
         context, pooled = self.text.encode(all_prompts, max_sequence_length)
         dtype, device = self.dtype, self.device
         return Conditioning(context=context.to(device, dtype), pooled=pooled.to(device, dtype),
-                            cfg_layout="uncond_first" if negatives is not None else "none")
+                            cfg_row_order="uncond_first" if negatives is not None else "none")
 
     @property
     def prediction_channels(self) -> int:

@@ -153,7 +153,7 @@ def _adaptive_fraction(plan: StepPlan, step: dict, depth: int) -> float:
 
 def _shapes(cond: Conditioning) -> tuple:
     return tuple((name, tuple(v.shape)) for name in cond.FIELDS
-                 if isinstance(v := getattr(cond, name), torch.Tensor)) + (cond.cfg_layout,)
+                 if isinstance(v := getattr(cond, name), torch.Tensor)) + (cond.cfg_row_order,)
 
 
 def summary_line(stats: dict, timings: dict[str, float]) -> str:

@@ -217,7 +217,7 @@ class CompiledExecutor(Executor):
     # ---- keys: what a graph is specialised on
     @staticmethod
     def prepare_key(transformer, x, t, cond) -> tuple:
-        return ("prepare", id(transformer), cond.cfg_layout, signature(x, t, *cond_tensors(cond)))
+        return ("prepare", id(transformer), cond.cfg_row_order, signature(x, t, *cond_tensors(cond)))
 
     @staticmethod
     def segment_key(transformer, plan, start, stop, action, image, c, text, mask, grid) -> tuple:
@@ -278,7 +278,7 @@ class CompiledExecutor(Executor):
             transformer.prepare(ex.x, ex.t, ex.cond)
             x, t, conds = settled(ex.x), settled(ex.t), tuple(settled(v) for v in cond_tensors(ex.cond))
             key = self.prepare_key(transformer, x, t, ex.cond)
-            image, c, text, mask, grid = ensure(key, lambda: prepare_unit(transformer, ex.cond.cfg_layout),
+            image, c, text, mask, grid = ensure(key, lambda: prepare_unit(transformer, ex.cond.cfg_row_order),
                                                 "prepare", x, t, *conds)
             rows_per_sample = 2 if ex.cond.guided else 1
             for plan in layout_plans:
