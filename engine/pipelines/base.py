@@ -17,7 +17,7 @@ import torch
 from dite.accel.build import as_methods, build_plans, resolve
 from dite.accel.methods import PlanContext
 from dite.accel.tuned import call_steps
-from dite.engine.runtime.accounting import accel_stats
+from dite.engine.runtime.accounting import FlopCounts, accel_spec, accel_stats
 from dite.engine.version import dite_version
 from dite.engine.errors import ConfigError, InputError
 from dite.engine.families import BY_NAME as FAMILY_BY_NAME
@@ -131,6 +131,9 @@ class Pipeline:
         from dite.engine.runtime.executors.eager import EagerExecutor
 
         self.executor = EagerExecutor()
+        # Where `out.stats` keeps its FLOP counts (engine/runtime/accounting.py); None: this
+        # process's, for every pipeline. The CLI names a folder, so the next run reads them.
+        self.flop_counts: FlopCounts | None = None
         # The scheduler the model came with: its prediction type (epsilon, v_prediction,
         # sample) and noise table (ᾱ) are the training's; a replacement must share them.
         self.training_scheduler = scheduler
@@ -286,13 +289,20 @@ class Pipeline:
         methods = resolve(as_methods(accel), ctx)
         return methods, build_plans(methods, ctx)
 
-    def stats(self, methods, plans, state, x_shape, cond) -> dict[str, Any]:
-        memo = self.__dict__.setdefault("_flops_memo", {})
-        stats = accel_stats(self.transformer, methods, plans, state.steps_run, tuple(x_shape), cond, memo)
-        stats["executor"] = state.executor
-        if state.ranges.decisions:
-            stats["adaptive_decisions"] = state.ranges.decisions  # per step: range, which samples ran it
-        return stats
+    def count_stats(self, methods, plans, state: GenerationState, x_shape, cond) -> Callable[[], dict[str, Any]]:
+        """The call's `out.stats`, to be counted when first read: counting FLOPs runs the
+        plans on the meta device, which a caller who never reads them should not wait for."""
+        transformer, counts = self.transformer, self.flop_counts
+        steps_run, executor, decisions = state.steps_run, state.executor, state.ranges.decisions
+
+        def count() -> dict[str, Any]:
+            stats = accel_stats(transformer, methods, plans, steps_run, tuple(x_shape), cond, counts)
+            stats["executor"] = executor
+            if decisions:
+                stats["adaptive_decisions"] = decisions  # per step: range, which samples ran it
+            return stats
+
+        return count
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Model-space latents -> images in [-1, 1]."""
@@ -327,11 +337,11 @@ class Pipeline:
                         prediction_channels=self.prediction_channels,
                         pass_model_variance=self.passes_model_variance and self.scheduler.uses_model_variance,
                         progress=progress)
-        stats = self.stats(call.methods, call.plans, state, x0_shape, cond)
+        stats = self.count_stats(call.methods, call.plans, state, x0_shape, cond)
         return self.finish(x, call, request, timings, stats)
 
     def finish(self, x: torch.Tensor, call: Call, request: Request, timings: dict[str, float],
-               stats: dict[str, Any]) -> "GenerationOutput":
+               stats: Callable[[], dict[str, Any]]) -> "GenerationOutput":
         """Decode (unless "latent") and assemble the output with one parameter dict per image.
         With `request.resize_to` (height, width) the decoded images are scaled and
         centre-cropped to it (PixArt's resolution binning generates at a bin size, then
@@ -356,12 +366,12 @@ class Pipeline:
         out_h, out_w = resize_to if resize_to is not None else (h * self.vae_scale_factor, w * self.vae_scale_factor)
         base = {"model": self.model_name, "family": self.family, "scheduler": self.scheduler.name,
                 "size": f"{out_w}x{out_h}", "steps": call.steps, "guidance": call.guidance, **request.recorded,
-                "accel": stats.get("accel", "none"),
+                "accel": accel_spec(call.methods),
                 "dite_version": dite_version()}
         latents = "given" if call.latents is not None else "seeded"
         params = [{**base, **extra, "seed": call.seed + k, "latents": latents}
                   for k, extra in enumerate(request.records(call))]
-        return GenerationOutput(images=images, latents=x, parameters=params, timings=timings, stats=stats)
+        return GenerationOutput(images=images, latents=x, parameters=params, timings=timings, count_stats=stats)
 
     def describe(self) -> dict[str, Any]:
         params = sum(p.numel() for p in self.transformer.parameters())
