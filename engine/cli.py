@@ -323,7 +323,7 @@ def _check_common(args, flag_model: str = "--model") -> None:
 
 
 def _family(args) -> str | None:
-    from dite.engine.loading.loader import peek_family
+    from dite.engine.checkpoints.recognise import peek_family
 
     return peek_family(args.model)
 

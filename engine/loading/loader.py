@@ -15,7 +15,7 @@ import torch
 
 from dite.engine.dtypes import precisions
 from dite.engine.errors import CheckpointError, ConfigError, InputError
-from dite.engine.checkpoints.recognise import file_family, local_path, peek_family, pipeline_family  # noqa: F401
+from dite.engine.checkpoints.recognise import file_family, local_path, pipeline_family
 from dite.engine.families import BY_NAME
 from dite.engine.loading.config_files import read_model_index
 from dite.engine.loading.hub import looks_like_repo_id
