@@ -93,4 +93,4 @@ class FastAttn(Method):
                 if share and not ctx.guided:
                     share = False
                 merge_policy(drafts[step], block, kind=kind, window=window,
-                             cfg_share=ctx.cfg_layout if share else None)
+                             cfg_share=ctx.cfg_row_order if share else None)

@@ -19,13 +19,13 @@ from dite.models.plan import ADAPTIVE_JUDGES, ADAPTIVE_SIGNALS, FORECAST_COORDS,
 INTERPOLATION_MODES = ("bilinear", "bicubic", "nearest", "nearest-exact", "area")
 
 
-FAMILY_CFG_LAYOUT = {f.name: f.cfg_layout for f in FAMILIES}
+FAMILY_CFG_ROW_ORDER = {f.name: f.cfg_row_order for f in FAMILIES}
 
 
 @dataclass(frozen=True)
 class PlanContext:
     """What plan building needs to know about one call. `model_id` fingerprints the
-    weights (calibrated plans are refused on another model); `cfg_layout` is the layout of
+    weights (calibrated plans are refused on another model); `cfg_row_order` is the row order of
     the guided batch."""
 
     family: str
@@ -35,8 +35,8 @@ class PlanContext:
     model_id: str = ""
 
     @property
-    def cfg_layout(self) -> str:
-        return FAMILY_CFG_LAYOUT.get(self.family, "uncond_first") if self.guided else "none"
+    def cfg_row_order(self) -> str:
+        return FAMILY_CFG_ROW_ORDER.get(self.family, "uncond_first") if self.guided else "none"
 
 
 @dataclass

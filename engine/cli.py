@@ -327,7 +327,7 @@ def _check_common(args, flag_model: str = "--model") -> None:
 
 
 def _family(args) -> str | None:
-    from dite.engine.loading.loader import peek_family
+    from dite.engine.checkpoints.recognise import peek_family
 
     return peek_family(args.model)
 
@@ -483,7 +483,7 @@ def cmd_generate(args) -> int:
 
     from dite.engine.loading.loader import load
     from dite.engine.pipelines.images import save_png
-    from dite.engine.runtime.accounting import summary_line
+    from dite.engine.runtime.accounting import FlopCounts, flop_cache_folder, summary_line
 
     components = {"text_encoder_3": None} if args.no_t5 else {}
     options = {k: v for k, v in (("backend", args.compile_backend), ("mode", args.compile_mode),
@@ -493,6 +493,8 @@ def cmd_generate(args) -> int:
                 executor_options=options, model_config=args.model_config, **components)
     _check_conditioning(args, pipe.family)  # checked before loading when the family could be told
     _check_against_model(pipe, args, count, _text_tokens(pipe, args))
+    # The summary line's FLOPs, counted once per model and call shape and kept for later runs.
+    pipe.flop_counts = FlopCounts(flop_cache_folder())
     width, height = args.size if args.size else (None, None)
     common = dict(seed=args.seed, height=height, width=width, progress=not args.quiet, accel=args.accel)
     if args.steps is not None:

@@ -21,10 +21,12 @@ class Family:
     pipeline_classes: tuple[str, ...]
     # diffusers' transformer class names (transformer/config.json `_class_name`).
     transformer_classes: tuple[str, ...]
-    model_module: str   # dite.models.<...>: the nn.Module, its config and key maps
-    loader_module: str  # dite.engine.loading.<...>: detect_file, load_folder, load_file
+    # dite.models.<...>: the nn.Module, its config, key maps and `detect_layout(keys)`, by which
+    # engine/checkpoints/recognise.py tells a file's family.
+    model_module: str
+    loader_module: str  # dite.engine.loading.<...>: load_folder, load_file
     # Row order of a guided batch: which CFG half comes first.
-    cfg_layout: str
+    cfg_row_order: str
     default_steps: int
     default_guidance: float
     # T5 tokens by default (None: no text encoder); PixArt-Σ overrides α's 120 with 300.
@@ -60,13 +62,13 @@ def original_dit_scheduler_config(learned_sigma: bool) -> dict:
 
 
 DIT = Family("dit", ("DiTPipeline",), ("DiTTransformer2DModel", "Transformer2DModel"), "dite.models.dit",
-             "dite.engine.loading.dit", cfg_layout="cond_first", default_steps=50, default_guidance=4.0,
+             "dite.engine.loading.dit", cfg_row_order="cond_first", default_steps=50, default_guidance=4.0,
              default_sequence_length=None, default_scheduler=None)
 SD3 = Family("sd3", ("StableDiffusion3Pipeline",), ("SD3Transformer2DModel",), "dite.models.mmdit",
-             "dite.engine.loading.sd3", cfg_layout="uncond_first", default_steps=28, default_guidance=7.0,
+             "dite.engine.loading.sd3", cfg_row_order="uncond_first", default_steps=28, default_guidance=7.0,
              default_sequence_length=256, default_scheduler=SD3_SCHEDULER)
 PIXART = Family("pixart", tuple(PIXART_VERSION_OF_PIPELINE), ("PixArtTransformer2DModel", "Transformer2DModel"),
-                "dite.models.pixart", "dite.engine.loading.pixart", cfg_layout="uncond_first", default_steps=20,
+                "dite.models.pixart", "dite.engine.loading.pixart", cfg_row_order="uncond_first", default_steps=20,
                 default_guidance=4.5, default_sequence_length=120, default_scheduler=PIXART_SCHEDULER)
 
 FAMILIES: tuple[Family, ...] = (DIT, SD3, PIXART)

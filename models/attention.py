@@ -124,10 +124,10 @@ def save_state(store, layer, state: AttentionState) -> None:
         store.save(layer, state)
 
 
-def cond_half(rows: int, layout: str) -> slice:
-    """The conditional rows of a CFG batch in `layout`."""
+def cond_half(rows: int, row_order: str) -> slice:
+    """The conditional rows of a CFG batch whose halves come in `row_order`."""
     half = rows // 2
-    return slice(0, half) if layout == "cond_first" else slice(half, rows)
+    return slice(0, half) if row_order == "cond_first" else slice(half, rows)
 
 
 def _given(value, what: str):

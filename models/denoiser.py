@@ -64,7 +64,7 @@ class Denoiser(nn.Module):
         return self.finalize(self.run_blocks(self.prepare(x, t, cond), plan))
 
 
-CFG_LAYOUTS = ("cond_first", "uncond_first", "none")
+CFG_ROW_ORDERS = ("cond_first", "uncond_first", "none")
 
 
 @dataclass(frozen=True)
@@ -72,34 +72,34 @@ class Conditioning:
     """Everything a denoiser is conditioned on besides x and t, for the whole batch.
 
     With classifier-free guidance the batch holds the conditional and the unconditional rows
-    one after the other; `cfg_layout` says which half comes first ("cond_first" for DiT,
+    one after the other; `cfg_row_order` says which half comes first ("cond_first" for DiT,
     "uncond_first" for SD3 and PixArt, "none" without guidance), so nothing slices a batch by
     assuming an order.
     """
 
-    # The conditioning tensors, in field order: everything but cfg_layout.
+    # The conditioning tensors, in field order: everything but cfg_row_order.
     FIELDS: ClassVar[tuple[str, ...]] = ("class_labels", "context", "context_mask", "pooled")
 
     class_labels: torch.Tensor | None = None
     context: torch.Tensor | None = None
     context_mask: torch.Tensor | None = None
     pooled: torch.Tensor | None = None
-    cfg_layout: str = "none"
+    cfg_row_order: str = "none"
 
     def __post_init__(self):
-        if self.cfg_layout not in CFG_LAYOUTS:
-            raise ValueError(f"cfg_layout must be one of {CFG_LAYOUTS}, got {self.cfg_layout!r}")
+        if self.cfg_row_order not in CFG_ROW_ORDERS:
+            raise ValueError(f"cfg_row_order must be one of {CFG_ROW_ORDERS}, got {self.cfg_row_order!r}")
 
     @property
     def guided(self) -> bool:
-        return self.cfg_layout != "none"
+        return self.cfg_row_order != "none"
 
     def cond_rows(self, rows: int) -> slice:
         """The conditional rows of a guided batch of `rows` rows."""
         if not self.guided or rows % 2:
-            raise ValueError(f"no conditional half in a batch of {rows} rows with cfg_layout {self.cfg_layout!r}")
+            raise ValueError(f"no conditional half in a batch of {rows} rows with cfg_row_order {self.cfg_row_order!r}")
         half = rows // 2
-        return slice(0, half) if self.cfg_layout == "cond_first" else slice(half, rows)
+        return slice(0, half) if self.cfg_row_order == "cond_first" else slice(half, rows)
 
     def conditional_only(self) -> "Conditioning":
         """The conditioning of the conditional rows alone, unguided (PromptGate's steps)."""
@@ -108,4 +108,4 @@ class Conditioning:
             raise ValueError("empty conditioning")
         rows = self.cond_rows(present[0].shape[0])
         return Conditioning(**{f: None if getattr(self, f) is None else getattr(self, f)[rows] for f in self.FIELDS},
-                            cfg_layout="none")
+                            cfg_row_order="none")

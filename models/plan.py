@@ -40,7 +40,7 @@ class AttentionPolicy:
     kind "full" is exact attention; "window" (DiTFastAttn's WA-RS) is band attention of
     half-width `window` tokens plus the residual (full - window) stored by this layer's
     last full step; "share" (AST) returns this layer's output from its last computed step.
-    `cfg_share` (ASC) names the batch's CFG layout: attention runs on the conditional half
+    `cfg_share` (ASC) names the batch's CFG row order: attention runs on the conditional half
     only and its output is copied to both halves. `store_residual` / `store_output` make a
     computing step keep what a later step of the same layer will use.
 

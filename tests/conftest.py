@@ -29,3 +29,13 @@ def dit():
     model = randomized(DiT(DiTConfig(hidden_size=16, depth=4, num_heads=2, num_classes=10, input_size=8)), seed=1)
     model.init_computed_buffers(torch.device("cpu"))
     return model
+
+
+@pytest.fixture(autouse=True, scope="session")
+def flop_cache_in_tmp(tmp_path_factory):
+    """`dite generate` keeps counted FLOPs in $DITE_CACHE (engine/runtime/accounting.py): the
+    tests' go to a temporary folder, not the user's ~/.cache."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("DITE_CACHE", str(tmp_path_factory.mktemp("dite-cache")))
+    yield
+    patch.undo()

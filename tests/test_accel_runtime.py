@@ -83,8 +83,8 @@ def manual_gated_loop(model, cond, steps, gate, latent, scale=5.0):
     for i in range(steps):
         t = st.timesteps[i]
         if i < gate:
-            out = model(batch_for_cfg(x, cond.cfg_layout), t.expand(2), cond)
-            out = apply_guidance(out, cond.cfg_layout, scale, 4)
+            out = model(batch_for_cfg(x, cond.cfg_row_order), t.expand(2), cond)
+            out = apply_guidance(out, cond.cfg_row_order, scale, 4)
         else:
             out = model(x, t.expand(1), cond_only)
         x = sched.step(out[:, :4], i, x, st)
@@ -101,7 +101,7 @@ def test_promptgate_steps_are_cond_only_unguided(mmdit, dit, family):
 
 @pytest.mark.parametrize("layout,kept", [("uncond_first", 1.0), ("cond_first", 0.0)])
 def test_gate_slices_caches_to_the_conditional_rows(layout, kept):
-    cond = Conditioning(class_labels=torch.tensor([0, 1]), cfg_layout=layout)
+    cond = Conditioning(class_labels=torch.tensor([0, 1]), cfg_row_order=layout)
     cache = DeltaStore()
     before = torch.zeros(2, 3, 4)
     after = torch.stack([torch.zeros(3, 4), torch.ones(3, 4)])  # row 0 -> delta 0, row 1 -> delta 1

@@ -52,7 +52,7 @@ class PolynomialDenoiser(Denoiser):
 
 def run(model, plans, steps, cond=None, batch=1, executor=None, seed=0, latent=(4, 4, 4), shift=3.0,
         row_scales=None):
-    cond = cond if cond is not None else Conditioning(pooled=torch.zeros(batch, 1), cfg_layout="none")
+    cond = cond if cond is not None else Conditioning(pooled=torch.zeros(batch, 1), cfg_row_order="none")
     sched = by_name("flow_euler", shift=shift)
     state = GenerationState(scheduler=sched.start(steps))
     g = torch.Generator().manual_seed(seed)
@@ -127,7 +127,7 @@ def test_each_sample_decides_alone_in_a_mixed_batch(mmdit):
     def cond(rows):
         n = len(rows)
         return Conditioning(context=torch.cat([null_ctx.expand(n, -1, -1), contexts[rows]]),
-                            pooled=torch.cat([null_pooled.expand(n, -1), pooled[rows]]), cfg_layout="uncond_first")
+                            pooled=torch.cat([null_pooled.expand(n, -1), pooled[rows]]), cfg_row_order="uncond_first")
 
     latents = torch.randn(3, 4, 6, 4, generator=g) * torch.tensor([1.0, 2.5, 0.3])[:, None, None, None]
     plans = plans_for(spec, mmdit, steps)
@@ -158,7 +158,7 @@ def test_compiled_equals_eager_without_recompiles(mmdit, spec):
     plans = plans_for(spec, mmdit, steps)
     g = torch.Generator().manual_seed(11)
     cond = Conditioning(context=torch.randn(2 * batch, 5, 8, generator=g), pooled=torch.randn(2 * batch, 6, generator=g),
-                        cfg_layout="uncond_first")
+                        cfg_row_order="uncond_first")
     shape = dict(cond=cond, batch=batch, latent=(4, 6, 4), row_scales=[1.0, 3.0])
     eager, eager_state = run(mmdit, plans, steps, **shape)
     executor = make_executor("compiled", backend="aot_eager")

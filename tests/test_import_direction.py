@@ -17,7 +17,7 @@ def modules_after(code: str) -> set[str]:
     return set(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
-CHECKPOINT_MODULES = ["parts", "layouts", "pipeline_files", "convert", "inspect", "inspect_parts", "destination", "recorded",
+CHECKPOINT_MODULES = ["parts", "recognise", "layouts", "pipeline_files", "convert", "inspect", "inspect_parts", "destination", "recorded",
                       "safetensors_writer", "tensor_stream"]
 
 

@@ -28,11 +28,11 @@ def sd3_cond(batch=1, guided=True):
     g = torch.Generator().manual_seed(3)
     rows = 2 * batch if guided else batch
     return Conditioning(context=torch.randn(rows, 5, 8, generator=g), pooled=torch.randn(rows, 6, generator=g),
-                        cfg_layout="uncond_first" if guided else "none")
+                        cfg_row_order="uncond_first" if guided else "none")
 
 
 def dit_cond(labels=(3,)):
-    return Conditioning(class_labels=torch.tensor(list(labels) + [10] * len(labels)), cfg_layout="cond_first")
+    return Conditioning(class_labels=torch.tensor(list(labels) + [10] * len(labels)), cfg_row_order="cond_first")
 
 
 def sample(model, cond, plans, steps, scheduler="flow_euler", latent=(4, 6, 4), batch=1, seed=0):

@@ -51,7 +51,7 @@ def preset_denoiser(name: str, t5_tokens: int):
                    else MMDiTConfig(depth=38, num_heads=38, pos_embed_max_size=192, qk_norm=True))
             model = MMDiT(cfg).to(torch.float16)
             cond = Conditioning(context=torch.empty(2, 77 + t5_tokens, 4096), pooled=torch.empty(2, 2048),
-                                cfg_layout="uncond_first")
+                                cfg_row_order="uncond_first")
             return model, cond
         if name.startswith("pixart"):
             from dite.models.pixart import PixArt, PixArtConfig
@@ -59,13 +59,13 @@ def preset_denoiser(name: str, t5_tokens: int):
             # PixArt-α-XL-2-1024-MS: micro-conditions, T5 length 120 (the --max-sequence-length is SD3's)
             model = PixArt(PixArtConfig(micro_conditions=True)).to(torch.float16)
             cond = Conditioning(context=torch.empty(2, 120, 4096), context_mask=torch.ones(2, 120, dtype=torch.bool),
-                                pooled=torch.empty(2, 3), cfg_layout="uncond_first")
+                                pooled=torch.empty(2, 3), cfg_row_order="uncond_first")
             return model, cond
         from dite.models.dit import DiT, DiTConfig
 
         cfg = DiTConfig.preset("DiT-XL/2-512" if name.endswith("512") else "DiT-XL/2")
         return DiT(cfg).to(torch.float16), Conditioning(class_labels=torch.zeros(2, dtype=torch.long),
-                                                        cfg_layout="cond_first")
+                                                        cfg_row_order="cond_first")
 
 
 PATTERNS = {

@@ -37,13 +37,13 @@ def build(args):
         model = DiT(DiTConfig(hidden_size=args.width, depth=args.depth, num_heads=args.heads,
                               input_size=args.latent))
         model.init_computed_buffers(torch.device("cpu"))
-        cond = Conditioning(class_labels=torch.tensor([1, 1000]), cfg_layout="cond_first")
+        cond = Conditioning(class_labels=torch.tensor([1, 1000]), cfg_row_order="cond_first")
         channels, scheduler = 4, "ddim"
     else:
         model = MMDiT(MMDiTConfig(depth=args.depth, num_heads=args.heads, head_dim=args.width // args.heads,
                                   pos_embed_max_size=args.latent, sample_size=args.latent))
         cond = Conditioning(context=torch.randn(2, args.text_tokens, 4096), pooled=torch.randn(2, 2048),
-                            cfg_layout="uncond_first")
+                            cfg_row_order="uncond_first")
         channels, scheduler = 16, "flow_euler"
     with torch.no_grad():
         for p in model.parameters():

@@ -30,7 +30,8 @@ from dite.engine.checkpoints.layouts import (
 from dite.engine.checkpoints.pipeline_files import TOKENIZERS, model_index, scheduler_config, tokenizer_folders
 from dite.engine.dtypes import precisions, safetensors_dtypes
 from dite.engine.errors import CheckpointError, InputError
-from dite.engine.loading.hub import demo_folder, resolve_source
+from dite.engine.checkpoints.recognise import local_path
+from dite.engine.loading.hub import demo_folder
 from dite.engine.checkpoints.safetensors_writer import PlannedTensor, SafetensorsWriter, ShardedWriter, parse_size
 from dite.engine.checkpoints.tensor_stream import Component, PrecisionWarning, Target, iter_tensors, plan, require_clean
 
@@ -328,7 +329,7 @@ def convert(source: str | os.PathLike, destination: str | os.PathLike, *, to: st
     check_outputs([dst], named, force=force, folder=to == "diffusers")
     # A demo name or a hub repo id ("owner/name", "owner/name/file.safetensors") is resolved as load() does.
     demo = demo_folder(source)
-    src = demo if demo is not None else resolve_source(source, variant=variant)
+    src = local_path(source, variant=variant)
     with terminate_as_interrupt():  # SIGTERM cleans up as Ctrl-C does
         return _convert(src, dst, to=to, dtype=dtype, limit=limit, components=components, force=force,
                         tokenizers=tokenizers, model_config=model_config, text_encoders=text_encoders,

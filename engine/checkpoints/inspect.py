@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from dite.engine.loading import sd3_single_file as sd3_files
+from dite.engine.checkpoints.recognise import file_family, local_path, pipeline_family
 from dite.engine.checkpoints.recorded import RecordedMetadataError, read_recorded, with_recorded
 from dite.engine.errors import CheckpointError, ConfigError, DiteError
 from dite.engine.families import PIXART_VERSION_OF_PIPELINE
 from dite.engine.loading.config_files import parse_config, read_model_index
-from dite.engine.loading.hub import demo_folder, resolve_source
 from dite.engine.checkpoints.inspect_parts import describe_parts
 from dite.engine.loading.weights import WeightReader, find_weights_file, open_weights
 from dite.models import dit, mmdit, pixart
@@ -41,8 +41,7 @@ def inspect_source(source: str, *, variant: str | None = None, model_config: dic
     `source` may also be a demo model name (demo-sd3, demo-dit). What dite recorded in a file
     it converted (engine/checkpoints/recorded.py) is used and shown under "recorded"; a
     model_config that contradicts it is refused."""
-    demo = demo_folder(source)
-    path = demo if demo is not None else resolve_source(source, variant=variant)
+    path = local_path(source, variant=variant)
     recorded = None
     if path.is_file():
         model_config = with_recorded(path, model_config)
@@ -87,15 +86,14 @@ def _inspect_source(source: str, path: Path, *, variant: str | None = None) -> d
         model_index = read_model_index(index)
         info: dict[str, Any] = {"source": str(source), "format": "diffusers folder",
                                 "pipeline": model_index.get("_class_name"), "components": {}}
-        if model_index.get("_class_name") == "DiTPipeline":
-            info["family"] = "dit"
+        family = pipeline_family(index, model_index).name
+        info["family"] = family
+        if family == "dit":
             info["config"] = parse_config(path / "transformer/config.json", dit.DiTConfig.from_diffusers).to_dict()
-        elif model_index.get("_class_name") == "StableDiffusion3Pipeline":
-            info["family"] = "sd3"
+        elif family == "sd3":
             cfg = parse_config(path / "transformer/config.json", mmdit.MMDiTConfig.from_diffusers)
             info["variant"], info["config"] = sd3_release(cfg), cfg.to_dict()
-        elif model_index.get("_class_name") in PIXART_VERSION_OF_PIPELINE:
-            info["family"] = "pixart"
+        else:
             pixart_version = PIXART_VERSION_OF_PIPELINE[model_index["_class_name"]]
             cfg = parse_config(path / "transformer/config.json",
                                lambda c: pixart.PixArtConfig.from_diffusers(c, pixart_version))
@@ -111,13 +109,14 @@ def _inspect_source(source: str, path: Path, *, variant: str | None = None) -> d
             info["components"][name] = entry
         return info
     reader = open_weights(path)
-    if sd3_files.transformer_prefix(reader.keys()) is not None or mmdit.detect_layout(reader.keys()):
-        return {"source": str(source), **_sd3_file(path, reader), **_tensor_summary(reader)}
-    if pixart.detect_layout(reader.keys()) is not None:
-        return {"source": str(source), **_pixart_file(reader), **_tensor_summary(reader)}
-    layout = dit.detect_layout(reader.keys())
-    if layout is None:
+    found = file_family(reader.keys())
+    if found is None:
         raise CheckpointError(f"{path}: not a checkpoint dite recognises")
+    family, layout = found
+    if family.name == "sd3":
+        return {"source": str(source), **_sd3_file(path, reader), **_tensor_summary(reader)}
+    if family.name == "pixart":
+        return {"source": str(source), **_pixart_file(reader), **_tensor_summary(reader)}
     info = {"source": str(source), "format": "single file", "family": "dit", "layout": layout}
     if layout == "original":
         try:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from dite.engine.checkpoints.recognise import file_family, pipeline_family
 from dite.engine.checkpoints.recorded import read_recorded, recorded_config, with_recorded
 from dite.engine.loading import sd3_single_file as sd3_files
 from dite.engine.errors import CheckpointError, ConfigError
@@ -155,17 +156,14 @@ def component_folder(folder: Path, name: str | None = None, variant: str | None 
 
 def _pipeline_folder(path: Path, variant: str | None, mmap: bool) -> Parts:
     index = read_model_index(path)
+    family = pipeline_family(path / "model_index.json", index).name
     cls = index.get("_class_name")
-    if cls not in ("DiTPipeline", "StableDiffusion3Pipeline", *PIXART_VERSION_OF_PIPELINE):
-        raise ConfigError(f"{path / 'model_index.json'} describes a {cls!r}; dite converts DiTPipeline, "
-                          "StableDiffusion3Pipeline and PixArtAlpha/SigmaPipeline folders")
     components = {}
     for name, spec in index.items():
         weighted = name in ("transformer", "vae") or name.startswith("text_encoder")
         if weighted and isinstance(spec, list) and spec[0] is not None and (path / name).is_dir():
             components[name] = component_folder(path / name, name, variant, PIXART_VERSION_OF_PIPELINE.get(cls),
                                                 mmap=mmap)
-    family = {"DiTPipeline": "dit", "StableDiffusion3Pipeline": "sd3"}.get(cls, "pixart")
     parts = Parts(family, "diffusers", path, components, model_index=index, tokenizer_places=[path])
     if family == "sd3" and "transformer" in components:
         parts.release = sd3_release(components["transformer"].config)
@@ -177,6 +175,14 @@ def _pipeline_folder(path: Path, variant: str | None, mmap: bool) -> Parts:
 
 
 # ----------------------------------------------------------------------------- files
+
+def _dit_file(path: Path, reader: WeightReader, model_config: dict, tokenizers: Path | None) -> Parts:
+    """An original DiT checkpoint: the transformer alone (its VAE is a separate release)."""
+    _only(model_config, ("num_heads",), "a DiT checkpoint")
+    cfg = dit.detect_config(reader.shapes(), num_heads=model_config.get("num_heads"))
+    cfg = recorded_config(path, "transformer", cfg)
+    return _recorded_pipeline(Parts("dit", "original", path, {"transformer": _dit_component(reader, cfg, "original")}))
+
 
 def _sd3_file(path: Path, reader: WeightReader, model_config: dict, tokenizers: Path | None) -> Parts:
     """An SD3 / SD3.5 release file and the text encoders beside it (engine/loading/sd3_single_file.py)."""
@@ -253,20 +259,14 @@ def _single_file(path: Path, model_config: dict, tokenizers: Path | None) -> Par
     reader = open_weights(path)
     keys = reader.keys()
     model_config = with_recorded(path, model_config)  # what dite recorded when it wrote the file
-    if sd3_files.transformer_prefix(keys) is not None:
-        return _sd3_file(path, reader, model_config, tokenizers)
-    if pixart.detect_layout(keys) == "original":
-        return _pixart_file(path, reader, model_config, tokenizers)
-    layout = dit.detect_layout(keys)
-    if layout == "original":
-        _only(model_config, ("num_heads",), "a DiT checkpoint")
-        cfg = dit.detect_config(reader.shapes(), num_heads=model_config.get("num_heads"))
-        cfg = recorded_config(path, "transformer", cfg)
-        return _recorded_pipeline(Parts("dit", "original", path, {"transformer": _dit_component(reader, cfg,
-                                                                                                "original")}))
-    if layout == "diffusers" or mmdit.detect_layout(keys) == "diffusers":
-        raise CheckpointError(f"{path} is a diffusers-layout transformer without its config.json; convert the folder "
-                              "that holds it (config.json + weights), or the pipeline folder")
+    found = file_family(keys)
+    if found is not None:
+        family, layout = found
+        if layout == "diffusers":
+            raise CheckpointError(f"{path} is a diffusers-layout transformer without its config.json; convert the "
+                                  "folder that holds it (config.json + weights), or the pipeline folder")
+        read = {"sd3": _sd3_file, "pixart": _pixart_file, "dit": _dit_file}[family.name]
+        return read(path, reader, model_config, tokenizers)
     if sd3_files.vae_prefix(keys) is not None and not clip_prefixes(keys):
         _only(model_config, ("vae",), "a VAE file")
         hint = model_config.get("vae")

@@ -19,10 +19,6 @@ from dite.schedulers import from_diffusers_config, load_scheduler
 TRANSFORMER_CLASSES = DIT.transformer_classes
 
 
-def detect_file(keys) -> bool:
-    return dit.detect_layout(keys) is not None
-
-
 def build_transformer(cfg: dit.DiTConfig, reader: WeightReader, layout: str, *, device, dtype) -> dit.DiT:
     keymap, ignore = dit.keymap(cfg, layout)
     return build_module(lambda: dit.DiT(cfg), keymap, reader, ignore=ignore, dtype=dtype, device=device)

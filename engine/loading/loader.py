@@ -1,8 +1,8 @@
 """`load(source)`: any supported model source -> a ready pipeline, family auto-detected.
 
 Sources: a diffusers pipeline folder (model_index.json), a single checkpoint file in an
-original release layout, or a hub repo id. The family comes from model_index.json's class
-name for folders and from tensor names for files (the `models` package owns detection).
+original release layout, or a hub repo id. What the source is (which family, folder or file)
+is told by engine/checkpoints/recognise.py, as for conversion and inspection.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ import torch
 
 from dite.engine.dtypes import precisions
 from dite.engine.errors import CheckpointError, ConfigError, InputError
-from dite.engine.families import BY_NAME, FAMILIES, by_pipeline_class, supported_pipelines
+from dite.engine.checkpoints.recognise import file_family, local_path, pipeline_family
+from dite.engine.families import BY_NAME
 from dite.engine.loading.config_files import read_model_index
-from dite.engine.loading.hub import looks_like_repo_id, resolve_source
+from dite.engine.loading.hub import looks_like_repo_id
 from dite.engine.pipelines.base import Pipeline
 from dite.engine.loading.weights import open_weights
 from dite.schedulers import by_name
@@ -78,27 +79,6 @@ def check_model_config(model_config) -> dict:
     return model_config
 
 
-def peek_family(source) -> str | None:
-    """The family ("dit", "sd3", "pixart") of a local source, read from model_index.json or
-    the tensor names without loading any weights; None when it cannot be told cheaply (a hub
-    repo not downloaded yet, an unrecognised file). Lets the CLI refuse a prompt for a DiT
-    before loading anything."""
-    if isinstance(source, str) and source in DEMO_MODELS:
-        return DEMO_MODELS[source]
-    path = Path(os.path.expanduser(str(source)))
-    if path.is_dir():
-        if not (path / "model_index.json").is_file():
-            return None
-        family = by_pipeline_class(read_model_index(path).get("_class_name"))
-        return family.name if family is not None else None
-    if path.is_file() and path.name.endswith(".safetensors"):  # a header read; .pt files are unpickled
-        keys = open_weights(path).keys()
-        for family in FAMILIES:
-            if family.loader().detect_file(keys):
-                return family.name
-    return None
-
-
 def _config_parsers(family: str, model_index: dict) -> dict:
     """diffusers / transformers class name -> the dite parser of its config.json."""
     from dite.models import clip, dit, mmdit, pixart, t5, vae
@@ -128,11 +108,6 @@ def check_folder_configs(path: Path, model_index: dict, family: str, skip=()) ->
             load_scheduler(folder)
         elif spec[-1] in parsers and (folder / "config.json").is_file():
             parse_config(folder / "config.json", parsers[spec[-1]], f"{name} config")
-
-
-def _loaders():
-    # Imported here so that `import dite.engine` stays light.
-    return [f.loader() for f in FAMILIES]
 
 
 def load(
@@ -169,8 +144,7 @@ def load(
     """
     device, dtype = parse_device(device), parse_dtype(dtype)
     model_config = check_model_config(model_config)
-    demo = demo_folder(source)
-    path = demo if demo is not None else resolve_source(source, revision=revision, variant=variant)
+    path = local_path(source, revision=revision, variant=variant)
     options = dict(device=device, dtype=dtype, vae=vae, variant=variant, model_config=model_config or {},
                    components=components, tokenizers=tokenizers)
     if path.is_dir():
@@ -181,13 +155,7 @@ def load(
                 "model_index.json and transformer/, vae/, scheduler/) or a single checkpoint file"
             )
         model_index = read_model_index(index)
-        class_name = model_index.get("_class_name")
-        family = by_pipeline_class(class_name)
-        if family is None:
-            raise ConfigError(
-                f"{index} describes a {class_name!r}, which dite does not run; supported: "
-                f"{', '.join(supported_pipelines())}"
-            )
+        family = pipeline_family(index, model_index)
         check_folder_configs(path, model_index, family.name, skip={*components, *(["vae"] if vae is not None else [])})
         pipe = family.loader().load_folder(path, model_index, **options)
         defaults = model_index.get("_dite") or {}
@@ -195,15 +163,14 @@ def load(
                          if k in ("num_inference_steps", "guidance_scale", "max_sequence_length")}
     else:
         reader = open_weights(path)
-        keys = reader.keys()
-        family = next((f for f in _loaders() if f.detect_file(keys)), None)
-        if family is None:
-            sample = ", ".join(sorted(keys)[:4])
+        found = file_family(reader.keys())
+        if found is None:
+            sample = ", ".join(sorted(reader.keys())[:4])
             raise CheckpointError(
                 f"{path}: cannot tell which model this checkpoint is (tensors such as {sample}); "
                 "dite reads DiT, SD3 and PixArt checkpoints in their original or diffusers layouts"
             )
-        pipe = family.load_file(path, reader, **options)
+        pipe = found[0].loader().load_file(path, reader, **options)
     pipe.source = str(source)
     pipe.model_name = recorded_name(source)
     if device.type == "npu":

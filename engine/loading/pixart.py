@@ -37,10 +37,6 @@ TRANSFORMER_CLASSES = ("PixArtTransformer2DModel", "Transformer2DModel")
 FILE_HINTS = ("num_heads", "variant", "sample_size")  # model_config keys; "variant": the PixArt version
 
 
-def detect_file(keys) -> bool:
-    return pixart.detect_layout(keys) is not None
-
-
 def build_transformer(cfg: pixart.PixArtConfig, reader: WeightReader, layout: str, *, device, dtype) -> pixart.PixArt:
     keymap, ignore = pixart.keymap(cfg, layout)
     return build_module(lambda: pixart.PixArt(cfg), keymap, reader, ignore=ignore, dtype=dtype, device=device)

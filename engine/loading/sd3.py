@@ -32,11 +32,6 @@ class RunningWithoutT5Warning(UserWarning):
     """An SD3 single file was loaded without T5 because no T5 weights were found."""
 
 
-def detect_file(keys) -> bool:
-    keys = list(keys)
-    return any(k.endswith(mmdit.ORIGINAL_ANCHOR) for k in keys) or mmdit.detect_layout(keys) is not None
-
-
 def build_transformer(cfg: mmdit.MMDiTConfig, reader: WeightReader, layout: str, *, device, dtype, prefix="",
                       ignore=frozenset()):
     keymap, keymap_ignore = mmdit.keymap(cfg, layout, prefix)
@@ -117,38 +112,19 @@ def load_file(path: Path, reader: WeightReader, *, device, dtype, vae, variant, 
     skip_t5 = _skip_t5(components)
     model_config = with_recorded(path, model_config)  # what dite recorded in a file it converted
     hints = component_hints(model_config)
-    keys = reader.keys()
-    prefix = sd3_files.transformer_prefix(keys)
-    if prefix is None:
-        raise CheckpointError(
-            f"{path} is a diffusers-layout SD3 transformer file without its folder; load the pipeline folder "
-            "(with model_index.json) instead"
-        )
-    check_fields(model_config, "model_config", {"num_heads": "size"})
-    cfg = mmdit.detect_config(sd3_files.transformer_shapes(reader, prefix), num_heads=model_config.get("num_heads"))
-    cfg = recorded_config(path, "transformer", cfg)
-    vae_prefix = sd3_files.vae_prefix(keys)
+    prefix, cfg = _file_transformer_config(path, reader, model_config)
+    vae_prefix = sd3_files.vae_prefix(reader.keys())
     if vae is None and vae_prefix is None:
         raise CheckpointError(f"{path} holds no VAE (no first_stage_model.* tensors): pass vae=PATH (CLI: --vae), "
                               "e.g. the vae/ folder of a diffusers SD3 folder")
-    sources = {part: sd3_files.find_encoder(path, reader, part) for part in sd3_files.TEXT_ENCODERS}
-    missing = [part for part in ("clip_l", "clip_g") if sources[part] is None]
-    if missing:
-        raise sd3_files.missing_encoders_error(path, missing)
-    use_t5 = sources["t5xxl"] is not None and not skip_t5
-    if sources["t5xxl"] is None and not skip_t5:
-        files = " or ".join(sd3_files.SEPARATE_FILES["t5xxl"])
-        warnings.warn(
-            f"no T5 found for {path} (not bundled, and no {files} in "
-            f"{' or '.join(map(str, sd3_files.encoder_folders(path)))}): running SD3 without T5, whose tokens "
-            "become zeros (lower prompt adherence). Put the T5 file in text_encoders/ to use it, or pass "
-            "text_encoder_3=None (CLI: --no-t5) to choose this mode", RunningWithoutT5Warning, stacklevel=3)
+    sources = _file_encoders(path, reader, skip_t5)
     places = _tokenizer_places(tokenizers, sd3_files.tokenizer_places(path))
-    tokenizer_l, tokenizer_g = (sd3_files.load_tokenizer(places, p, single_file=True) for p in ("clip_l", "clip_g"))
-    tokenizer_t5 = sd3_files.load_tokenizer(places, "t5xxl", single_file=True) if use_t5 else None
+    tokenizer_of = {part: sd3_files.load_tokenizer(places, part, single_file=True)
+                    for part in sd3_files.TEXT_ENCODERS if sources[part] is not None}
 
+    # Weights from here on.
     transformer = build_transformer(cfg, reader, "original", device=device, dtype=dtype, prefix=prefix,
-                                    ignore=sd3_files.not_transformer(keys, prefix))
+                                    ignore=sd3_files.not_transformer(reader.keys(), prefix))
     if vae is not None:
         vae_module = resolve_vae(vae, None, dtype=dtype, device=device, variant=variant)
     elif hints["vae"] is not None:
@@ -157,7 +133,47 @@ def load_file(path: Path, reader: WeightReader, *, device, dtype, vae, variant, 
         sd3 = VAEConfig.sd3()
         vae_module = load_vae(reader, prefix=vae_prefix, scaling_factor=sd3.scaling_factor,
                               shift_factor=sd3.shift_factor, dtype=dtype, device=device)
+    text = _file_text_encoders(sources, tokenizer_of, hints, cfg, dtype=dtype, device=device)
+    check_text_widths(cfg, text, path)
+    return SD3Pipeline(transformer, vae_module, from_diffusers_config(recorded_scheduler(path) or SD3_SCHEDULER), text)
 
+
+def _file_transformer_config(path: Path, reader: WeightReader, model_config: dict) -> tuple[str, mmdit.MMDiTConfig]:
+    """(prefix, config) of a single file's MMDiT, from its shapes and what dite recorded."""
+    prefix = sd3_files.transformer_prefix(reader.keys())
+    if prefix is None:
+        raise CheckpointError(
+            f"{path} is a diffusers-layout SD3 transformer file without its folder; load the pipeline folder "
+            "(with model_index.json) instead"
+        )
+    check_fields(model_config, "model_config", {"num_heads": "size"})
+    cfg = mmdit.detect_config(sd3_files.transformer_shapes(reader, prefix), num_heads=model_config.get("num_heads"))
+    return prefix, recorded_config(path, "transformer", cfg)
+
+
+def _file_encoders(path: Path, reader: WeightReader, skip_t5: bool) -> dict:
+    """Where each text encoder of a single file is ({part: EncoderSource or None}; T5 None
+    when it is not used): both CLIPs or one line naming the missing ones; no T5 found (and
+    not skipped) is a warning, and SD3 runs without it."""
+    sources = {part: sd3_files.find_encoder(path, reader, part) for part in sd3_files.TEXT_ENCODERS}
+    missing = [part for part in ("clip_l", "clip_g") if sources[part] is None]
+    if missing:
+        raise sd3_files.missing_encoders_error(path, missing)
+    if sources["t5xxl"] is None and not skip_t5:
+        files = " or ".join(sd3_files.SEPARATE_FILES["t5xxl"])
+        warnings.warn(
+            f"no T5 found for {path} (not bundled, and no {files} in "
+            f"{' or '.join(map(str, sd3_files.encoder_folders(path)))}): running SD3 without T5, whose tokens "
+            "become zeros (lower prompt adherence). Put the T5 file in text_encoders/ to use it, or pass "
+            "text_encoder_3=None (CLI: --no-t5) to choose this mode", RunningWithoutT5Warning, stacklevel=4)
+    if skip_t5:
+        sources["t5xxl"] = None
+    return sources
+
+
+def _file_text_encoders(sources: dict, tokenizers: dict, hints: dict, cfg: mmdit.MMDiTConfig, *, dtype,
+                        device) -> SD3TextEncoders:
+    """The text encoders a single file's `sources` point at, with their tokenizers."""
     def encoder(load, part: str, hint: str):
         source = sources[part]
         return load(source.weights, prefix=source.prefix, config=hints[hint], dtype=dtype, device=device)
@@ -168,13 +184,12 @@ def load_file(path: Path, reader: WeightReader, *, device, dtype, vae, variant, 
         # a file may carry is not applied.
         clip_l=without_projection(encoder(load_clip, "clip_l", "text_encoder")),
         clip_g=encoder(load_clip, "clip_g", "text_encoder_2"),
-        tokenizer_l=tokenizer_l, tokenizer_g=tokenizer_g, t5_width=cfg.context_dim,
+        tokenizer_l=tokenizers["clip_l"], tokenizer_g=tokenizers["clip_g"], t5_width=cfg.context_dim,
     )
-    if use_t5:
+    if sources["t5xxl"] is not None:
         text.t5 = encoder(load_t5, "t5xxl", "text_encoder_3")  # fp8 files are upcast; fp16 keeps wo in fp32
-        text.tokenizer_t5 = tokenizer_t5
-    check_text_widths(cfg, text, path)
-    return SD3Pipeline(transformer, vae_module, from_diffusers_config(recorded_scheduler(path) or SD3_SCHEDULER), text)
+        text.tokenizer_t5 = tokenizers["t5xxl"]
+    return text
 
 
 def without_projection(model: CLIPTextModel) -> CLIPTextModel:

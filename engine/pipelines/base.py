@@ -1,28 +1,37 @@
-"""What every family's pipeline shares: components, device/dtype, metadata, decoding."""
+"""What every family's pipeline shares: components, device/dtype, metadata, and the ONE call
+skeleton (`Pipeline.generate`): argument checks, seeds and noise, timed encode / denoise /
+decode, the result record. A family's `__call__` checks its own arguments and hands over a
+`Request` (how many images, how to condition them, what each records); a feature that changes
+how a call starts or ends (img2img's initial latents, inpainting's mask) belongs in the
+skeleton, once, for every family."""
 
 from __future__ import annotations
 
 import dataclasses
 import time
 from contextlib import contextmanager
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from dite.accel.build import as_methods, build_plans, resolve
 from dite.accel.methods import PlanContext
 from dite.accel.tuned import call_steps
-from dite.engine.runtime.accounting import accel_stats
+from dite.engine.runtime.accounting import FlopCounts, accel_spec, accel_stats
 from dite.engine.version import dite_version
 from dite.engine.errors import ConfigError, InputError
 from dite.engine.families import BY_NAME as FAMILY_BY_NAME
 from dite.engine.pipelines import arguments
-from dite.engine.pipelines.noise import image_generators
+from dite.engine.pipelines.noise import image_generators, initial_latents
 from dite.engine.runtime.finite import check_tensor, dtype_hint
-from dite.models.denoiser import Denoiser
+from dite.engine.runtime.sampling import GenerationState, denoise
+from dite.models.denoiser import Conditioning, Denoiser
 from dite.models.plan import StepPlan
 from dite.models.vae import AutoencoderKL
 from dite.schedulers.base import Scheduler, SchedulerState
+
+if TYPE_CHECKING:
+    from dite.engine.pipelines.output import GenerationOutput
 
 # What a model is trained to predict (Scheduler.objective), in words.
 OBJECTIVES = {"flow": "a flow-matching velocity", "diffusion": "diffusion noise (epsilon, v or x0)"}
@@ -48,6 +57,58 @@ class Call:
         return self.guidance > 1.0
 
 
+@dataclasses.dataclass
+class Request:
+    """A family's part of one call, its own arguments already checked; `Pipeline.generate`
+    does the rest. `conditioning(call)` runs inside the timed encode stage; `records(call)`
+    gives one parameter dict per image (prompt or class label); `recorded`: what every image
+    records besides steps and guidance. `height`/`width` (pixels, None: the model's
+    `default_latent` x VAE factor) are generated; `resize_to` (height, width), where given, is
+    what the call returns (PixArt's resolution binning)."""
+
+    count: int
+    conditioning: Callable[[Call], Conditioning]
+    records: Callable[[Call], list[dict[str, Any]]]
+    default_latent: int
+    recorded: dict[str, Any] = dataclasses.field(default_factory=dict)
+    height: int | None = None
+    width: int | None = None
+    resize_to: tuple[int, int] | None = None
+
+
+@dataclasses.dataclass
+class Prompts:
+    """A text call's prompts, one per image (image k is prompt k // n: copies of one prompt
+    are adjacent), each with its negative prompt, and the text encoder's sequence length."""
+
+    per_image: list[str]
+    negatives: list[str]
+    length: int
+
+    @classmethod
+    def check(cls, pipe: "Pipeline", prompt, negative_prompt, num_images_per_prompt, max_sequence_length, *,
+              default_length: int, longest: int) -> "Prompts":
+        """Check the text arguments (None: the model's recorded default, else the family's
+        `default_length`) and expand them to one per image."""
+        prompts = arguments.prompt_list("prompt", prompt)
+        negatives = arguments.negative_prompts(negative_prompt, len(prompts))
+        length = pipe.given_or_default("max_sequence_length", max_sequence_length, default_length,
+                                       lambda v: arguments.max_sequence_length(v, longest))
+        per_prompt = arguments.integer("num_images_per_prompt", num_images_per_prompt, minimum=1,
+                                       maximum=arguments.MAX_IMAGES)
+        return cls([p for p in prompts for _ in range(per_prompt)],
+                   [p for p in negatives for _ in range(per_prompt)], length)
+
+    def negatives_for(self, call: Call) -> list[str] | None:
+        """Unguided, the negative prompts (checked all the same) play no part."""
+        return self.negatives if call.guided else None
+
+    def records(self, call: Call) -> list[dict[str, Any]]:
+        negatives = self.negatives_for(call)
+        return [{"prompt": p, "negative_prompt": negatives[k] if negatives else None}
+                for k, p in enumerate(self.per_image)]
+
+
 class Pipeline:
     """A loaded model: `transformer` (the denoiser, with `.blocks`), `vae`, `scheduler`."""
 
@@ -70,6 +131,9 @@ class Pipeline:
         from dite.engine.runtime.executors.eager import EagerExecutor
 
         self.executor = EagerExecutor()
+        # Where `out.stats` keeps its FLOP counts (engine/runtime/accounting.py); None: this
+        # process's, for every pipeline. The CLI names a folder, so the next run reads them.
+        self.flop_counts: FlopCounts | None = None
         # The scheduler the model came with: its prediction type (epsilon, v_prediction,
         # sample) and noise table (ᾱ) are the training's; a replacement must share them.
         self.training_scheduler = scheduler
@@ -225,30 +289,69 @@ class Pipeline:
         methods = resolve(as_methods(accel), ctx)
         return methods, build_plans(methods, ctx)
 
-    def stats(self, methods, plans, state, x_shape, cond) -> dict[str, Any]:
-        memo = self.__dict__.setdefault("_flops_memo", {})
-        stats = accel_stats(self.transformer, methods, plans, state.steps_run, tuple(x_shape), cond, memo)
-        stats["executor"] = state.executor
-        if state.ranges.decisions:
-            stats["adaptive_decisions"] = state.ranges.decisions  # per step: range, which samples ran it
-        return stats
+    def count_stats(self, methods, plans, state: GenerationState, x_shape, cond) -> Callable[[], dict[str, Any]]:
+        """The call's `out.stats`, to be counted when first read: counting FLOPs runs the
+        plans on the meta device, which a caller who never reads them should not wait for."""
+        transformer, counts = self.transformer, self.flop_counts
+        steps_run, executor, decisions = state.steps_run, state.executor, state.ranges.decisions
+
+        def count() -> dict[str, Any]:
+            stats = accel_stats(transformer, methods, plans, steps_run, tuple(x_shape), cond, counts)
+            stats["executor"] = executor
+            if decisions:
+                stats["adaptive_decisions"] = decisions  # per step: range, which samples ran it
+            return stats
+
+        return count
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Model-space latents -> images in [-1, 1]."""
         z = self.vae.from_model_space(latents.to(next(self.vae.parameters()).dtype))
         return self.vae.decode(z)
 
-    def finish(self, x: torch.Tensor, output_type: str, timings: dict[str, float], base: dict[str, Any],
-               per_image: list[dict[str, Any]], latents_given: bool, seed: int, size: tuple[int, int],
-               stats: dict[str, Any] | None = None, resize_to: tuple[int, int] | None = None):
+    @property
+    def prediction_channels(self) -> int:
+        """How many of the denoiser's output channels are the prediction (the rest, a
+        learned variance, reach the scheduler only where it uses them)."""
+        return self.transformer.config.in_channels
+
+    def generate(self, request: Request, *, num_inference_steps, guidance_scale, seed, latents, output_type,
+                 progress, accel, plan_hook) -> "GenerationOutput":
+        """The call skeleton every family runs: check the shared arguments, condition, draw
+        the noise, denoise, decode, and record each image's parameters."""
+        call = self.check_call(images=request.count, height=request.height, width=request.width,
+                               default_latent=request.default_latent, num_inference_steps=num_inference_steps,
+                               guidance_scale=guidance_scale, seed=seed, latents=latents, output_type=output_type,
+                               accel=accel, progress=progress, plan_hook=plan_hook)
+        timings: dict[str, float] = {}
+        with timed(timings, "encode"):
+            cond = request.conditioning(call)
+            x = initial_latents((self.transformer.config.in_channels, *call.size), call.generators, call.latents,
+                                device=self.device, dtype=self.dtype)
+            x = x * self.scheduler.init_noise_sigma(call.scheduler)
+        with timed(timings, "denoise"):
+            state = GenerationState(scheduler=call.scheduler)
+            x0_shape = x.shape
+            x = denoise(self.transformer, self.scheduler, x, cond, state, plans=call.plans, plan_hook=plan_hook,
+                        executor=self.executor, guidance_scale=call.guidance,
+                        prediction_channels=self.prediction_channels,
+                        pass_model_variance=self.passes_model_variance and self.scheduler.uses_model_variance,
+                        progress=progress)
+        stats = self.count_stats(call.methods, call.plans, state, x0_shape, cond)
+        return self.finish(x, call, request, timings, stats)
+
+    def finish(self, x: torch.Tensor, call: Call, request: Request, timings: dict[str, float],
+               stats: Callable[[], dict[str, Any]]) -> "GenerationOutput":
         """Decode (unless "latent") and assemble the output with one parameter dict per image.
-        `resize_to` (height, width): the decoded images are scaled and centre-cropped to it
-        (PixArt's resolution binning generates at a bin size, then returns the requested one)."""
+        With `request.resize_to` (height, width) the decoded images are scaled and
+        centre-cropped to it (PixArt's resolution binning generates at a bin size, then
+        returns the requested one)."""
         from dite.engine.pipelines.images import postprocess
         from dite.engine.pipelines.output import GenerationOutput
 
         images = None
-        if output_type != "latent":
+        resize_to = request.resize_to
+        if call.output_type != "latent":
             with timed(timings, "decode"):
                 decoded = self.decode(x)
                 # One host sync per call: a NaN here would otherwise be a black image.
@@ -258,16 +361,17 @@ class Pipeline:
                     from dite.engine.pipelines.pixart_bins import resize_and_crop
 
                     decoded = resize_and_crop(decoded, *resize_to)
-                images = postprocess(decoded, output_type)
-        h, w = size
+                images = postprocess(decoded, call.output_type)
+        h, w = call.size
         out_h, out_w = resize_to if resize_to is not None else (h * self.vae_scale_factor, w * self.vae_scale_factor)
         base = {"model": self.model_name, "family": self.family, "scheduler": self.scheduler.name,
-                "size": f"{out_w}x{out_h}", **base,
-                "accel": (stats or {}).get("accel", "none"),
+                "size": f"{out_w}x{out_h}", "steps": call.steps, "guidance": call.guidance, **request.recorded,
+                "accel": accel_spec(call.methods),
                 "dite_version": dite_version()}
-        params = [{**base, **extra, "seed": seed + k, "latents": "given" if latents_given else "seeded"}
-                  for k, extra in enumerate(per_image)]
-        return GenerationOutput(images=images, latents=x, parameters=params, timings=timings, stats=stats or {})
+        latents = "given" if call.latents is not None else "seeded"
+        params = [{**base, **extra, "seed": call.seed + k, "latents": latents}
+                  for k, extra in enumerate(request.records(call))]
+        return GenerationOutput(images=images, latents=x, parameters=params, timings=timings, count_stats=stats)
 
     def describe(self) -> dict[str, Any]:
         params = sum(p.numel() for p in self.transformer.parameters())

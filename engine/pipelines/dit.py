@@ -9,10 +9,8 @@ import torch
 
 from dite.engine.errors import InputError
 from dite.engine.pipelines import arguments
-from dite.engine.pipelines.noise import initial_latents
 from dite.engine.pipelines.output import GenerationOutput
-from dite.engine.pipelines.base import Pipeline, timed
-from dite.engine.runtime.sampling import GenerationState, denoise
+from dite.engine.pipelines.base import Call, Pipeline, Request
 from dite.models.denoiser import Conditioning
 from dite.models.dit import DiT
 
@@ -65,6 +63,12 @@ class DiTPipeline(Pipeline):
             ids.append(label)
         return ids
 
+    def encode_labels(self, labels: list[int], call: Call) -> Conditioning:
+        """The class labels; guided, followed by as many null-class rows (conditional first)."""
+        rows = labels + [self.transformer.null_class] * len(labels) if call.guided else labels
+        return Conditioning(class_labels=torch.tensor(rows, device=self.device),
+                            cfg_row_order="cond_first" if call.guided else "none")
+
     @torch.inference_mode()
     def __call__(
         self,
@@ -81,37 +85,11 @@ class DiTPipeline(Pipeline):
         width: int | None = None,
     ) -> GenerationOutput:
         # None: the model's recorded default (model_index.json "_dite"), else DiT's 50 / 4.0.
-        cfg = self.transformer.config
         labels = self.label_ids(class_labels)
-        call = self.check_call(images=len(labels), height=height, width=width, default_latent=cfg.input_size,
-                               num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed,
-                               latents=latents, output_type=output_type, accel=accel, progress=progress,
-                               plan_hook=plan_hook)
-        h, w = call.size
-        device, dtype = self.device, self.dtype
-        timings: dict[str, float] = {}
-
-        with timed(timings, "encode"):
-            rows = labels + [self.transformer.null_class] * len(labels) if call.guided else labels
-            cond = Conditioning(
-                class_labels=torch.tensor(rows, device=device),
-                cfg_layout="cond_first" if call.guided else "none",
-            )
-            x = initial_latents((cfg.in_channels, h, w), call.generators, call.latents, device=device, dtype=dtype)
-            x = x * self.scheduler.init_noise_sigma(call.scheduler)
-
-        with timed(timings, "denoise"):
-            state = GenerationState(scheduler=call.scheduler)
-            x0_shape = x.shape
-            x = denoise(
-                self.transformer, self.scheduler, x, cond, state, plans=call.plans, plan_hook=plan_hook,
-                guidance_scale=call.guidance,
-                prediction_channels=cfg.in_channels,
-                pass_model_variance=cfg.learned_sigma and getattr(self.scheduler, "uses_model_variance", False),
-                progress=progress, executor=self.executor,
-            )
-
-        return self.finish(x, call.output_type, timings,
-                           {"steps": call.steps, "guidance": call.guidance},
-                           [{"class_label": label} for label in labels], latents is not None, call.seed, (h, w),
-                           self.stats(call.methods, call.plans, state, x0_shape, cond))
+        request = Request(
+            count=len(labels), default_latent=self.transformer.config.input_size, height=height, width=width,
+            conditioning=lambda call: self.encode_labels(labels, call),
+            records=lambda call: [{"class_label": label} for label in labels])
+        return self.generate(request, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                             seed=seed, latents=latents, output_type=output_type, progress=progress, accel=accel,
+                             plan_hook=plan_hook)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -16,11 +16,19 @@ class GenerationOutput:
     parameters: one dict per image of everything needed to reproduce it (seed included).
     timings: wall seconds per stage ("encode", "denoise", "decode").
     stats: what the denoiser ran against the plain call (see engine/runtime/accounting.py): the
-    accel methods as resolved, per step rows and blocks, block evaluations, FLOPs.
+    accel methods as resolved, per step rows and blocks, block evaluations, FLOPs; counted
+    by `count_stats` when first read (FLOPs are counted on the meta device, which a caller
+    who never reads them does not wait for).
     """
 
     images: Any
     latents: torch.Tensor
     parameters: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
-    stats: dict[str, Any] = field(default_factory=dict)
+    count_stats: Callable[[], dict[str, Any]] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        if "_stats" not in self.__dict__:
+            self._stats = self.count_stats() if self.count_stats is not None else {}
+        return self._stats

@@ -13,11 +13,9 @@ from typing import Any, Sequence
 import torch
 
 from dite.engine.pipelines import arguments
-from dite.engine.pipelines.noise import initial_latents
 from dite.engine.pipelines.output import GenerationOutput
-from dite.engine.pipelines.base import Pipeline, timed
+from dite.engine.pipelines.base import Pipeline, Prompts, Request
 from dite.engine.pipelines.pixart_bins import bins_for, nearest_bin
-from dite.engine.runtime.sampling import GenerationState, denoise
 from dite.engine.pipelines.pixart_prompts import MAX_LENGTH as T5_MAX_LENGTH, PixArtText
 from dite.models.denoiser import Conditioning
 from dite.models.pixart import PixArt
@@ -72,7 +70,7 @@ class PixArtPipeline(Pipeline):
         dtype, device = self.dtype, self.device
         states, mask = self.text.encode(prompts, length)
         if negatives is None:
-            return Conditioning(context=states.to(device, dtype), context_mask=mask.to(device), cfg_layout="none")
+            return Conditioning(context=states.to(device, dtype), context_mask=mask.to(device), cfg_row_order="none")
         null = self.null_caption
         if null is not None and negatives.count("") == len(negatives) and null.shape[0] == length:
             neg_states = null.float().to(states.device).expand(len(prompts), -1, -1)
@@ -81,7 +79,16 @@ class PixArtPipeline(Pipeline):
             neg_states, neg_mask = self.text.encode(negatives, length)
         context = torch.cat([neg_states.to(states.device), states]).to(device, dtype)
         return Conditioning(context=context, context_mask=torch.cat([neg_mask, mask]).to(device),
-                            cfg_layout="uncond_first")
+                            cfg_row_order="uncond_first")
+
+    def micro_conditioned(self, cond: Conditioning, height: int, width: int) -> Conditioning:
+        """α-1024's micro-conditions: the generated size in pixels and its aspect ratio, one
+        row per batch row; other models' conditioning unchanged."""
+        if not self.transformer.config.micro_conditions:
+            return cond
+        sizes = torch.tensor([[float(height), float(width), float(height / width)]]).to(self.device, self.dtype)
+        return Conditioning(context=cond.context, context_mask=cond.context_mask,
+                            pooled=sizes.expand(cond.context.shape[0], -1), cfg_row_order=cond.cfg_row_order)
 
     @torch.inference_mode()
     def __call__(
@@ -104,49 +111,20 @@ class PixArtPipeline(Pipeline):
     ) -> GenerationOutput:
         cfg = self.transformer.config
         # None: the model's recorded default, else PixArt's 20 / 4.5 / 120 (α) or 300 (Σ).
-        prompts = arguments.prompt_list("prompt", prompt)
-        negatives = arguments.negative_prompts(negative_prompt, len(prompts))
-        max_sequence_length = self.given_or_default(
-            "max_sequence_length", max_sequence_length, cfg.max_sequence_length,
-            lambda v: arguments.max_sequence_length(v, T5_MAX_LENGTH))
-        per_prompt = arguments.integer("num_images_per_prompt", num_images_per_prompt, minimum=1,
-                                       maximum=arguments.MAX_IMAGES)
+        prompts = Prompts.check(self, prompt, negative_prompt, num_images_per_prompt, max_sequence_length,
+                                default_length=cfg.max_sequence_length, longest=T5_MAX_LENGTH)
         arguments.flag("use_resolution_binning", use_resolution_binning)
         gen_h, gen_w, resize_to = self.resolve_size(height, width, use_resolution_binning)
-        per_image = [p for p in prompts for _ in range(per_prompt)]
-        call = self.check_call(images=len(per_image), height=gen_h, width=gen_w, default_latent=cfg.sample_size,
-                               num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed,
-                               latents=latents, output_type=output_type, accel=accel, progress=progress,
-                               plan_hook=plan_hook)
-        # Unguided, the negative prompts (checked all the same) play no part.
-        neg_per_image = [p for p in negatives for _ in range(per_prompt)] if call.guided else None
-        h, w = call.size
-        timings: dict[str, float] = {}
 
-        with timed(timings, "encode"):
-            cond = self.encode_prompts(per_image, neg_per_image, max_sequence_length)
-            if cfg.micro_conditions:
-                # α-1024's micro-conditions: the generated size in pixels and its aspect ratio.
-                sizes = torch.tensor([[float(gen_h), float(gen_w), float(gen_h / gen_w)]]).to(self.device, self.dtype)
-                rows = cond.context.shape[0]
-                cond = Conditioning(context=cond.context, context_mask=cond.context_mask,
-                                    pooled=sizes.expand(rows, -1), cfg_layout=cond.cfg_layout)
-            x = initial_latents((cfg.in_channels, h, w), call.generators, call.latents, device=self.device,
-                                dtype=self.dtype)
-            x = x * self.scheduler.init_noise_sigma(call.scheduler)
+        def conditioning(call) -> Conditioning:
+            cond = self.encode_prompts(prompts.per_image, prompts.negatives_for(call), prompts.length)
+            return self.micro_conditioned(cond, gen_h, gen_w)
 
-        with timed(timings, "denoise"):
-            state = GenerationState(scheduler=call.scheduler)
-            x0_shape = x.shape
-            x = denoise(self.transformer, self.scheduler, x, cond, state, plans=call.plans,
-                        guidance_scale=call.guidance, prediction_channels=cfg.in_channels, progress=progress,
-                        executor=self.executor, plan_hook=plan_hook)
-
-        return self.finish(
-            x, call.output_type, timings,
-            {"steps": call.steps, "guidance": call.guidance, "max_sequence_length": max_sequence_length,
-             "variant": cfg.pixart_version, "generated_size": f"{gen_w}x{gen_h}"},
-            [{"prompt": p, "negative_prompt": neg_per_image[k] if neg_per_image else None}
-             for k, p in enumerate(per_image)],
-            latents is not None, call.seed, (h, w), self.stats(call.methods, call.plans, state, x0_shape, cond),
-            resize_to=resize_to)
+        request = Request(
+            count=len(prompts.per_image), default_latent=cfg.sample_size, height=gen_h, width=gen_w,
+            resize_to=resize_to, records=prompts.records, conditioning=conditioning,
+            recorded={"max_sequence_length": prompts.length, "variant": cfg.pixart_version,
+                      "generated_size": f"{gen_w}x{gen_h}"})
+        return self.generate(request, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                             seed=seed, latents=latents, output_type=output_type, progress=progress, accel=accel,
+                             plan_hook=plan_hook)

@@ -7,11 +7,8 @@ from typing import Any, Sequence
 import torch
 
 from dite.engine.families import SD3
-from dite.engine.pipelines import arguments
-from dite.engine.pipelines.noise import initial_latents
 from dite.engine.pipelines.output import GenerationOutput
-from dite.engine.pipelines.base import Pipeline, timed
-from dite.engine.runtime.sampling import GenerationState, denoise
+from dite.engine.pipelines.base import Pipeline, Prompts, Request
 from dite.engine.pipelines.sd3_prompts import T5_MAX_LENGTH, SD3TextEncoders
 from dite.models.denoiser import Conditioning
 from dite.models.mmdit import MMDiT
@@ -41,7 +38,11 @@ class SD3Pipeline(Pipeline):
         context, pooled = self.text.encode(all_prompts, max_sequence_length)
         dtype, device = self.dtype, self.device
         return Conditioning(context=context.to(device, dtype), pooled=pooled.to(device, dtype),
-                            cfg_layout="uncond_first" if negatives is not None else "none")
+                            cfg_row_order="uncond_first" if negatives is not None else "none")
+
+    @property
+    def prediction_channels(self) -> int:
+        return self.transformer.config.out_channels
 
     def max_size(self) -> tuple[int, str] | None:
         cfg = self.transformer.config
@@ -68,42 +69,14 @@ class SD3Pipeline(Pipeline):
         plan_hook=None,
     ) -> GenerationOutput:
         # None: the model's recorded default (model_index.json "_dite"), else SD3's 28 / 7.0 / 256.
-        prompts = arguments.prompt_list("prompt", prompt)
-        negatives = arguments.negative_prompts(negative_prompt, len(prompts))
-        max_sequence_length = self.given_or_default(
-            "max_sequence_length", max_sequence_length, SD3.default_sequence_length,
-            lambda v: arguments.max_sequence_length(v, T5_MAX_LENGTH))
-        per_prompt = arguments.integer("num_images_per_prompt", num_images_per_prompt, minimum=1,
-                                       maximum=arguments.MAX_IMAGES)
-        cfg = self.transformer.config
-        # Image k of the batch is prompt k // n (copies of one prompt are adjacent).
-        per_image = [p for p in prompts for _ in range(per_prompt)]
-        call = self.check_call(images=len(per_image), height=height, width=width, default_latent=cfg.sample_size,
-                               num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed,
-                               latents=latents, output_type=output_type, accel=accel, progress=progress,
-                               plan_hook=plan_hook)
-        # Unguided, the negative prompts (checked all the same) play no part.
-        neg_per_image = [p for p in negatives for _ in range(per_prompt)] if call.guided else None
-        h, w = call.size
-        timings: dict[str, float] = {}
-
-        with timed(timings, "encode"):
-            cond = self.encode_prompts(per_image, neg_per_image, max_sequence_length)
-            x = initial_latents((cfg.in_channels, h, w), call.generators, call.latents, device=self.device,
-                                dtype=self.dtype)
-            x = x * self.scheduler.init_noise_sigma(call.scheduler)
-
-        with timed(timings, "denoise"):
-            state = GenerationState(scheduler=call.scheduler)
-            x0_shape = x.shape
-            x = denoise(self.transformer, self.scheduler, x, cond, state, plans=call.plans, plan_hook=plan_hook,
-                        executor=self.executor, guidance_scale=call.guidance, prediction_channels=cfg.out_channels,
-                        progress=progress)
-
-        return self.finish(
-            x, call.output_type, timings,
-            {"steps": call.steps, "guidance": call.guidance,
-             "max_sequence_length": max_sequence_length, "t5": self.text.t5 is not None},
-            [{"prompt": p, "negative_prompt": neg_per_image[k] if neg_per_image else None}
-             for k, p in enumerate(per_image)],
-            latents is not None, call.seed, (h, w), self.stats(call.methods, call.plans, state, x0_shape, cond))
+        prompts = Prompts.check(self, prompt, negative_prompt, num_images_per_prompt, max_sequence_length,
+                                default_length=SD3.default_sequence_length, longest=T5_MAX_LENGTH)
+        request = Request(
+            count=len(prompts.per_image), default_latent=self.transformer.config.sample_size,
+            height=height, width=width, records=prompts.records,
+            conditioning=lambda call: self.encode_prompts(prompts.per_image, prompts.negatives_for(call),
+                                                          prompts.length),
+            recorded={"max_sequence_length": prompts.length, "t5": self.text.t5 is not None})
+        return self.generate(request, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                             seed=seed, latents=latents, output_type=output_type, progress=progress, accel=accel,
+                             plan_hook=plan_hook)

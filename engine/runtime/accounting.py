@@ -3,12 +3,23 @@
 Block evaluations are counted from what the sampling loop actually ran (rows x blocks per
 step). FLOPs are counted by running the same plans on a copy of the denoiser on the meta
 device under torch.utils.flop_counter: no memory, no arithmetic, only shapes, so counting
-a full-size SD3 costs a fraction of a second.
+a full-size SD3 costs a fraction of a second, plus about a second the first time in a
+process (FlopCounterMode's dispatch mode imports torch._dynamo). So the count is made only
+when `out.stats` is read, and kept per model config and call shape (`FlopCounts`): for the
+process, and in a folder where the caller names one (the CLI does: `flop_cache_folder()`),
+so that the next `dite generate` of the same model and call reads it instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
+import hashlib
+import importlib
+import json
+import os
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -101,35 +112,29 @@ def step_flops(meta: Denoiser, plans: Sequence[StepPlan], x_shape: tuple[int, ..
     return out
 
 
+def accel_spec(methods: list) -> str:
+    """The accel methods as resolved, spelled out ("none" without any)."""
+    return "+".join(m.spec() for m in methods) or "none"
+
+
 def accel_stats(transformer: Denoiser, methods: list, plans: Sequence[StepPlan], steps_run: list[dict[str, Any]],
-                x_shape: tuple[int, ...], cond: Conditioning, memo: dict | None = None) -> dict:
+                x_shape: tuple[int, ...], cond: Conditioning, counts: "FlopCounts | None" = None) -> dict:
     """The stats dict of one call: the methods as resolved, per step what ran, block
-    evaluations and FLOPs against the plain run of the same call. `memo` (a dict the
-    caller keeps) saves recounting FLOPs for a call of the same shapes and plans."""
+    evaluations and FLOPs against the plain run of the same call. `counts` keeps the FLOPs
+    counted for a model config and call shape (default: the process's)."""
     depth = len(transformer.blocks)
     plain_rows = x_shape[0] * (2 if cond.guided else 1)
     evaluations = sum(s.get("block_rows", s["rows"] * s["blocks"]) for s in steps_run)
     plain_evaluations = len(steps_run) * plain_rows * depth
     stats: dict[str, Any] = {
-        "accel": "+".join(m.spec() for m in methods) or "none",
+        "accel": accel_spec(methods),
         "steps": steps_run,
         "block_evaluations": evaluations,
         "plain_block_evaluations": plain_evaluations,
         "distinct_plans": len({(p, s["rows"]) for p, s in zip(plans, steps_run)}),
     }
     stats["compute_fraction"] = evaluations / plain_evaluations
-    key = (tuple(plans), tuple(x_shape), _shapes(cond), next(transformer.parameters()).dtype)
-    memo = {} if memo is None else memo
-    if key not in memo:
-        meta = meta_copy(transformer)
-        adaptive = any(p.adaptive for p in plans)
-        run = step_flops(meta, plans, x_shape, cond)
-        plain_plans = [PLAIN_STEP] * len(plans)
-        memo[key] = {"run": run,
-                     "skip": step_flops(meta, plans, x_shape, cond, "apply") if adaptive else None,
-                     # A plain call is its own baseline: counted once (counting costs seconds on 2 cores).
-                     "plain": run if list(plans) == plain_plans else step_flops(meta, plain_plans, x_shape, cond)}
-    counted = memo[key]
+    counted = (counts or PROCESS_COUNTS).get(transformer, plans, x_shape, cond)
     fractions = [_adaptive_fraction(p, s, depth) for p, s in zip(plans, steps_run)]
     totals = {}
     for part in ("total", "attention"):
@@ -140,6 +145,96 @@ def accel_stats(transformer: Denoiser, methods: list, plans: Sequence[StepPlan],
     stats.update(denoiser_flops=flops, plain_denoiser_flops=plain, flops_ratio=flops / plain,
                  attention_flops=attention, attention_flops_ratio=attention / max(plain_attention, 1))
     return stats
+
+
+def count_call(transformer: Denoiser, plans: Sequence[StepPlan], x_shape: tuple[int, ...],
+               cond: Conditioning) -> dict[str, list | None]:
+    """Per step {"total", "attention"} FLOPs of a call under `plans` ("run"), with its
+    adaptive ranges skipped by every row ("skip", None without adaptive ranges), and of the
+    plain call of as many steps ("plain")."""
+    meta = meta_copy(transformer)
+    run = step_flops(meta, plans, x_shape, cond)
+    plain_plans = [PLAIN_STEP] * len(plans)
+    return {"run": run,
+            "skip": step_flops(meta, plans, x_shape, cond, "apply") if any(p.adaptive for p in plans) else None,
+            # A plain call is its own baseline: counted once (counting costs seconds on 2 cores).
+            "plain": run if list(plans) == plain_plans else step_flops(meta, plain_plans, x_shape, cond)}
+
+
+class FlopCounts:
+    """Counted FLOPs (count_call) per model config and call shape: in memory, and as one
+    JSON file per key in `folder` where given. The key holds everything a count depends on:
+    the model's class and config, its dtype, the plans, the latent and conditioning shapes,
+    torch's version and a digest of dite's model and runtime sources (a changed model file
+    is a new key, never a stale count). A folder that cannot be read or written is passed
+    over: the count is made again."""
+
+    def __init__(self, folder: Path | None = None):
+        self.folder = folder
+        self.memory: dict[str, dict] = {}
+
+    def get(self, transformer: Denoiser, plans: Sequence[StepPlan], x_shape: tuple[int, ...],
+            cond: Conditioning) -> dict[str, list | None]:
+        key = count_key(transformer, plans, x_shape, cond)
+        if key not in self.memory:
+            counted = self._read(key)
+            if counted is None:
+                counted = count_call(transformer, plans, x_shape, cond)
+                self._write(key, counted)
+            self.memory[key] = counted
+        return self.memory[key]
+
+    def _read(self, key: str) -> dict | None:
+        if self.folder is None:
+            return None
+        try:
+            counted = json.loads((self.folder / f"{key}.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return counted if isinstance(counted, dict) and {"run", "skip", "plain"} <= set(counted) else None
+
+    def _write(self, key: str, counted: dict) -> None:
+        if self.folder is None:
+            return
+        path = self.folder / f"{key}.json"
+        partial = path.with_name(f"{key}.{os.getpid()}.partial")
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            partial.write_text(json.dumps(counted))
+            os.replace(partial, path)  # whole or not at all, also with two processes at once
+        except OSError:
+            with contextlib.suppress(OSError):
+                partial.unlink(missing_ok=True)
+
+
+PROCESS_COUNTS = FlopCounts()  # what this process counted, for every pipeline
+
+
+def flop_cache_folder() -> Path:
+    """Where the CLI keeps counted FLOPs: $DITE_CACHE/flops, else $XDG_CACHE_HOME/dite/flops,
+    else ~/.cache/dite/flops."""
+    if os.environ.get("DITE_CACHE"):
+        return Path(os.environ["DITE_CACHE"]) / "flops"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "dite" / "flops"
+
+
+def count_key(transformer: Denoiser, plans: Sequence[StepPlan], x_shape: tuple[int, ...], cond: Conditioning) -> str:
+    what = [f"{type(transformer).__module__}.{type(transformer).__qualname__}", transformer.config.to_dict(),
+            str(next(transformer.parameters()).dtype), [repr(p) for p in plans], list(x_shape), repr(_shapes(cond)),
+            torch.__version__, _source_digest()]
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=repr).encode()).hexdigest()[:32]
+
+
+@functools.lru_cache(maxsize=1)
+def _source_digest() -> str:
+    """A digest of the code a count runs: dite's models and the engine's runtime."""
+    digest = hashlib.sha256()
+    for package in ("dite.models", "dite.engine.runtime"):
+        root = Path(importlib.import_module(package).__path__[0])
+        for path in sorted(root.rglob("*.py")):
+            digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def _adaptive_fraction(plan: StepPlan, step: dict, depth: int) -> float:
@@ -153,7 +248,7 @@ def _adaptive_fraction(plan: StepPlan, step: dict, depth: int) -> float:
 
 def _shapes(cond: Conditioning) -> tuple:
     return tuple((name, tuple(v.shape)) for name in cond.FIELDS
-                 if isinstance(v := getattr(cond, name), torch.Tensor)) + (cond.cfg_layout,)
+                 if isinstance(v := getattr(cond, name), torch.Tensor)) + (cond.cfg_row_order,)
 
 
 def summary_line(stats: dict, timings: dict[str, float]) -> str:

@@ -10,15 +10,23 @@ decisions and (to float rounding of batched matmuls) the same image in a batch a
 
 Host syncs: one per adaptive step (the per-sample decision is read to gather the rows that
 run); none for forecasting ranges with a fixed schedule.
+
+Every executor records and applies block ranges through the three functions here, so the
+eager runner (runtime/step.py) and the graph executors (runtime/executors/) differ only in
+how blocks run and how a delta is added: `applied_delta` (what a skipped range adds: the
+stored delta, or the forecast one), `keep_delta` (where a recorded delta goes) and
+`adaptive_range` (decide per sample, run the rows that run, forecast the others, merge).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import torch
 
 from dite.engine.errors import ConfigError
+from dite.engine.runtime.delta_store import DeltaStore
 from dite.engine.runtime.forecast import DeltaHistory
 from dite.models.attention import stateful
 from dite.models.denoiser import Hidden
@@ -70,13 +78,24 @@ class RangeState:
         self.streaks = {k: v[rows].clone() for k, v in self.streaks.items()}
 
 
-def record(rs: RangeState, op: RangeOp, before: Hidden, after: Hidden, streams: tuple[str, ...]) -> None:
-    rs.history_for(op).record(op.key, rs.coordinate(op), {s: getattr(after, s) - getattr(before, s) for s in streams})
+Delta = dict[str, torch.Tensor]  # per stream ("image", and MMDiT's "text")
 
 
-def apply_forecast(rs: RangeState, op: RangeOp, hidden: Hidden, streams: tuple[str, ...]) -> Hidden:
-    delta = rs.history_for(op).forecast(op.key, rs.coordinate(op))
-    return replace(hidden, **{s: getattr(hidden, s) + delta[s] for s in streams})
+def applied_delta(op: RangeOp, deltas: DeltaStore, rs: RangeState | None, rows: int) -> Delta:
+    """What a skipped range adds to its input: with a forecast order, the delta extrapolated
+    to this step from the range's history; else the last delta recorded (checked for `rows`)."""
+    if op.order:
+        return rs.history_for(op).forecast(op.key, rs.coordinate(op))
+    return deltas.get(op.key, rows)
+
+
+def keep_delta(op: RangeOp, deltas: DeltaStore, rs: RangeState | None, delta: Delta, *, copy: bool = False) -> None:
+    """Where a recorded range's delta goes: its forecast history (order > 0) or the call's
+    DeltaStore (`copy`: into the buffer it holds, for graph executors)."""
+    if op.order:
+        rs.history_for(op).record(op.key, rs.coordinate(op), delta)
+    else:
+        deltas.store(op.key, delta, copy=copy)
 
 
 def decide(rs: RangeState, op: RangeOp, signal: torch.Tensor) -> list[bool]:
@@ -151,33 +170,53 @@ def merge_rows(full: torch.Tensor, idx: torch.Tensor, computed: torch.Tensor, sk
     return merged
 
 
-def run_adaptive(transformer, plan, op: RangeOp, hidden: Hidden, prepared: Hidden, rs: RangeState) -> Hidden:
+def adaptive_signal(op: RangeOp, image: torch.Tensor, prepared: torch.Tensor) -> torch.Tensor:
+    """What an adaptive range judges: the image stream entering it, or what the blocks in
+    front of it added to the prepared tokens."""
+    return image if op.signal == "hidden" else image - prepared
+
+
+def adaptive_range(rs: RangeState, op: RangeOp, signal: torch.Tensor, streams: Delta,
+                   run: Callable[[torch.Tensor | None], tuple[Delta, Delta]],
+                   add: Callable[[Delta], Delta]) -> Delta:
     """Blocks [op.start, op.stop) for the samples that decide to run them, forecast deltas
-    for the others."""
-    if any(stateful(plan.block(i).attention) for i in range(op.start, op.stop)):
-        raise ConfigError("the adaptive cache gathers the rows that run, which DiTFastAttn's per-layer attention "
-                          "cache cannot follow yet: use adaptive without fastattn")
-    key, streams = op.key, transformer.streams
-    signal = hidden.image if op.signal == "hidden" else hidden.image - prepared.image
+    for the others; returns the new streams. `streams`: the range's input per stream;
+    `run(idx)` runs the blocks on rows `idx` (None: every row) and returns (their new
+    streams, out - in); `add(delta)` returns every row's streams plus `delta` (no block runs)."""
     rows = signal.shape[0]
     run_rows = choose_rows(rs, op, signal)
     history, coord = rs.history_for(op), rs.coordinate(op)
     if len(run_rows) == rows:
-        out = transformer.run_blocks(hidden, plan, op.start, op.stop)
-        history.record(key, coord, {s: getattr(out, s) - getattr(hidden, s) for s in streams})
+        new, delta = run(None)
+        history.record(op.key, coord, delta)
     elif not run_rows:
-        delta = history.forecast(key, coord)
-        out = replace(hidden, **{s: getattr(hidden, s) + delta[s] for s in streams})
+        new = add(history.forecast(op.key, coord))
     else:
         idx, skip = split_rows(run_rows, rows, signal.device)
-        sub = _rows(hidden, idx)
-        sub_out = transformer.run_blocks(sub, plan, op.start, op.stop)
-        history.record(key, coord, {s: getattr(sub_out, s) - getattr(sub, s) for s in streams}, rows=idx)
-        delta = history.forecast(key, coord, rows=skip)
-        out = replace(hidden, **{s: merge_rows(getattr(hidden, s), idx, getattr(sub_out, s), skip, delta[s])
-                                 for s in streams})
+        computed, delta = run(idx)
+        history.record(op.key, coord, delta, rows=idx)
+        forecast = history.forecast(op.key, coord, rows=skip)
+        new = {s: merge_rows(streams[s], idx, computed[s], skip, forecast[s]) for s in computed}
     settle(rs, op, signal, run_rows)
-    return out
+    return new
+
+
+def run_adaptive(transformer, plan, op: RangeOp, hidden: Hidden, prepared: Hidden, rs: RangeState) -> Hidden:
+    """The eager adaptive range (adaptive_range with the blocks run in Python)."""
+    if any(stateful(plan.block(i).attention) for i in range(op.start, op.stop)):
+        raise ConfigError("the adaptive cache gathers the rows that run, which DiTFastAttn's per-layer attention "
+                          "cache cannot follow yet: use adaptive without fastattn")
+    names = transformer.streams
+
+    def run(idx):
+        sub = hidden if idx is None else _rows(hidden, idx)
+        out = transformer.run_blocks(sub, plan, op.start, op.stop)
+        return ({s: getattr(out, s) for s in names}, {s: getattr(out, s) - getattr(sub, s) for s in names})
+
+    streams = {s: getattr(hidden, s) for s in names}
+    new = adaptive_range(rs, op, adaptive_signal(op, hidden.image, prepared.image), streams, run,
+                         lambda delta: {s: streams[s] + delta[s] for s in names})
+    return replace(hidden, **new)
 
 
 def _rows(hidden: Hidden, idx: torch.Tensor) -> Hidden:

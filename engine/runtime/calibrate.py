@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from dite.engine.runtime.delta_store import DeltaStore
 from dite.engine.runtime.finite import check_number
 from dite.accel.fastattn import LABELS, write_plan
-from dite.accel.methods import FAMILY_CFG_LAYOUT
+from dite.accel.methods import FAMILY_CFG_ROW_ORDER
 from dite.engine.errors import ConfigError
 from dite.engine.runtime.step import run_step
 from dite.models.plan import AttentionPolicy, BlockPlan, StepPlan
@@ -89,14 +89,14 @@ def ssim_loss(ref: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 METRICS = {"relative": relative_loss, "ssim": ssim_loss}
 
 
-def _policy(label: str, window: int, layout: str, store: bool) -> AttentionPolicy:
+def _policy(label: str, window: int, row_order: str, store: bool) -> AttentionPolicy:
     kind, share = LABELS[label]
-    return AttentionPolicy(kind=kind, window=window, cfg_share=layout if share else None,
+    return AttentionPolicy(kind=kind, window=window, cfg_share=row_order if share else None,
                            store_residual=store and kind == "full", store_output=store and kind != "share")
 
 
-def _plan(labels: list[str], window: int, layout: str, store: bool = False) -> StepPlan:
-    return StepPlan(blocks=tuple(BlockPlan(attention=_policy(label, window, layout, store)) for label in labels))
+def _plan(labels: list[str], window: int, row_order: str, store: bool = False) -> StepPlan:
+    return StepPlan(blocks=tuple(BlockPlan(attention=_policy(label, window, row_order, store)) for label in labels))
 
 
 def quantize(chosen: list[list[str]], max_signatures: int) -> list[list[str]]:
@@ -129,7 +129,7 @@ def calibrate(pipe, out_path, *, steps: int, threshold: float, window: int, n_ca
     model = pipe.transformer
     depth = len(model.blocks)
     guided = (guidance_scale if guidance_scale is not None else (4.0 if pipe.family == "dit" else 7.0)) > 1.0
-    layout = FAMILY_CFG_LAYOUT[pipe.family] if guided else "none"
+    row_order = FAMILY_CFG_ROW_ORDER[pipe.family] if guided else "none"
     candidates = [c for c in CANDIDATES if guided or not LABELS[c][1]]
     chosen: list[list[str]] = []
     bar = tqdm(total=steps * depth, disable=not progress, desc="calibrate", leave=False)
@@ -140,7 +140,7 @@ def calibrate(pipe, out_path, *, steps: int, threshold: float, window: int, n_ca
             attention = state.attention
             attention.writes = False
             with torch.no_grad():
-                reference = run_step(model, x, t, cond, _plan(labels, window, layout), DeltaStore(), attention)
+                reference = run_step(model, x, t, cond, _plan(labels, window, row_order), DeltaStore(), attention)
                 for layer in range(depth):
                     limit = (layer + 1) / depth * threshold
                     for label in candidates:
@@ -148,7 +148,7 @@ def calibrate(pipe, out_path, *, steps: int, threshold: float, window: int, n_ca
                         if kind != "full" and not attention.has("residual" if kind == "window" else "output", layer):
                             continue
                         trial = labels[:layer] + [label] + labels[layer + 1:]
-                        out = run_step(model, x, t, cond, _plan(trial, window, layout), DeltaStore(), attention)
+                        out = run_step(model, x, t, cond, _plan(trial, window, row_order), DeltaStore(), attention)
                         if loss_fn(reference, out) < limit:
                             labels = trial
                             break
@@ -157,7 +157,7 @@ def calibrate(pipe, out_path, *, steps: int, threshold: float, window: int, n_ca
         else:
             bar.update(depth)
         chosen.append(labels)
-        return replace(_plan(labels, window, layout, store=True), cfg_mode=plan.cfg_mode)
+        return replace(_plan(labels, window, row_order, store=True), cfg_mode=plan.cfg_mode)
 
     common = dict(num_inference_steps=steps, seed=seed, output_type="latent", progress=False, plan_hook=hook,
                   height=height, width=width)

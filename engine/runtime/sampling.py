@@ -48,18 +48,18 @@ class GenerationState:
         self.ranges.select_rows(rows)
 
 
-def batch_for_cfg(x: torch.Tensor, layout: str) -> torch.Tensor:
+def batch_for_cfg(x: torch.Tensor, row_order: str) -> torch.Tensor:
     """The model input of a guided step: the same rows once for each CFG branch."""
-    return x if layout == "none" else torch.cat([x, x])
+    return x if row_order == "none" else torch.cat([x, x])
 
 
-def apply_guidance(out: torch.Tensor, layout: str, scale: float, channels: int) -> torch.Tensor:
+def apply_guidance(out: torch.Tensor, row_order: str, scale: float, channels: int) -> torch.Tensor:
     """Classifier-free guidance on the first `channels` output channels (the prediction);
     channels beyond them (a learned variance) are taken from the conditional branch."""
-    if layout == "none":
+    if row_order == "none":
         return out
     first, second = out.chunk(2)
-    cond, uncond = (first, second) if layout == "cond_first" else (second, first)
+    cond, uncond = (first, second) if row_order == "cond_first" else (second, first)
     guided = uncond[:, :channels] + scale * (cond[:, :channels] - uncond[:, :channels])
     if out.shape[1] == channels:
         return guided
@@ -112,14 +112,14 @@ def denoise(
         if plan.cfg_mode == "cond_only" and cond.guided:
             if not gated:
                 # The unconditional rows leave the batch for good: every per-row cache
-                # keeps only the conditional rows, by the family's declared CFG layout.
+                # keeps only the conditional rows, by the family's declared CFG row order.
                 state.keep_rows(cond.cond_rows(2 * x.shape[0]))
                 gated = True
             step_cond = cond.conditional_only()
         elif gated:
             raise ConfigError(f"step {i} brings the unconditional branch back after a cond-only step; "
                               "its caches were dropped, so a plan cannot do that")
-        model_in = batch_for_cfg(scheduler.scale_model_input(x, i, sched), step_cond.cfg_layout)
+        model_in = batch_for_cfg(scheduler.scale_model_input(x, i, sched), step_cond.cfg_row_order)
         t = sched.timesteps[i].to(x.device).expand(model_in.shape[0])
         state.ranges.step, state.ranges.time = i, times[i]
         state.ranges.rows_per_sample = 2 if step_cond.guided else 1
@@ -127,12 +127,12 @@ def denoise(
             plan = plan_hook(i, model_in, t, step_cond, plan, state)
         out = run.step(model_in, t, step_cond, plan, state)
         blocks = len(plan.computed_blocks(depth))
-        ran = {"step": i, "rows": model_in.shape[0], "cfg": step_cond.cfg_layout != "none", "blocks": blocks}
+        ran = {"step": i, "rows": model_in.shape[0], "cfg": step_cond.cfg_row_order != "none", "blocks": blocks}
         if plan.adaptive:  # some rows ran more blocks than `blocks`: count what ran
             ran["block_rows"] = model_in.shape[0] * blocks + state.ranges.block_rows
         state.steps_run.append(ran)
         state.ranges.block_rows = 0
-        out = apply_guidance(out, step_cond.cfg_layout, guidance_scale, prediction_channels)
+        out = apply_guidance(out, step_cond.cfg_row_order, guidance_scale, prediction_channels)
         if not pass_model_variance:
             out = out[:, :prediction_channels]
         x = scheduler.step(out, i, x, sched)
@@ -154,7 +154,7 @@ def _examples(x: torch.Tensor, cond: Conditioning, plans: Sequence[StepPlan], sc
             layouts.append((cond.conditional_only(), True))
         out = []
         for c, gated in layouts:
-            model_in = batch_for_cfg(x, c.cfg_layout)
+            model_in = batch_for_cfg(x, c.cfg_row_order)
             out.append(StepExample(model_in, t.expand(model_in.shape[0]), c, cond_only=gated))
         return out
 

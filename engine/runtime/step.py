@@ -15,7 +15,7 @@ import torch
 
 from dite.engine.runtime.attention_cache import AttentionCache
 from dite.engine.errors import ConfigError
-from dite.engine.runtime.adaptive import RangeState, apply_forecast, record, run_adaptive
+from dite.engine.runtime.adaptive import RangeState, applied_delta, keep_delta, run_adaptive
 from dite.engine.runtime.delta_store import DeltaStore
 from dite.models.denoiser import Conditioning, Denoiser
 from dite.models.plan import StepPlan
@@ -24,8 +24,9 @@ from dite.models.plan import StepPlan
 def run_step(transformer: Denoiser, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, plan: StepPlan,
              deltas: DeltaStore, attn_cache: AttentionCache | None = None,
              ranges: RangeState | None = None) -> torch.Tensor:
-    """`deltas` holds the call's recorded range deltas; `ranges` is the call's state of forecasting and adaptive ranges; a plan with neither
-    runs without it."""
+    """`deltas` holds the call's recorded range deltas; `ranges` is the call's state of
+    forecasting and adaptive ranges (a plan with neither runs without it). What a range
+    records and applies is decided in runtime/adaptive.py, for every executor alike."""
     hidden = transformer.prepare(x, t, cond)
     if attn_cache is not None:
         hidden = replace(hidden, attn_cache=attn_cache)
@@ -39,13 +40,11 @@ def run_step(transformer: Denoiser, x: torch.Tensor, t: torch.Tensor, cond: Cond
         if action == "adaptive":
             hidden = run_adaptive(transformer, plan, op, hidden, prepared, ranges)
         elif action == "apply":
-            hidden = apply_forecast(ranges, op, hidden, streams) if op.order else deltas.apply((start, stop), hidden, streams)
+            delta = applied_delta(op, deltas, ranges, hidden.image.shape[0])
+            hidden = replace(hidden, **{s: getattr(hidden, s) + delta[s] for s in streams})
         else:
             before = hidden
             hidden = transformer.run_blocks(hidden, plan, start, stop)
             if action == "record":
-                if op.order:
-                    record(ranges, op, before, hidden, streams)
-                else:
-                    deltas.record((start, stop), before, hidden, streams)
+                keep_delta(op, deltas, ranges, {s: getattr(hidden, s) - getattr(before, s) for s in streams})
     return transformer.finalize(hidden)

@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from dite.engine.runtime.adaptive import RangeState, choose_rows, merge_rows, settle, split_rows
+from dite.engine.runtime.adaptive import RangeState, adaptive_range, adaptive_signal, applied_delta, keep_delta
 from dite.engine.runtime.attention_cache import AttentionCache
 from dite.engine.runtime.delta_store import DeltaStore
 from dite.engine.errors import ConfigError, DiteError
@@ -124,16 +124,12 @@ class CompiledRun(Run):
                 continue
             deltas = ()
             if action == "apply":
-                deltas = tuple(ranges.history_for(op).forecast(op.key, ranges.coordinate(op))[s] for s in streams) \
-                    if op.order else stored_deltas(cache, (start, stop), streams, image.shape[0])
+                delta = applied_delta(op, cache, ranges, image.shape[0])
+                deltas = tuple(delta[s] for s in streams)
             outs = self._segment(plan, start, stop, action, image, c, text, mask, grid, *deltas, attention=attention)
             new = dict(zip(streams, outs[:len(streams)]))
             if action == "record":
-                recorded = dict(zip(streams, outs[len(streams):]))
-                if op.order:
-                    ranges.history_for(op).record(op.key, ranges.coordinate(op), recorded)
-                else:
-                    store_deltas(cache, (start, stop), recorded)
+                keep_delta(op, cache, ranges, dict(zip(streams, outs[len(streams):])), copy=True)
             image, text = new["image"], new.get("text", text)
         return self.call(ex.finalize_key(self.transformer, image, c, grid), image, c)
 
@@ -155,29 +151,19 @@ class CompiledRun(Run):
         loop for every possible count), the others through the apply graph with their
         forecast deltas as explicit inputs."""
         streams = self.transformer.streams
-        hidden = {"image": image, "text": text}
-        signal = image if op.signal == "hidden" else image - prepared
-        rows = image.shape[0]
-        run_rows = choose_rows(ranges, op, signal)
-        history, coord = ranges.history_for(op), ranges.coordinate(op)
-        if len(run_rows) == rows:
-            outs = self._segment(plan, op.start, op.stop, "record", image, c, text, mask, grid)
-            history.record(op.key, coord, dict(zip(streams, outs[len(streams):])))
-            new = dict(zip(streams, outs[:len(streams)]))
-        elif not run_rows:
-            delta = history.forecast(op.key, coord)
+
+        def run(idx):
+            pick = (lambda v: v) if idx is None else (lambda v: None if v is None else v.index_select(0, idx).contiguous())
+            outs = self._segment(plan, op.start, op.stop, "record", pick(image), pick(c), pick(text), pick(mask), grid)
+            return dict(zip(streams, outs[:len(streams)])), dict(zip(streams, outs[len(streams):]))
+
+        def add(delta):
             outs = self._segment(plan, op.start, op.stop, "apply", image, c, text, mask, grid,
                                  *(delta[s] for s in streams))
-            new = dict(zip(streams, outs))
-        else:
-            idx, skip = split_rows(run_rows, rows, image.device)
-            pick = (lambda v: None if v is None else v.index_select(0, idx).contiguous())
-            outs = self._segment(plan, op.start, op.stop, "record", pick(image), pick(c), pick(text), pick(mask), grid)
-            history.record(op.key, coord, dict(zip(streams, outs[len(streams):])), rows=idx)
-            delta = history.forecast(op.key, coord, rows=skip)
-            new = {s: merge_rows(hidden[s], idx, computed, skip, delta[s])
-                   for s, computed in zip(streams, outs[:len(streams)])}
-        settle(ranges, op, signal, run_rows)
+            return dict(zip(streams, outs))
+
+        new = adaptive_range(ranges, op, adaptive_signal(op, image, prepared), {"image": image, "text": text},
+                             run, add)
         return new["image"], new.get("text", text)
 
     def stats(self) -> dict[str, Any]:
@@ -195,29 +181,6 @@ def attention_inputs(cache: AttentionCache, plan: StepPlan, start: int, stop: in
     return {i: AttentionState(*(None if v is None else map_tensors(settled, v)
                                 for v in cache.load(i, plan.block(i).attention, rows)))
             for i in attention_reads(plan, start, stop)}
-
-
-def stored_deltas(cache: DeltaStore, key: tuple[int, int], streams, rows: int) -> tuple:
-    if key not in cache.deltas:
-        raise ConfigError(f"blocks [{key[0]}, {key[1]}) are to be replaced by a cached delta, but no earlier step "
-                          "recorded one: a plan must record a range before it applies it")
-    delta = cache.deltas[key]
-    if delta[streams[0]].shape[0] != rows:
-        raise ConfigError(f"the delta of blocks [{key[0]}, {key[1]}) has {delta[streams[0]].shape[0]} rows, "
-                          f"the batch {rows}")
-    return tuple(delta[s] for s in streams)
-
-
-def store_deltas(cache: DeltaStore, key: tuple[int, int], new: dict[str, torch.Tensor]) -> None:
-    """Copy a recorded delta into the call's buffer for `key` (same storage from step to
-    step; a fresh copy the first time or after PromptGate shrank the batch). Never keep a
-    compiled graph's output itself: a CUDA-graph or aclgraph replay overwrites it."""
-    old = cache.deltas.get(key)
-    if old is not None and all(old[s].shape == t.shape for s, t in new.items()):
-        for s, t in new.items():
-            old[s].copy_(t)
-    else:
-        cache.deltas[key] = {s: t.clone() for s, t in new.items()}
 
 
 class CompiledExecutor(Executor):
@@ -254,7 +217,7 @@ class CompiledExecutor(Executor):
     # ---- keys: what a graph is specialised on
     @staticmethod
     def prepare_key(transformer, x, t, cond) -> tuple:
-        return ("prepare", id(transformer), cond.cfg_layout, signature(x, t, *cond_tensors(cond)))
+        return ("prepare", id(transformer), cond.cfg_row_order, signature(x, t, *cond_tensors(cond)))
 
     @staticmethod
     def segment_key(transformer, plan, start, stop, action, image, c, text, mask, grid) -> tuple:
@@ -315,7 +278,7 @@ class CompiledExecutor(Executor):
             transformer.prepare(ex.x, ex.t, ex.cond)
             x, t, conds = settled(ex.x), settled(ex.t), tuple(settled(v) for v in cond_tensors(ex.cond))
             key = self.prepare_key(transformer, x, t, ex.cond)
-            image, c, text, mask, grid = ensure(key, lambda: prepare_unit(transformer, ex.cond.cfg_layout),
+            image, c, text, mask, grid = ensure(key, lambda: prepare_unit(transformer, ex.cond.cfg_row_order),
                                                 "prepare", x, t, *conds)
             rows_per_sample = 2 if ex.cond.guided else 1
             for plan in layout_plans:

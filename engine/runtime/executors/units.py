@@ -31,10 +31,10 @@ def cond_tensors(cond: Conditioning) -> tuple:
     return tuple(getattr(cond, f) for f in COND_FIELDS)
 
 
-def prepare_unit(transformer: Denoiser, cfg_layout: str) -> Callable:
+def prepare_unit(transformer: Denoiser, cfg_row_order: str) -> Callable:
     """(x, t, *cond tensors) -> (image, c, text, text_mask, grid)."""
     def prepare(x, t, *conds):
-        hidden = transformer.prepare(x, t, Conditioning(*conds, cfg_layout=cfg_layout))
+        hidden = transformer.prepare(x, t, Conditioning(*conds, cfg_row_order=cfg_row_order))
         return (_contiguous(hidden.image), _contiguous(hidden.c), _contiguous(hidden.text), hidden.text_mask,
                 hidden.grid)
 
