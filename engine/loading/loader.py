@@ -167,7 +167,13 @@ def load(
     (engine/runtime/executors; `executor_options` go to it, e.g. {"backend": "inductor", "mode":
     "reduce-overhead"}); attention: the denoiser's attention kernel, "sdpa", "math" or "npu".
     """
-    device, dtype = parse_device(device), parse_dtype(dtype)
+    device = parse_device(device)
+    auto = isinstance(dtype, str) and dtype.lower() == "auto"  # the device's best (runtime/dtype_probe.py)
+    if auto:
+        from dite.engine.runtime.dtype_probe import auto_dtype
+
+        dtype = auto_dtype(device)
+    dtype = parse_dtype(dtype)
     model_config = check_model_config(model_config)
     demo = demo_folder(source)
     path = demo if demo is not None else resolve_source(source, revision=revision, variant=variant)
@@ -205,7 +211,12 @@ def load(
             )
         pipe = family.load_file(path, reader, **options)
     pipe.source = str(source)
+    pipe.source_path = path  # the local file or folder read (the model hash reads it)
     pipe.model_name = recorded_name(source)
+    if auto:
+        from dite.engine.runtime.dtype_probe import AUTO_VAE_DTYPE
+
+        pipe.vae.to(AUTO_VAE_DTYPE)
     if device.type == "npu":
         from dite.engine.runtime.npu_env import npu_weights
 

@@ -336,8 +336,10 @@ def load_weights(
             f"{', '.join(unexpected[:5])}; the checkpoint does not fit the detected model config"
         )
 
+    from dite.engine.runtime.progress import track  # a bar only while a caller reports progress
+
     state = {}
-    for name, target in expected.items():
+    for name, target in track(expected.items(), len(expected), f"load {type(module).__name__}"):
         source = keymap[name]
         try:
             tensor = source.build([reader.get(k) for k in source.keys])
