@@ -521,8 +521,9 @@ def cmd_generate(args) -> int:
     components = {"text_encoder_3": None} if args.no_t5 else {}
     options = {k: v for k, v in (("backend", args.compile_backend), ("mode", args.compile_mode),
                                  ("route", args.npu_route)) if v is not None}
-    with reporting(None if args.quiet else Reporter()):
-        if not args.quiet:
+    show = _show_progress(args)
+    with reporting(Reporter() if show else None):
+        if show:
             print(f"loading {args.model} (dtype {args.dtype}, {args.device})", file=sys.stderr, flush=True)
         pipe = load(args.model, device=args.device, dtype=args.dtype, vae=args.vae, scheduler=args.scheduler,
                     tokenizers=args.tokenizers, executor=args.executor, attention=args.attention,
@@ -542,11 +543,16 @@ def cmd_generate(args) -> int:
                                                              "guidance": job.guidance}),
                                  job.images, _text_tokens(pipe, args))
         run_meta = _run_metadata(pipe, args)
-        if not args.quiet:
+        if show:
             print(f"loaded in {load_seconds:.2f} s: {pipe.family}, {run_meta['dtype']} (VAE {run_meta['vae_dtype']}) "
                   f"on {run_meta['device']}", file=sys.stderr, flush=True)
         run_jobs(pipe, jobs, args, run_meta, load_seconds, started)
     return 0
+
+
+def _show_progress(args) -> bool:
+    """Stage lines and loading bars go to a terminal only (a log or a pipe gets the summary)."""
+    return not args.quiet and sys.stderr.isatty()
 
 
 def _run_metadata(pipe, args) -> dict:

@@ -61,14 +61,15 @@ def plan_jobs(args, entries: list[Entry] | None, dit: bool, max_seed: int) -> li
     """The run's calls from the parsed command line (`args`) and the prompt file's entries."""
     base = draw_seed() if args.seed == RANDOM_SEED else args.seed
     random_base = args.seed == RANDOM_SEED
-    jobs, next_seed = [], base
+    jobs, next_seed, announced = [], base, not random_base
     for batch in range(args.batch_count):
         for entry in entries if entries is not None else [None]:
             job = _job(args, entry, dit)
             job.batch = batch
             given = (entry.settings.get("seed") if entry is not None else None)
             if given is None:
-                job.seed, job.random_seed, job.drawn = next_seed, random_base, random_base and not jobs
+                job.seed, job.random_seed, job.drawn = next_seed, random_base, not announced
+                announced = True
             elif given == RANDOM_SEED:
                 job.seed, job.random_seed, job.drawn = draw_seed(), True, True
             else:

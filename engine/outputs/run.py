@@ -48,7 +48,7 @@ def run_jobs(pipe, jobs: list[Job], args, run_meta: dict[str, Any], load_seconds
         stats = out.stats
         for stage, seconds in out.timings.items():
             timings[stage] = timings.get(stage, 0.0) + seconds
-        if len(jobs) > 1 and not args.quiet:
+        if len(jobs) > 1 and not args.quiet:  # one line per call: a long run shows how far it is
             log(f"[{number}/{len(jobs)}] {job.images} image(s) in {sum(out.timings.values()):.2f} s")
     steps = out.parameters[0]["steps"]
     calls = f" in {len(jobs)} calls" if len(jobs) > 1 else ""
