@@ -251,6 +251,10 @@ def _add_batch_arguments(gen) -> None:
                      help="replace existing output files (default: refuse before loading anything)")
     gen.add_argument("--vae-dtype", default=None, choices=list(PRECISIONS),
                      help="the VAE's dtype (default: fp32 with --dtype auto, else --dtype)")
+    gen.add_argument("--low-memory", action="store_true",
+                     help="release the text encoders once the run's prompts are encoded (the last call's encoding)")
+    gen.add_argument("--vae-tiling", action="store_true",
+                     help="decode in overlapping 512-pixel tiles (less memory for large images)")
     gen.add_argument("--from-image", default=None, metavar="IMAGE",
                      help="make IMAGE again from the settings it records (an image written by dite generate); "
                           "options given explicitly override them")
@@ -528,6 +532,7 @@ def cmd_generate(args) -> int:
         pipe = load(args.model, device=args.device, dtype=args.dtype, vae=args.vae, scheduler=args.scheduler,
                     tokenizers=args.tokenizers, executor=args.executor, attention=args.attention,
                     executor_options=options, model_config=args.model_config, **components)
+        _memory_options(pipe, args, len(jobs))
         if args.vae_dtype is not None:
             from dite.engine.dtypes import precisions
 
@@ -550,6 +555,18 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _memory_options(pipe, args, calls: int) -> None:
+    """--low-memory and --vae-tiling (engine/memory/)."""
+    if args.low_memory:
+        from dite.engine.memory.encoders import release_encoders
+
+        release_encoders(pipe, release_after=calls)
+    if args.vae_tiling:
+        from dite.engine.memory.vae_tiling import enable_vae_tiling
+
+        enable_vae_tiling(pipe.vae)
+
+
 def _show_progress(args) -> bool:
     """Stage lines and loading bars go to a terminal only (a log or a pipe gets the summary)."""
     return not args.quiet and sys.stderr.isatty()
@@ -568,7 +585,7 @@ def _run_metadata(pipe, args) -> dict:
               "the image may differ", file=sys.stderr)
     options = {"executor": args.executor, "attention": args.attention, "compile_backend": args.compile_backend,
                "compile_mode": args.compile_mode, "npu_route": args.npu_route, "scheduler_option": args.scheduler,
-               "dtype_option": args.dtype,
+               "dtype_option": args.dtype, "vae_tiling": True if args.vae_tiling else None,
                "vae_option": recorded_name(args.vae) if args.vae else None,
                "tokenizers_option": recorded_name(args.tokenizers) if args.tokenizers else None}
     return run_metadata(pipe, model_hash=digest, options=options)

@@ -149,6 +149,8 @@ def load(
     executor: str = "eager",
     attention: str = "sdpa",
     executor_options: dict | None = None,
+    release_encoders: bool = False,
+    vae_tiling: bool = False,
     **components: Any,
 ) -> Pipeline:
     """Load a pipeline from `source` (folder, file or hub repo id) onto `device` in `dtype`.
@@ -166,6 +168,8 @@ def load(
     and one is present, else CUDA, else CPU. executor: "eager", "compiled" or "npu-graph"
     (engine/runtime/executors; `executor_options` go to it, e.g. {"backend": "inductor", "mode":
     "reduce-overhead"}); attention: the denoiser's attention kernel, "sdpa", "math" or "npu".
+    release_encoders: drop the text encoders after the first call's encoding (engine/memory/
+    encoders.py); vae_tiling: decode large images in tiles (engine/memory/vae_tiling.py).
     """
     device = parse_device(device)
     auto = isinstance(dtype, str) and dtype.lower() == "auto"  # the device's best (runtime/dtype_probe.py)
@@ -224,6 +228,14 @@ def load(
     from dite.engine.runtime.executors import make_executor
 
     pipe.executor = make_executor(executor, attention=attention, **(executor_options or {}))
+    if release_encoders:  # engine/memory/encoders.py: text encoders dropped after the first encoding
+        from dite.engine.memory.encoders import release_encoders as release
+
+        release(pipe)
+    if vae_tiling:  # engine/memory/vae_tiling.py: decode in overlapping 512-pixel tiles
+        from dite.engine.memory.vae_tiling import enable_vae_tiling
+
+        enable_vae_tiling(pipe.vae)
     if scheduler is not None:
         # A name takes the model's own config (its noise schedule, prediction type), as README says.
         pipe.scheduler = by_name(scheduler, pipe.scheduler.to_diffusers_config()) if isinstance(scheduler, str) else scheduler

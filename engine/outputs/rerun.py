@@ -21,7 +21,7 @@ AS_IS = {"negative_prompt": "negative_prompt", "seed": "seed", "steps": "steps",
          "max_sequence_length": "max_sequence_length", "accel_spec": "accel", "device": "device",
          "executor": "executor", "attention": "attention", "compile_backend": "compile_backend",
          "compile_mode": "compile_mode", "npu_route": "npu_route", "scheduler_option": "scheduler",
-         "weights_dtype": "weights_dtype"}
+         "weights_dtype": "weights_dtype", "vae_tiling": "vae_tiling"}
 
 
 def recorded_defaults(path: str, given_model: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
