@@ -13,12 +13,32 @@ when each tensor was read whole and then cast; tools/bench_load_memory.py).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import torch
 
 from dite.engine.dtypes import safetensors_dtypes
 from dite.engine.errors import CheckpointError
 
 CHUNK_BYTES = 4 * 2**20
+_keep_fp8: ContextVar[bool] = ContextVar("dite_keep_fp8", default=False)
+
+
+@contextmanager
+def keeping_fp8():
+    """Within the block, 2-D weights stored in fp8 are loaded as stored (engine/memory/fp8.py
+    upcasts them per layer), not cast to the load dtype."""
+    token = _keep_fp8.set(True)
+    try:
+        yield
+    finally:
+        _keep_fp8.reset(token)
+
+
+def keeps(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` (as read) is an fp8 weight to be kept as it is."""
+    return _keep_fp8.get() and tensor.dim() == 2 and tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 class ChunkBuffer:
@@ -42,11 +62,13 @@ def read_as(reader, key: str, dtype: torch.dtype | None, buffer: ChunkBuffer) ->
 
     if not isinstance(reader, SafetensorsReader):
         tensor = reader.get(key)
-        return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+        return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() and not keeps(tensor) else tensor
     file, header_len, entry = reader.location(key)
     stored = safetensors_dtypes()[entry["dtype"]]
     shape, (begin, end) = entry["shape"], entry["data_offsets"]
     wanted = dtype if dtype is not None and stored.is_floating_point else stored
+    if _keep_fp8.get() and len(shape) == 2 and stored in (torch.float8_e4m3fn, torch.float8_e5m2):
+        wanted = stored
     out = torch.empty(shape, dtype=wanted)
     if end == begin:
         return out

@@ -350,7 +350,7 @@ def load_weights(
             f"{', '.join(unexpected[:5])}; the checkpoint does not fit the detected model config"
         )
 
-    from dite.engine.loading.streaming import ChunkBuffer, read_as
+    from dite.engine.loading.streaming import ChunkBuffer, keeps, read_as
     from dite.engine.runtime.progress import track  # a bar only while a caller reports progress
 
     state, buffer = {}, ChunkBuffer()
@@ -373,7 +373,9 @@ def load_weights(
                 f"{keys} in {reader.where(source.keys[0])} has shape {tuple(tensor.shape)} but "
                 f"the model expects {tuple(target.shape)} for {name}"
             )
-        if dtype is not None and tensor.is_floating_point():
+        if keeps(tensor):  # an fp8 weight loaded for fp8 storage (engine/memory/fp8.py)
+            pass
+        elif dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
         elif tensor.is_floating_point() and target.is_floating_point():
             tensor = tensor.to(target.dtype)
@@ -405,9 +407,10 @@ def _float32_sum(tensor: torch.Tensor, chunk: int = 2**20) -> torch.Tensor:
     tensor with dtype=float32 converts all of it first, a temporary as large as the tensor
     in float32 whose freed heap space stays resident (tools/bench_load_memory.py)."""
     flat = tensor.reshape(-1)
-    if flat.numel() <= chunk or tensor.dtype == torch.float32:
-        return flat.sum(dtype=torch.float32)
-    return torch.stack([part.sum(dtype=torch.float32) for part in flat.split(chunk)]).sum()
+    if tensor.dtype == torch.float32:
+        return flat.sum()
+    # .to() per chunk: fp8 tensors have no sum kernel of their own
+    return torch.stack([part.to(torch.float32).sum() for part in flat.split(chunk)]).sum()
 
 
 def check_finite(name: str, keys: list[str], reader: WeightReader, tensor: torch.Tensor) -> None:
