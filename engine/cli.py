@@ -258,6 +258,9 @@ def _add_batch_arguments(gen) -> None:
     gen.add_argument("--weights-dtype", default=None, choices=["fp8", "fp8_e5m2"],
                      help="keep linear weights in fp8 (e4m3fn; or e5m2), upcast per layer as it runs: half the "
                           "memory of bf16 weights; fp8 checkpoints are read as they are")
+    gen.add_argument("--offload", default=None, choices=["model", "sequential"],
+                     help="keep weights in CPU memory and move them to --device as they run: one component at a "
+                          "time (model) or block by block (sequential, slowest, least GPU memory)")
     gen.add_argument("--from-image", default=None, metavar="IMAGE",
                      help="make IMAGE again from the settings it records (an image written by dite generate); "
                           "options given explicitly override them")
@@ -562,14 +565,29 @@ def _load_for_generate(args, options: dict, components: dict):
     from dite.engine.loading.loader import load
     from dite.engine.loading.streaming import keeping_fp8
 
+    device, dtype = args.device, args.dtype
+    if args.offload:  # loaded into CPU memory, in the dtype "auto" picks for where it will run
+        from dite.engine.loading.loader import parse_device
+        from dite.engine.runtime.dtype_probe import auto_dtype
+
+        device = "cpu"
+        dtype = auto_dtype(parse_device(args.device)) if args.dtype == "auto" else args.dtype
     with keeping_fp8() if args.weights_dtype else nullcontext():
-        pipe = load(args.model, device=args.device, dtype=args.dtype, vae=args.vae, scheduler=args.scheduler,
+        pipe = load(args.model, device=device, dtype=dtype, vae=args.vae, scheduler=args.scheduler,
                     tokenizers=args.tokenizers, executor=args.executor, attention=args.attention,
                     executor_options=options, model_config=args.model_config, **components)
     if args.weights_dtype:
         from dite.engine.memory.fp8 import fp8_dtype, store_fp8
 
         store_fp8(pipe, fp8_dtype(args.weights_dtype))
+    if args.offload:
+        from dite.engine.memory.offload import enable_offload
+
+        if args.dtype == "auto":
+            from dite.engine.runtime.dtype_probe import AUTO_VAE_DTYPE
+
+            pipe.vae.to(AUTO_VAE_DTYPE)
+        enable_offload(pipe, args.offload, execution=args.device)
     return pipe
 
 
@@ -604,7 +622,7 @@ def _run_metadata(pipe, args) -> dict:
     options = {"executor": args.executor, "attention": args.attention, "compile_backend": args.compile_backend,
                "compile_mode": args.compile_mode, "npu_route": args.npu_route, "scheduler_option": args.scheduler,
                "dtype_option": args.dtype, "vae_tiling": True if args.vae_tiling else None,
-               "weights_dtype": args.weights_dtype,
+               "weights_dtype": args.weights_dtype, "offload": args.offload,
                "vae_option": recorded_name(args.vae) if args.vae else None,
                "tokenizers_option": recorded_name(args.tokenizers) if args.tokenizers else None}
     return run_metadata(pipe, model_hash=digest, options=options)
