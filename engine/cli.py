@@ -524,7 +524,7 @@ def cmd_generate(args) -> int:
     jobs = _check_generate(args)  # before anything is loaded
     family_known = _family(args) is not None
 
-    from dite.engine.outputs.run import run_jobs
+    from dite.engine.outputs.run import load_for_generate, memory_options, run_jobs, run_metadata_of
     from dite.engine.runtime.progress import Reporter, reporting
 
     components = {"text_encoder_3": None} if args.no_t5 else {}
@@ -534,8 +534,8 @@ def cmd_generate(args) -> int:
     with reporting(Reporter() if show else None):
         if show:
             print(f"loading {args.model} (dtype {args.dtype}, {args.device})", file=sys.stderr, flush=True)
-        pipe = _load_for_generate(args, options, components)
-        _memory_options(pipe, args, len(jobs))
+        pipe = load_for_generate(args, options, components)
+        memory_options(pipe, args, len(jobs))
         if args.vae_dtype is not None:
             from dite.engine.dtypes import precisions
 
@@ -550,7 +550,7 @@ def cmd_generate(args) -> int:
             _check_against_model(pipe, argparse.Namespace(**{**vars(args), "size": job.size, "steps": job.steps,
                                                              "guidance": job.guidance}),
                                  job.images, _text_tokens(pipe, args))
-        run_meta = _run_metadata(pipe, args)
+        run_meta = run_metadata_of(pipe, args)
         if show:
             print(f"loaded in {load_seconds:.2f} s: {pipe.family}, {run_meta['dtype']} (VAE {run_meta['vae_dtype']}) "
                   f"on {run_meta['device']}", file=sys.stderr, flush=True)
@@ -558,74 +558,9 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def _load_for_generate(args, options: dict, components: dict):
-    """load() with generate's options; --weights-dtype keeps fp8 weights (engine/memory/fp8.py)."""
-    from contextlib import nullcontext
-
-    from dite.engine.loading.loader import load
-    from dite.engine.loading.streaming import keeping_fp8
-
-    device, dtype = args.device, args.dtype
-    if args.offload:  # loaded into CPU memory, in the dtype "auto" picks for where it will run
-        from dite.engine.loading.loader import parse_device
-        from dite.engine.runtime.dtype_probe import auto_dtype
-
-        device = "cpu"
-        dtype = auto_dtype(parse_device(args.device)) if args.dtype == "auto" else args.dtype
-    with keeping_fp8() if args.weights_dtype else nullcontext():
-        pipe = load(args.model, device=device, dtype=dtype, vae=args.vae, scheduler=args.scheduler,
-                    tokenizers=args.tokenizers, executor=args.executor, attention=args.attention,
-                    executor_options=options, model_config=args.model_config, **components)
-    if args.weights_dtype:
-        from dite.engine.memory.fp8 import fp8_dtype, store_fp8
-
-        store_fp8(pipe, fp8_dtype(args.weights_dtype))
-    if args.offload:
-        from dite.engine.memory.offload import enable_offload
-
-        if args.dtype == "auto":
-            from dite.engine.runtime.dtype_probe import AUTO_VAE_DTYPE
-
-            pipe.vae.to(AUTO_VAE_DTYPE)
-        enable_offload(pipe, args.offload, execution=args.device)
-    return pipe
-
-
-def _memory_options(pipe, args, calls: int) -> None:
-    """--low-memory and --vae-tiling (engine/memory/)."""
-    if args.low_memory:
-        from dite.engine.memory.encoders import release_encoders
-
-        release_encoders(pipe, release_after=calls)
-    if args.vae_tiling:
-        from dite.engine.memory.vae_tiling import enable_vae_tiling
-
-        enable_vae_tiling(pipe.vae)
-
-
 def _show_progress(args) -> bool:
     """Stage lines and loading bars go to a terminal only (a log or a pipe gets the summary)."""
     return not args.quiet and sys.stderr.isatty()
-
-
-def _run_metadata(pipe, args) -> dict:
-    """What every image of the run records beyond the pipeline's parameters (outputs/metadata.py)."""
-    from dite.engine.loading.loader import recorded_name
-    from dite.engine.outputs.metadata import run_metadata
-    from dite.engine.outputs.model_hash import model_hash
-
-    digest = model_hash(getattr(pipe, "source_path", None))
-    recorded = getattr(args, "recorded_model_hash", None)
-    if recorded and digest and recorded != digest:
-        print(f"dite: note: {args.from_image} was made by a model with hash {recorded}; this one's is {digest}: "
-              "the image may differ", file=sys.stderr)
-    options = {"executor": args.executor, "attention": args.attention, "compile_backend": args.compile_backend,
-               "compile_mode": args.compile_mode, "npu_route": args.npu_route, "scheduler_option": args.scheduler,
-               "dtype_option": args.dtype, "vae_tiling": True if args.vae_tiling else None,
-               "weights_dtype": args.weights_dtype, "offload": args.offload,
-               "vae_option": recorded_name(args.vae) if args.vae else None,
-               "tokenizers_option": recorded_name(args.tokenizers) if args.tokenizers else None}
-    return run_metadata(pipe, model_hash=digest, options=options)
 
 
 def _from_image_args(argv: list[str] | None, args):
