@@ -22,7 +22,6 @@ EXIT_USER_ERROR = 2
 MAX_STEPS = 1000
 MAX_SIDE = 16384
 MAX_SEED = 2**64 - 1  # torch generators take 64-bit seeds
-IMAGE_SUFFIXES = (".png",)  # what `generate -o` writes
 
 
 class _Parser(argparse.ArgumentParser):
@@ -77,6 +76,7 @@ def _finite(low: float | None = None):
 _steps = _int_in(1, MAX_STEPS, "a step count")
 _positive = _int_in(1)
 _seed = _int_in(0, MAX_SEED, "a seed (an integer)")
+_seed_or_random = _int_in(-1, MAX_SEED, "a seed (an integer, or -1 for a random one)")
 
 
 def _budget(text: str) -> float:
@@ -95,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="make images: text-to-image (SD3, PixArt) or class-to-image (DiT)")
+    parser.generate_parser = gen  # --from-image sets its defaults from an image
     gen.add_argument("prompt", nargs="*", help="prompt(s) for text-to-image models; one image set per prompt")
     gen.add_argument("--model", default=None,
                      help="pipeline folder, checkpoint file, hub repo id, or demo-sd3 / demo-dit (the small models "
@@ -110,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"denoising steps, 1 to {MAX_STEPS} (default: the family's, DiT 50, SD3 28, PixArt 20)")
     gen.add_argument("--guidance", type=_finite(), default=None,
                      help="classifier-free guidance scale (default: the family's, DiT 4.0, SD3 7.0, PixArt 4.5)")
-    gen.add_argument("--seed", type=_seed, default=0, help="seed of the first image; image k uses seed+k (default 0)")
+    gen.add_argument("--seed", type=_seed_or_random, default=0,
+                     help="seed of the first image; image k of the run uses seed+k (default 0); -1: a random seed, "
+                          "printed and recorded in the images")
     gen.add_argument("--size", type=_size, default=None, metavar="WxH", help="image size (default: the model's)")
     gen.add_argument("--scheduler", default=None, help="replace the model's scheduler: ddim, ddpm, dpm (DPM-Solver++) or flow_euler (alias euler)")
     gen.add_argument("--vae", default=None, help="VAE for checkpoints without one (original DiT .pt, PixArt .pth)")
@@ -132,12 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--attention", default="sdpa", choices=["sdpa", "math", "npu"],
                      help="attention kernel of the denoiser: PyTorch SDPA (default), the explicit math reference, "
                           "or torch_npu's fused attention on Ascend")
-    gen.add_argument("--dtype", default="fp32", help="fp32, fp16 or bf16")
+    gen.add_argument("--dtype", default="auto",
+                     help="auto (default: CUDA bf16, else fp16; Ascend bf16; CPU fp32 or bf16, whichever a one-time "
+                          "probe finds faster; VAE in fp32), fp32, fp16 or bf16")
     gen.add_argument("--model-config", default=None, metavar="JSON",
                      help="what shapes cannot tell, as load(model_config=...): a JSON string or file")
     gen.add_argument("-o", "--output", default="out.png",
-                     help="PNG path (its folder must exist); several images get -0, -1, ... suffixes")
+                     help="image path ending in .png, .jpg or .webp (its folder must exist); several images are "
+                          "named by --name-pattern")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_batch_arguments(gen)
 
     cal = sub.add_parser("calibrate", help="calibrate a DiTFastAttn plan (use it with --accel fastattn(plan=FILE))")
     cal.add_argument("--model", default=None, help="as for generate (default: demo-sd3)")
@@ -234,23 +241,33 @@ def _version() -> str:
     return dite_version()
 
 
-def output_paths(output: str, count: int) -> list[Path]:
-    """The files `generate` writes: OUTPUT itself for one image, OUTPUT-0.png, OUTPUT-1.png,
-    ... for several. A name without a suffix gets .png; any other suffix is refused (only
-    PNG is written, and `out.jpg` must not silently become `out.jpg.png`)."""
-    if not output.strip():
-        raise InputError("--output is empty: give a .png path")
-    path = Path(output)
-    if output.endswith(("/", os.sep)) or path.is_dir():
-        raise InputError(f"--output {output} is a folder: give a file path such as {path / 'out.png'}")
-    if path.suffix.lower() not in IMAGE_SUFFIXES:
-        if path.suffix:
-            raise InputError(f"--output {output}: dite writes {', '.join(IMAGE_SUFFIXES)} images only; give a path "
-                             f"ending in .png, e.g. {path.with_suffix('.png')}")
-        path = path.with_name(path.name + ".png")
-    if count == 1:
-        return [path]
-    return [path.with_name(f"{path.stem}-{k}{path.suffix}") for k in range(count)]
+def _add_batch_arguments(gen) -> None:
+    """generate's options for many images in one start-up (engine/outputs/)."""
+    gen.add_argument("--prompt-file", default=None, metavar="FILE",
+                     help="one prompt a line (DiT: a class label a line), or JSON Lines with per-line prompt, "
+                          "negative, seed, size, steps, guidance, accel; the model loads once")
+    gen.add_argument("--batch-count", type=_positive, default=1, metavar="N",
+                     help="repeat the whole run N times, seeds running on (default 1)")
+    gen.add_argument("--name-pattern", default=None, metavar="PATTERN",
+                     help="file names of several images, with the -o suffix: fields {stem} {index} {seed} {line} "
+                          "{batch} {prompt} (default {stem}-{index}-{seed})")
+    gen.add_argument("--overwrite", action="store_true",
+                     help="replace existing output files (default: refuse before loading anything)")
+    gen.add_argument("--vae-dtype", default=None, choices=list(PRECISIONS),
+                     help="the VAE's dtype (default: fp32 with --dtype auto, else --dtype)")
+    gen.add_argument("--low-memory", action="store_true",
+                     help="release the text encoders once the run's prompts are encoded (the last call's encoding)")
+    gen.add_argument("--vae-tiling", action="store_true",
+                     help="decode in overlapping 512-pixel tiles (less memory for large images)")
+    gen.add_argument("--weights-dtype", default=None, choices=["fp8", "fp8_e5m2"],
+                     help="keep linear weights in fp8 (e4m3fn; or e5m2), upcast per layer as it runs: half the "
+                          "memory of bf16 weights; fp8 checkpoints are read as they are")
+    gen.add_argument("--offload", default=None, choices=["model", "sequential"],
+                     help="keep weights in CPU memory and move them to --device as they run: one component at a "
+                          "time (model) or block by block (sequential, slowest, least GPU memory)")
+    gen.add_argument("--from-image", default=None, metavar="IMAGE",
+                     help="make IMAGE again from the settings it records (an image written by dite generate); "
+                          "options given explicitly override them")
 
 
 def check_writable(paths: list[Path], flag: str = "--output") -> None:
@@ -320,7 +337,8 @@ def _check_common(args, flag_model: str = "--model") -> None:
     """What every command that loads a model checks first: dtype, device, the model's path."""
     from dite.engine.loading.loader import demo_folder, parse_device, parse_dtype
 
-    parse_dtype(args.dtype)
+    if args.dtype != "auto":
+        parse_dtype(args.dtype)
     parse_device(args.device)
     if demo_folder(args.model) is None:
         _existing_or_hub(args.model, flag_model)
@@ -332,9 +350,9 @@ def _family(args) -> str | None:
     return peek_family(args.model)
 
 
-def _check_generate(args) -> tuple[int, list[Path]]:
-    """Everything about a generate call that can be refused without the model; returns the
-    number of images and their output paths."""
+def _check_generate(args) -> list:
+    """Everything about a generate run that can be refused without the model; returns its
+    planned calls (engine/outputs/jobs.py), each with its output paths."""
     if args.model is None:  # the demo models shipped with dite: offline, seconds on a CPU
         args.model = "demo-dit" if args.class_label and not args.prompt else "demo-sd3"
     _check_common(args)
@@ -347,23 +365,48 @@ def _check_generate(args) -> tuple[int, list[Path]]:
             raise InputError(f"{flag} applies to --executor {executor}, not {args.executor}")
     _existing_or_hub(args.vae, "--vae")
     _existing_or_hub(args.tokenizers, "--tokenizers")
-    _check_accel(args.accel)
     args.model_config = _model_config(args.model_config)
-    labels = _labels(args.class_label)
-    if args.prompt and labels:
+    args.labels = _labels(args.class_label)
+    if args.prompt and args.labels:
         raise InputError("give prompts (text-to-image models) or --class-label IDs (DiT), not both")
-    family = _family(args)
-    if family is not None:
+    if args.prompt_file is not None and (args.prompt or args.labels):
+        raise InputError("give prompts (or --class-label) on the command line or in --prompt-file, not both")
+    return _plan_generate(args, _family(args))
+
+
+def _plan_generate(args, family: str | None) -> list:
+    """The run's calls and output paths, checked: prompt-file lines, accel specs, seeds, paths."""
+    from dite.engine.outputs import naming
+    from dite.engine.outputs.jobs import plan_jobs
+    from dite.engine.outputs.prompt_file import read_prompt_file
+
+    entries = None
+    if args.prompt_file is not None:
+        entries = read_prompt_file(args.prompt_file, {"seed": _seed_or_random, "size": _size, "steps": _steps,
+                                                      "guidance": _finite()})
+        stand_in = ["0"] if family == "dit" else []  # the file gives what the command line does not
+        if family is not None:
+            _check_conditioning(argparse.Namespace(**{**vars(args), "class_label": stand_in,
+                                                      "prompt": [] if stand_in else ["-"]}), family)
+    elif family is not None:
         _check_conditioning(args, family)
-    elif not args.prompt and not labels:
+    elif not args.prompt and not args.labels:
         raise InputError("nothing to generate: give a prompt (text-to-image models) or --class-label ID (DiT)")
-    count = len(labels) if labels else len(args.prompt) * args.images_per_prompt
-    if args.seed + count - 1 > MAX_SEED:
-        raise InputError(f"--seed {args.seed}: image k uses seed + k, and {count} images go past the largest seed "
-                         f"({MAX_SEED})")
-    paths = output_paths(args.output, count)
+    base = naming.output_base(args.output)  # before anything else about outputs: the suffix decides the format
+    jobs = plan_jobs(args, entries, family == "dit", MAX_SEED)
+    for spec in dict.fromkeys(job.accel for job in jobs):
+        _check_accel(spec)
+    fields, index = [], 0
+    for job in jobs:
+        fields += job.image_fields(index)
+        index += job.images
+    paths = naming.image_paths(base, fields, args.name_pattern)
+    index = 0
+    for job in jobs:
+        job.paths, index = paths[index:index + job.images], index + job.images
     check_writable(paths)
-    return count, paths
+    naming.refuse_existing(paths, args.overwrite)
+    return jobs
 
 
 TEXT_ONLY = {"negative_prompt": "--negative-prompt", "max_sequence_length": "--max-sequence-length",
@@ -479,40 +522,71 @@ def _text_tokens(pipe, args) -> int:
 
 
 def cmd_generate(args) -> int:
-    count, paths = _check_generate(args)  # before anything is loaded
+    import time
 
-    from dite.engine.loading.loader import load
-    from dite.engine.pipelines.images import save_png
-    from dite.engine.runtime.accounting import FlopCounts, flop_cache_folder, summary_line
+    started = time.perf_counter()
+    jobs = _check_generate(args)  # before anything is loaded
+    family_known = _family(args) is not None
+
+    from dite.engine.outputs.run import load_for_generate, memory_options, run_jobs, run_metadata_of
+    from dite.engine.runtime.accounting import FlopCounts, flop_cache_folder
+    from dite.engine.runtime.progress import Reporter, reporting
 
     components = {"text_encoder_3": None} if args.no_t5 else {}
     options = {k: v for k, v in (("backend", args.compile_backend), ("mode", args.compile_mode),
                                  ("route", args.npu_route)) if v is not None}
-    pipe = load(args.model, device=args.device, dtype=args.dtype, vae=args.vae, scheduler=args.scheduler,
-                tokenizers=args.tokenizers, executor=args.executor, attention=args.attention,
-                executor_options=options, model_config=args.model_config, **components)
-    _check_conditioning(args, pipe.family)  # checked before loading when the family could be told
-    _check_against_model(pipe, args, count, _text_tokens(pipe, args))
-    # The summary line's FLOPs, counted once per model and call shape and kept for later runs.
-    pipe.flop_counts = FlopCounts(flop_cache_folder())
-    width, height = args.size if args.size else (None, None)
-    common = dict(seed=args.seed, height=height, width=width, progress=not args.quiet, accel=args.accel)
-    if args.steps is not None:
-        common["num_inference_steps"] = args.steps
-    if args.guidance is not None:
-        common["guidance_scale"] = args.guidance
-    if pipe.family == "dit":
-        out = pipe(class_labels=_labels(args.class_label), **common)
-    else:
-        out = pipe(prompt=args.prompt, negative_prompt=args.negative_prompt,
-                   num_images_per_prompt=args.images_per_prompt, max_sequence_length=args.max_sequence_length,
-                   **common)
-    for image, params, path in zip(out.images, out.parameters, paths):
-        save_png(image, path, params)
-        print(path)
-    print(f"{len(out.images)} image(s), {out.parameters[0]['steps']} steps | {summary_line(out.stats, out.timings)}",
-          file=sys.stderr)
+    show = _show_progress(args)
+    with reporting(Reporter() if show else None):
+        if show:
+            print(f"loading {args.model} (dtype {args.dtype}, {args.device})", file=sys.stderr, flush=True)
+        pipe = load_for_generate(args, options, components)
+        memory_options(pipe, args, len(jobs))
+        # The summary line's FLOPs, counted once per model and call shape and kept for later runs.
+        pipe.flop_counts = FlopCounts(flop_cache_folder())
+        if args.vae_dtype is not None:
+            from dite.engine.dtypes import precisions
+
+            pipe.vae.to(precisions()[args.vae_dtype])
+        load_seconds = time.perf_counter() - started
+        _check_conditioning(args if args.prompt_file is None else argparse.Namespace(
+            **{**vars(args), "class_label": ["0"] if pipe.family == "dit" else [],
+               "prompt": [] if pipe.family == "dit" else ["-"]}), pipe.family)
+        if not family_known:  # a hub model's family is known only now
+            jobs = _plan_generate(args, pipe.family)
+        for job in jobs:
+            _check_against_model(pipe, argparse.Namespace(**{**vars(args), "size": job.size, "steps": job.steps,
+                                                             "guidance": job.guidance}),
+                                 job.images, _text_tokens(pipe, args))
+        run_meta = run_metadata_of(pipe, args)
+        if show:
+            print(f"loaded in {load_seconds:.2f} s: {pipe.family}, {run_meta['dtype']} (VAE {run_meta['vae_dtype']}) "
+                  f"on {run_meta['device']}", file=sys.stderr, flush=True)
+        run_jobs(pipe, jobs, args, run_meta, load_seconds, started)
     return 0
+
+
+def _show_progress(args) -> bool:
+    """Stage lines and loading bars go to a terminal only (a log or a pipe gets the summary)."""
+    return not args.quiet and sys.stderr.isatty()
+
+
+def _from_image_args(argv: list[str] | None, args):
+    """`generate --from-image X`: the command line parsed again with X's recorded settings as
+    the defaults (engine/outputs/rerun.py)."""
+    from dite.engine.outputs.rerun import check_needed_paths, recorded_defaults
+
+    defaults, params = recorded_defaults(args.from_image, args.model)
+    needs = {key: defaults.pop(key) for key in list(defaults) if key.startswith("needs_")}
+    if "vae_dtype" in params:
+        from dite.engine.dtypes import LONG_NAMES
+
+        defaults["vae_dtype"] = LONG_NAMES.get(params["vae_dtype"], params["vae_dtype"])
+    parser = build_parser()
+    parser.generate_parser.set_defaults(**defaults)
+    again = parser.parse_args(argv)
+    check_needed_paths(again, needs, args.from_image)
+    again.recorded_model_hash = params.get("model_hash")
+    return again
 
 
 def cmd_calibrate(args) -> int:
@@ -690,6 +764,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version, or a bad argument (already reported in one line)
         return exc.code if isinstance(exc.code, int) else EXIT_USER_ERROR
     try:
+        if args.command == "generate" and args.from_image is not None:
+            args = _from_image_args(argv, args)
         return {"generate": cmd_generate, "inspect": cmd_inspect, "accel": cmd_accel, "calibrate": cmd_calibrate,
                 "convert": cmd_convert, "tune": cmd_tune, "serve": _cmd_serve}[args.command](args)
     except DiteError as exc:

@@ -31,11 +31,24 @@ def dit():
     return model
 
 
-@pytest.fixture(autouse=True, scope="session")
-def flop_cache_in_tmp(tmp_path_factory):
-    """`dite generate` keeps counted FLOPs in $DITE_CACHE (engine/runtime/accounting.py): the
-    tests' go to a temporary folder, not the user's ~/.cache."""
-    patch = pytest.MonkeyPatch()
-    patch.setenv("DITE_CACHE", str(tmp_path_factory.mktemp("dite-cache")))
-    yield
-    patch.undo()
+@pytest.fixture(scope="session", autouse=True)
+def dite_cache(tmp_path_factory):
+    """dite's per-machine cache (engine/runtime/user_cache.py: the dtype probe, model hashes,
+    counted FLOPs) in a temporary folder, not the user's ~/.cache, with the
+    CPU dtype probe's answer set to fp32: `generate`'s default dtype "auto" then gives the
+    same fp32 results on every machine (with bf16 matrix units the probe would choose bf16).
+    The probe itself is tested in test_practical_dtype.py against its own folders."""
+    import json
+    import os
+
+    from dite.engine.runtime.dtype_probe import CACHE_FILE, probe_key
+
+    folder = tmp_path_factory.mktemp("dite-cache")
+    (folder / CACHE_FILE).write_text(json.dumps({probe_key(): {"dtype": "fp32", "seconds": {}, "probed": "tests"}}))
+    before = os.environ.get("DITE_CACHE_DIR")
+    os.environ["DITE_CACHE_DIR"] = str(folder)
+    yield folder
+    if before is None:
+        os.environ.pop("DITE_CACHE_DIR", None)
+    else:
+        os.environ["DITE_CACHE_DIR"] = before

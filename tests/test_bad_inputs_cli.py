@@ -31,7 +31,7 @@ def dit(tmp_path_factory):
 def tmp(tmp_path):
     """The output folder of a case, with the obstacles some cases point at."""
     (tmp_path / "a-folder").mkdir()
-    (tmp_path / "two-1.png").mkdir()  # where the second of two images would go
+    (tmp_path / "two-1-1.png").mkdir()  # where the second of two images (seeds 0, 1) would go
     (tmp_path / "file.txt").write_text("not a folder")
     (tmp_path / "broken.json").write_text("{not json")
     return tmp_path
@@ -65,8 +65,8 @@ SD3 = ["generate", "--model", "demo-sd3", "--quiet", "--steps", "2"]
 # (argv, what the message must name). Refused before the model is loaded.
 BEFORE_LOADING = {
     # output paths
-    "jpg": (GEN + ["--class-label", "1", "-o", "{tmp}/out.jpg"], ["out.jpg", ".png"]),
-    "webp": (GEN + ["--class-label", "1", "-o", "{tmp}/out.webp"], ["out.webp", ".png"]),
+    "gif": (GEN + ["--class-label", "1", "-o", "{tmp}/out.gif"], ["out.gif", ".png", ".jpg", ".webp"]),
+    "tiff": (GEN + ["--class-label", "1", "-o", "{tmp}/out.tiff"], ["out.tiff", ".png"]),
     "output-is-folder": (GEN + ["--class-label", "1", "-o", "{tmp}/a-folder"], ["a-folder", "is a folder"]),
     "output-trailing-slash": (GEN + ["--class-label", "1", "-o", "{tmp}/new/"], ["is a folder"]),
     "missing-folder": (GEN + ["--class-label", "1", "-o", "{tmp}/missing/out.png"], ["missing", "does not exist"]),
@@ -74,7 +74,7 @@ BEFORE_LOADING = {
     "unwritable": (GEN + ["--class-label", "1", "-o", "/proc/dite-out.png"], ["/proc", "cannot write"]),
     "empty-output": (GEN + ["--class-label", "1", "-o", ""], ["--output is empty"]),
     "second-image-is-folder": (GEN + ["--class-label", "1", "--class-label", "2", "-o", "{tmp}/two.png"],
-                               ["two-1.png", "is a folder"]),
+                               ["two-1-1.png", "is a folder"]),
     # sizes
     "size-zero": (GEN + ["--class-label", "1", "--size", "0x16"], ["--size", "between 1 and"]),
     "size-negative": (GEN + ["--class-label", "1", "--size=-16x16"], ["--size", "between 1 and"]),
@@ -88,7 +88,7 @@ BEFORE_LOADING = {
     "steps-word": (GEN + ["--class-label", "1", "--steps", "abc"], ["--steps", "'abc'"]),
     "steps-fraction": (GEN + ["--class-label", "1", "--steps", "2.5"], ["--steps", "'2.5'"]),
     # seeds
-    "seed-negative": (GEN + ["--class-label", "1", "--seed", "-1"], ["--seed", "between 0 and"]),
+    "seed-negative": (GEN + ["--class-label", "1", "--seed", "-2"], ["--seed", "between -1 and"]),
     "seed-word": (GEN + ["--class-label", "1", "--seed", "abc"], ["--seed", "'abc'"]),
     "seed-2**64": (GEN + ["--class-label", "1", "--seed", str(2**64)], ["--seed", str(2**64)]),
     "seed-overflows-with-k": (GEN + ["--class-label", "1", "--class-label", "2", "--seed", str(2**64 - 1)],

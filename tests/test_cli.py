@@ -26,7 +26,7 @@ def test_generate_writes_pngs_with_parameters(folder, tmp_path, capsys):
     code = main(["generate", "--model", str(folder), "--class-label", "3", "--class-label", "goldfish",
                  "--steps", "2", "--guidance", "3", "--seed", "5", "-o", str(out), "--quiet"])
     assert code == 0
-    paths = [tmp_path / "img-0.png", tmp_path / "img-1.png"]
+    paths = [tmp_path / "img-0-5.png", tmp_path / "img-1-6.png"]  # {stem}-{index}-{seed}
     assert capsys.readouterr().out.split() == [str(p) for p in paths]
     params = [json.loads(Image.open(p).text["dite"]) for p in paths]
     assert [(p["class_label"], p["seed"]) for p in params] == [(3, 5), (1, 6)]

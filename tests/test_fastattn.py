@@ -202,7 +202,7 @@ def test_cli_calibrate_then_generate(pipe, tmp_path, capsys):
     assert main(["generate", "--model", folder, "--class-label", "1", "--steps", "3", "--quiet",
                  "--accel", f"fastattn(plan={plan})", "-o", str(tmp_path / "x.png")]) == 0
     assert main(["generate", "--model", folder, "--class-label", "1", "--steps", "4", "--quiet",
-                 "--accel", f"fastattn(plan={plan})", "-o", str(tmp_path / "x.png")]) == 2
+                 "--accel", f"fastattn(plan={plan})", "-o", str(tmp_path / "y.png")]) == 2
     assert "calibrated for 3 steps" in capsys.readouterr().err
     assert main(["calibrate", "--model", folder, "--steps", "2", "--window", "4", "--class-label", "5",
                  "--class-label", "2", "-o", str(plan)]) == 0

@@ -121,7 +121,7 @@ def test_an_unwritable_folder_is_passed_over(dit_folder, tmp_path, counted):
 
 
 def test_cli_generate_keeps_counts_in_dite_cache(dit_folder, tmp_path, monkeypatch, capsys, counted):
-    monkeypatch.setenv("DITE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("DITE_CACHE_DIR", str(tmp_path / "cache"))
     args = ["generate", "--model", str(dit_folder), "--class-label", "3", "--steps", "4", "--accel", "ditcache",
             "--quiet"]
     assert main(args + ["-o", str(tmp_path / "a.png")]) == 0

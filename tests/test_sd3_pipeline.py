@@ -84,7 +84,7 @@ def test_cli_text_to_image(sd3, tmp_path, capsys):
     assert main(["generate", "--model", str(folder), "a red circle", "a blue square", "--negative-prompt", "blur",
                  "--size", "24x16", "--steps", "2", "--guidance", "5", "--seed", "3", "--no-t5", "-o", str(out),
                  "--quiet"]) == 0
-    paths = [tmp_path / "sd3-0.png", tmp_path / "sd3-1.png"]
+    paths = [tmp_path / "sd3-0-3.png", tmp_path / "sd3-1-4.png"]  # {stem}-{index}-{seed}
     assert capsys.readouterr().out.split() == [str(p) for p in paths]
     params = json.loads(Image.open(paths[1]).text["dite"])
     assert params["prompt"] == "a blue square" and params["negative_prompt"] == "blur" and params["seed"] == 4

@@ -124,6 +124,8 @@ def load(
     executor: str = "eager",
     attention: str = "sdpa",
     executor_options: dict | None = None,
+    release_encoders: bool = False,
+    vae_tiling: bool = False,
     **components: Any,
 ) -> Pipeline:
     """Load a pipeline from `source` (folder, file or hub repo id) onto `device` in `dtype`.
@@ -141,8 +143,16 @@ def load(
     and one is present, else CUDA, else CPU. executor: "eager", "compiled" or "npu-graph"
     (engine/runtime/executors; `executor_options` go to it, e.g. {"backend": "inductor", "mode":
     "reduce-overhead"}); attention: the denoiser's attention kernel, "sdpa", "math" or "npu".
+    release_encoders: drop the text encoders after the first call's encoding (engine/memory/
+    encoders.py); vae_tiling: decode large images in tiles (engine/memory/vae_tiling.py).
     """
-    device, dtype = parse_device(device), parse_dtype(dtype)
+    device = parse_device(device)
+    auto = isinstance(dtype, str) and dtype.lower() == "auto"  # the device's best (runtime/dtype_probe.py)
+    if auto:
+        from dite.engine.runtime.dtype_probe import auto_dtype
+
+        dtype = auto_dtype(device)
+    dtype = parse_dtype(dtype)
     model_config = check_model_config(model_config)
     path = local_path(source, revision=revision, variant=variant)
     options = dict(device=device, dtype=dtype, vae=vae, variant=variant, model_config=model_config or {},
@@ -172,7 +182,12 @@ def load(
             )
         pipe = found[0].loader().load_file(path, reader, **options)
     pipe.source = str(source)
+    pipe.source_path = path  # the local file or folder read (the model hash reads it)
     pipe.model_name = recorded_name(source)
+    if auto:
+        from dite.engine.runtime.dtype_probe import AUTO_VAE_DTYPE
+
+        pipe.vae.to(AUTO_VAE_DTYPE)
     if device.type == "npu":
         from dite.engine.runtime.npu_env import npu_weights
 
@@ -180,6 +195,14 @@ def load(
     from dite.engine.runtime.executors import make_executor
 
     pipe.executor = make_executor(executor, attention=attention, **(executor_options or {}))
+    if release_encoders:  # engine/memory/encoders.py: text encoders dropped after the first encoding
+        from dite.engine.memory.encoders import release_encoders as release
+
+        release(pipe)
+    if vae_tiling:  # engine/memory/vae_tiling.py: decode in overlapping 512-pixel tiles
+        from dite.engine.memory.vae_tiling import enable_vae_tiling
+
+        enable_vae_tiling(pipe.vae)
     if scheduler is not None:
         # A name takes the model's own config (its noise schedule, prediction type), as README says.
         pipe.scheduler = by_name(scheduler, pipe.scheduler.to_diffusers_config()) if isinstance(scheduler, str) else scheduler

@@ -21,6 +21,11 @@ from dite.engine.errors import CheckpointError, ConfigError, NonFiniteError
 from dite.models.checkpoint import KeyMap
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
+# load_weights streams each safetensors tensor into its final dtype (loading/streaming.py):
+# through a memory map, touched pages stay resident until the reader closes, so an fp32 file
+# loaded as bf16 held both (peak = file + model); streamed, the peak is the model + a 4 MiB
+# buffer (tools/bench_load_memory.py measures both; True restores the map for that).
+LOAD_WITH_MMAP = False
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 
@@ -110,6 +115,15 @@ class SafetensorsReader(WeightReader):
 
     def where(self, key: str) -> str:
         return self._file_of.get(self._prefix + key, "?")
+
+    def location(self, key: str) -> tuple[str, int, dict]:
+        """(file, header length, header entry) of `key`, for positioned reads (loading/streaming.py)."""
+        _, full = self._handle(key)
+        file = self._file_of[full]
+        if file not in self._headers:
+            self._headers[file] = _read_header(file)
+        header_len, header = self._headers[file]
+        return file, header_len, header[full]
 
 
 def _read_header(file: str) -> tuple[int, dict]:
@@ -336,11 +350,17 @@ def load_weights(
             f"{', '.join(unexpected[:5])}; the checkpoint does not fit the detected model config"
         )
 
-    state = {}
-    for name, target in expected.items():
+    from dite.engine.loading.streaming import ChunkBuffer, keeps, read_as
+    from dite.engine.runtime.progress import track  # a bar only while a caller reports progress
+
+    state, buffer = {}, ChunkBuffer()
+    for name, target in track(expected.items(), len(expected), f"load {type(module).__name__}"):
         source = keymap[name]
+        # Cast while reading (key maps only concatenate, split, reshape, transpose: all commute with a cast).
+        cast = dtype if dtype is not None else (target.dtype if target.is_floating_point() else None)
         try:
-            tensor = source.build([reader.get(k) for k in source.keys])
+            tensor = source.build([reader.get(k) if LOAD_WITH_MMAP else read_as(reader, k, cast, buffer)
+                                   for k in source.keys])
         except RuntimeError as exc:  # e.g. concatenating or reshaping tensors of the wrong size
             shapes = ", ".join(f"{k} {reader.shape(k)}" for k in source.keys)
             raise CheckpointError(
@@ -353,7 +373,9 @@ def load_weights(
                 f"{keys} in {reader.where(source.keys[0])} has shape {tuple(tensor.shape)} but "
                 f"the model expects {tuple(target.shape)} for {name}"
             )
-        if dtype is not None and tensor.is_floating_point():
+        if keeps(tensor):  # an fp8 weight loaded for fp8 storage (engine/memory/fp8.py)
+            pass
+        elif dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
         elif tensor.is_floating_point() and target.is_floating_point():
             tensor = tensor.to(target.dtype)
@@ -380,6 +402,17 @@ def _materialize_computed_buffers(module: nn.Module, device, dtype) -> None:
             init(device=torch.device(device))
 
 
+def _float32_sum(tensor: torch.Tensor, chunk: int = 2**20) -> torch.Tensor:
+    """The float32 sum of a tensor, over chunks of a million elements: summing a bf16 / fp16
+    tensor with dtype=float32 converts all of it first, a temporary as large as the tensor
+    in float32 whose freed heap space stays resident (tools/bench_load_memory.py)."""
+    flat = tensor.reshape(-1)
+    if tensor.dtype == torch.float32:
+        return flat.sum()
+    # .to() per chunk: fp8 tensors have no sum kernel of their own
+    return torch.stack([part.to(torch.float32).sum() for part in flat.split(chunk)]).sum()
+
+
 def check_finite(name: str, keys: list[str], reader: WeightReader, tensor: torch.Tensor) -> None:
     """Raise NonFiniteError if a loaded floating tensor holds NaN or infinity, naming the
     checkpoint tensor and file, and whether the file holds them or the cast to a narrower
@@ -387,7 +420,7 @@ def check_finite(name: str, keys: list[str], reader: WeightReader, tensor: torch
     makes it non-finite; a sum is a vectorised pass, where CPU isfinite() is ~20x slower),
     and one sync per tensor on an accelerator; only a non-finite sum (also the rare finite
     overflow of one) pays the exact element check, and only a failure looks for the cause."""
-    if not tensor.is_floating_point() or bool(torch.isfinite(tensor.sum(dtype=torch.float32))):
+    if not tensor.is_floating_point() or bool(torch.isfinite(_float32_sum(tensor))):
         return
     if bool(torch.isfinite(tensor).all()):
         return

@@ -390,12 +390,15 @@ class Pipeline:
 
 @contextmanager
 def timed(timings: dict[str, float], stage: str):
+    from dite.engine.runtime.progress import stage as announce  # reports to a caller's reporter, if any
+
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     start = time.perf_counter()
     try:
-        yield
+        with announce(stage):
+            yield
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
     finally:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
         timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start

@@ -211,12 +211,11 @@ PROCESS_COUNTS = FlopCounts()  # what this process counted, for every pipeline
 
 
 def flop_cache_folder() -> Path:
-    """Where the CLI keeps counted FLOPs: $DITE_CACHE/flops, else $XDG_CACHE_HOME/dite/flops,
-    else ~/.cache/dite/flops."""
-    if os.environ.get("DITE_CACHE"):
-        return Path(os.environ["DITE_CACHE"]) / "flops"
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "dite" / "flops"
+    """Where the CLI keeps counted FLOPs: `flops/` in dite's per-machine cache
+    (engine/runtime/user_cache.py: $DITE_CACHE_DIR, else $XDG_CACHE_HOME/dite, else ~/.cache/dite)."""
+    from dite.engine.runtime.user_cache import cache_dir
+
+    return cache_dir() / "flops"
 
 
 def count_key(transformer: Denoiser, plans: Sequence[StepPlan], x_shape: tuple[int, ...], cond: Conditioning) -> str:
