@@ -34,21 +34,18 @@ def dit():
 @pytest.fixture(scope="session", autouse=True)
 def dite_cache(tmp_path_factory):
     """dite's per-machine cache (engine/runtime/user_cache.py: the dtype probe, model hashes,
-    counted FLOPs) in a temporary folder, not the user's ~/.cache, with the
-    CPU dtype probe's answer set to fp32: `generate`'s default dtype "auto" then gives the
-    same fp32 results on every machine (with bf16 matrix units the probe would choose bf16).
-    The probe itself is tested in test_practical_dtype.py against its own folders."""
-    import json
+    counted FLOPs) in a temporary folder, not the user's ~/.cache, and the CPU dtype of "auto"
+    set to fp32 (DITE_CPU_DTYPE): `generate`'s default dtype then gives the same fp32 results
+    on every machine (with bf16 matrix units the probe may choose bf16). The probe itself is
+    tested in test_practical_dtype.py with the variable removed."""
     import os
 
-    from dite.engine.runtime.dtype_probe import CACHE_FILE, probe_key
-
     folder = tmp_path_factory.mktemp("dite-cache")
-    (folder / CACHE_FILE).write_text(json.dumps({probe_key(): {"dtype": "fp32", "seconds": {}, "probed": "tests"}}))
-    before = os.environ.get("DITE_CACHE_DIR")
-    os.environ["DITE_CACHE_DIR"] = str(folder)
+    saved = {name: os.environ.get(name) for name in ("DITE_CACHE_DIR", "DITE_CPU_DTYPE")}
+    os.environ.update({"DITE_CACHE_DIR": str(folder), "DITE_CPU_DTYPE": "fp32"})
     yield folder
-    if before is None:
-        os.environ.pop("DITE_CACHE_DIR", None)
-    else:
-        os.environ["DITE_CACHE_DIR"] = before
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value

@@ -148,13 +148,14 @@ def load(
     """
     device = parse_device(device)
     auto = isinstance(dtype, str) and dtype.lower() == "auto"  # the device's best (runtime/dtype_probe.py)
+    if not auto:
+        dtype = parse_dtype(dtype)
+    model_config = check_model_config(model_config)
+    path = local_path(source, revision=revision, variant=variant)
     if auto:
         from dite.engine.runtime.dtype_probe import auto_dtype
 
-        dtype = auto_dtype(device)
-    dtype = parse_dtype(dtype)
-    model_config = check_model_config(model_config)
-    path = local_path(source, revision=revision, variant=variant)
+        dtype = parse_dtype(auto_dtype(device, width=denoiser_width(path)))
     options = dict(device=device, dtype=dtype, vae=vae, variant=variant, model_config=model_config or {},
                    components=components, tokenizers=tokenizers)
     if path.is_dir():
@@ -208,3 +209,15 @@ def load(
         pipe.scheduler = by_name(scheduler, pipe.scheduler.to_diffusers_config()) if isinstance(scheduler, str) else scheduler
         pipe.check_scheduler()  # one that fits the model's training objective, or the list of those that do
     return pipe
+
+
+def denoiser_width(path) -> int | None:
+    """The denoiser's hidden size from a diffusers folder's transformer/config.json (heads x
+    head size), read before any weights; None where it is not written down there."""
+    import json
+
+    try:
+        config = json.loads((Path(path) / "transformer" / "config.json").read_text())
+        return int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
