@@ -22,6 +22,7 @@ outputs in a compiled segment).
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from dataclasses import replace
 from typing import Callable, NamedTuple
 
@@ -31,6 +32,13 @@ from dite.engine.errors import ConfigError
 from dite.models.attention_kernels import KERNELS
 from dite.models.plan import AttentionPolicy, FULL_ATTENTION
 from dite.models.window_attention import window_attention
+
+
+# Sequence parallelism (engine/parallel/ulysses.py) sets this for the duration of a step to
+# an object with `wrap(qkv, text, project) -> (qkv, text, project)` (the all-to-alls over
+# heads around the attention) and `gather_tokens(x, grid)` (ToDo's K/V source, layers.py).
+# None (the default) on one device: attend() then costs one ContextVar read more.
+SEQUENCE_PARALLEL: ContextVar = ContextVar("dite_sequence_parallel", default=None)
 
 
 def attention(
@@ -160,6 +168,9 @@ def attend(qkv: QKV, policy: AttentionPolicy, state: AttentionState = NO_STATE, 
     """
     if policy.kind == "share":
         return _given(state.output, "output"), NO_STATE
+    sequence_parallel = SEQUENCE_PARALLEL.get()
+    if sequence_parallel is not None:  # Ulysses: everything below sees all tokens of a share of the heads
+        qkv, text, project = sequence_parallel.wrap(qkv, text, project)
     half = cond_half(rows, policy.cfg_share) if policy.cfg_share else slice(None)
     q, k, v = qkv(half)
     tq = tk = tv = None
