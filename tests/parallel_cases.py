@@ -19,19 +19,35 @@ def compare_cases(rank: int, cases: list[dict]):
     import numpy as np
     import torch
 
+    from dite.accel.fastattn import write_plan
     from dite.engine import load
-    from dite.engine.parallel import enable
+    from dite.engine.parallel import disable, enable
 
     torch.set_num_threads(1)
     results = []
     for case in cases:
         pipe = load(case["folder"])
-        reference = _call(pipe, case)
+        if case.get("fastattn"):  # a DiTFastAttn plan written here: (window, labels per step) for every layer
+            window, labels = case["fastattn"]
+            path = os.path.join(case["tmp"], f"fastattn-{abs(hash(case['name']))}-{rank}.json")
+            write_plan(path, [list(labels)] * len(pipe.transformer.blocks),
+                       {"steps": len(labels), "model_id": pipe.model_id, "window": window})
+            accel = f"fastattn(plan={path})"
+            case = {**case, "call": {**case["call"], "accel": "+".join(filter(None, [case["call"].get("accel"), accel]))}}
         enable(pipe, case["parallel"])
         out = _call(pipe, case)
-        latents = float((out.latents - reference.latents).abs().max())
+        if rank:
+            continue  # rank 0 compares (the machine has fewer cores than ranks)
+        disable(pipe)  # one process again
+        reference = _call(pipe, case)
+        # How far acceleration moves the image: a case whose methods changed nothing tests nothing.
+        accelerated = float((_call(pipe, {**case, "call": {**case["call"], "accel": None}}).latents
+                             - reference.latents).abs().max()) if case["call"].get("accel") else None
+        # Relative to the latents' scale: PixArt's final latents reach ~1e2 in model space.
+        latents = float((out.latents - reference.latents).abs().max() / reference.latents.abs().max().clamp(min=1))
         images = float(np.abs(out.images - reference.images).max())
-        results.append((case["name"], latents, images, out.stats["executor"]["parallel"]))
+        results.append({"name": case["name"], "latents": latents, "images": images, "accel_effect": accelerated,
+                        "stats": out.stats["executor"]["parallel"]})
     return results
 
 
@@ -66,3 +82,11 @@ def mismatched_call(rank: int, folder: str):
     torch.set_num_threads(1)
     pipe = enable(load(folder), {"cfg": 2}, timeout_s=15)
     pipe(0, num_inference_steps=2, guidance_scale=4.0, seed=rank, output_type="np", progress=False)
+
+
+def enable_only(rank: int, folder: str, parallel):
+    from dite.engine import load
+    from dite.engine.parallel import enable
+
+    enable(load(folder), parallel, timeout_s=15)
+    return "enabled"

@@ -23,8 +23,7 @@ def enable(pipe, parallel, *, timeout_s: float | None = None):
 
     plan = parse_plan(parallel)
     ensure_process_group(DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s)
-    if isinstance(pipe.executor, ParallelExecutor):
-        pipe.executor, pipe.decode = pipe.executor.inner, pipe.decode.inner
+    disable(pipe)
     executor = ParallelExecutor(pipe.executor, None)  # refuses other executors before any group is made
     ctx = ParallelContext.create(plan)
     check_model(plan, pipe.transformer.config.num_heads)
@@ -33,6 +32,18 @@ def enable(pipe, parallel, *, timeout_s: float | None = None):
     pipe.executor = executor
     pipe.decode = ParallelDecode(pipe.decode, ctx)
     pipe.parallel = ctx
+    return pipe
+
+
+def disable(pipe):
+    """Make `pipe` generate on this process alone again (its groups stay until the process
+    group is destroyed)."""
+    from dite.engine.parallel.executor import ParallelExecutor
+
+    if isinstance(pipe.executor, ParallelExecutor):
+        pipe.executor = pipe.executor.inner
+        del pipe.decode  # the instance attribute: the class's decode again
+        pipe.parallel = None
     return pipe
 
 
@@ -54,4 +65,4 @@ def spawn(fn, nproc: int, *args, **kwargs):
     return _spawn(fn, nproc, *args, **kwargs)
 
 
-__all__ = ["ParallelError", "ParallelPlan", "enable", "parse_plan", "spawn"]
+__all__ = ["ParallelError", "ParallelPlan", "disable", "enable", "parse_plan", "spawn"]

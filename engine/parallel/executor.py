@@ -94,7 +94,7 @@ class ParallelRun(Run):
         if state.local_rows is None:
             state.local_rows = lambda kept: local_slice(self.ungated, kept, 2 * self.images)
         rows = self.rows_at(gated)
-        if gated and self.freed_at is None:
+        if gated and self.ctx.plan.cfg == 2 and self.freed_at is None:
             self.freed_at = state.step_index
         out = None
         if rows:

@@ -1,0 +1,103 @@
+"""Parallel generation (engine/parallel) on CPU with gloo: every plan gives the image of one
+process (fp32, 1e-5), wrong plans are refused before start. Each multi-process test spawns
+its ranks once and runs several cases in them (spawning is most of the time here)."""
+
+from __future__ import annotations
+
+import pytest
+
+from dite.engine.errors import ConfigError
+from dite.engine.parallel.plan import ParallelPlan, check_call, check_world, parse_plan
+
+TOLERANCE = 1e-5
+FASTATTN = (3, ["full_attn", "residual_window_attn", "output_share", "residual_window_attn"])  # window crosses shards
+
+
+@pytest.fixture(scope="module")
+def folders(sd3, tmp_path_factory):
+    from tiny import tiny_dit_pipeline
+    from tiny_pixart import tiny_pixart_pipeline
+
+    dit = tmp_path_factory.mktemp("parallel-dit")
+    tiny_dit_pipeline(dit)
+    _, pixart = tiny_pixart_pipeline(tmp_path_factory.mktemp("parallel-pixart"), depth=4)
+    return {"sd3": str(sd3[1]), "pixart": str(pixart), "dit": str(dit), "tmp": str(tmp_path_factory.mktemp("plans"))}
+
+
+def case(folders, family, parallel, accel=None, images=2, steps=4, fastattn=None):
+    call = {"num_inference_steps": steps, "guidance_scale": 4.0, "accel": accel}
+    if family == "dit":
+        call["labels"] = [3, 5, 1, 7][:images]
+    else:
+        call["prompts"] = ["a red cube", "two blue balls", "a green tree", "snow"][:images]
+    name = f"{family} {parallel} {accel or ''}{' fastattn' if fastattn else ''}"
+    return {"name": name, "folder": folders[family], "parallel": parallel, "call": call, "tmp": folders["tmp"],
+            "fastattn": fastattn}
+
+
+def run_cases(nproc, cases):
+    from dite.engine.parallel import spawn
+    from parallel_cases import compare_cases
+
+    results = spawn(compare_cases, nproc, cases, timeout_s=60)
+    for r in results:
+        assert r["latents"] <= TOLERANCE and r["images"] <= TOLERANCE, r
+        if r["accel_effect"] is not None:
+            assert r["accel_effect"] > 1e-4, f"{r['name']}: the accel methods changed nothing, so test nothing"
+    return {r["name"]: r for r in results}
+
+
+def test_plan_parsing():
+    assert parse_plan("cfg=2,ulysses=2") == ParallelPlan(cfg=2, ulysses=2)
+    assert parse_plan({"data": 2}).world == 2
+    assert ParallelPlan(cfg=2, ulysses=2, data=2).coords(5) == (1, 0, 1)
+    for bad, words in [("cfg=3", "two branches"), ("tensor=2", "unknown axis"), ("cfg", "NAME=N"),
+                       ("cfg=two", "whole number"), ({"cfg": 0}, "positive"), ({}, "dict like")]:
+        with pytest.raises(ConfigError, match=words):
+            parse_plan(bad)
+
+
+def test_wrong_products_and_calls_are_refused():
+    with pytest.raises(ConfigError, match=r"needs 2 x 1 x 1 = 2 processes, but there are 3"):
+        check_world(parse_plan("cfg=2"), 3)
+    plan = ParallelPlan(cfg=2, ulysses=2)
+    ok = dict(guided=True, images=2, grid=(4, 4), stateful_cfg=False, adaptive=False)
+    check_call(plan, **ok)
+    for change, words in [({"guided": False}, "not guided"), ({"grid": (5, 4)}, "5 rows"),
+                          ({"stateful_cfg": True}, "CFG sharing"), ({"adaptive": True}, "adaptive")]:
+        with pytest.raises(ConfigError, match=words):
+            check_call(plan, **{**ok, **change})
+    with pytest.raises(ConfigError, match="3 images"):
+        check_call(ParallelPlan(data=2), **{**ok, "images": 3})
+
+
+def test_wrong_product_refused_before_start_in_ranks(folders):
+    """3 processes for cfg=2: every rank refuses at enable(), before any generation."""
+    from dite.engine.parallel import ParallelError
+
+    from dite.engine.parallel import spawn
+    from parallel_cases import enable_only
+
+    with pytest.raises(ParallelError, match=r"cfg=2 needs 2 x 1 x 1 = 2 processes, but there are 3"):
+        spawn(enable_only, 3, folders["dit"], "cfg=2", timeout_s=30)
+
+
+def test_cfg_and_data_parallel_equal_one_process(folders):
+    results = run_cases(2, [case(folders, f, p) for f in ("sd3", "pixart", "dit") for p in ("cfg=2", "data=2")])
+    # cfg=2: one all-gather of the prediction per step; data=2 too.
+    assert all(r["stats"]["calls"] == {"all_gather": 4} for r in results.values())
+
+
+def test_ulysses_equals_one_process(folders):
+    run_cases(2, [case(folders, "sd3", "ulysses=2", "todo(factor=1.6,blocks=0:3)"),
+                  case(folders, "pixart", "ulysses=2", "ditcache+promptgate(step=2)"),
+                  case(folders, "dit", "ulysses=2", fastattn=FASTATTN),
+                  case(folders, "sd3", "ulysses=2", images=1)])
+
+
+def test_cfg_times_ulysses_equals_one_process(folders):
+    results = run_cases(4, [case(folders, "sd3", "cfg=2,ulysses=2", "ditcache+promptgate(step=2)"),
+                            case(folders, "pixart", "cfg=2,ulysses=2", "todo"),
+                            case(folders, "dit", "cfg=2,ulysses=2", fastattn=FASTATTN)])
+    gated = results["sd3 cfg=2,ulysses=2 ditcache+promptgate(step=2)"]["stats"]
+    assert gated["freed_at_step"] == 2
