@@ -51,8 +51,8 @@ def compare_cases(rank: int, cases: list[dict]):
     return results
 
 
-def die_mid_generation(rank: int, folder: str, victim: int, step: int):
-    """Rank `victim` kills itself (SIGKILL) at denoising step `step`; the others go on."""
+def fail_mid_generation(rank: int, folder: str, victim: int, step: int, how: str):
+    """Rank `victim` kills itself (SIGKILL) or raises at denoising step `step`; the others go on."""
     import signal
 
     import torch
@@ -65,7 +65,9 @@ def die_mid_generation(rank: int, folder: str, victim: int, step: int):
 
     def hook(i, model_in, t, cond, plan, state):
         if rank == victim and i == step:
-            os.kill(os.getpid(), signal.SIGKILL)
+            if how == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise RuntimeError(f"injected failure at step {i}")
         return plan
 
     pipe(0, num_inference_steps=6, guidance_scale=4.0, output_type="np", progress=False, plan_hook=hook)

@@ -103,9 +103,9 @@ def _worker(rank: int, world: int, port: int, timeout_s: float, fn, args, result
         results.put((rank, "ok", value if rank == 0 else None, False))
     except BaseException as exc:  # noqa: BLE001 - reported to the launcher, whatever it is
         secondary = isinstance(exc, ParallelError) and exc.secondary
-        message = str(exc) if isinstance(exc, DiteError) else "".join(
+        message = f"{type(exc).__name__}: {exc}" if isinstance(exc, DiteError) else "".join(
             traceback.format_exception_only(type(exc), exc)).strip()
-        results.put((rank, "error", f"{type(exc).__name__}: {message}", secondary))
+        results.put((rank, "error", message, secondary))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
