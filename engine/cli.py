@@ -138,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-o", "--output", default="out.png",
                      help="PNG path (its folder must exist); several images get -0, -1, ... suffixes")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    gen.add_argument("--nproc", type=_positive, default=None, metavar="N",
+                     help="start N local worker processes (gloo on CPU) for --parallel; under torchrun leave it out")
+    gen.add_argument("--parallel", default=None, metavar="SPEC",
+                     help="split one generation over the processes: cfg=2 (the CFG branches), ulysses=U (image "
+                          "tokens), data=D (the images); the product is the process count (docs/parallel.md)")
 
     cal = sub.add_parser("calibrate", help="calibrate a DiTFastAttn plan (use it with --accel fastattn(plan=FILE))")
     cal.add_argument("--model", default=None, help="as for generate (default: demo-sd3)")
@@ -476,6 +481,10 @@ def _text_tokens(pipe, args) -> int:
 
 def cmd_generate(args) -> int:
     count, paths = _check_generate(args)  # before anything is loaded
+    if (args.nproc or args.parallel) and getattr(args, "parallel_rank", None) is None:
+        from dite.engine.parallel.launch import generate_in_ranks
+
+        return generate_in_ranks(args, cmd_generate)  # each rank comes back here with parallel_rank set
 
     from dite.engine.loading.loader import load
     from dite.engine.pipelines.images import save_png
@@ -486,7 +495,7 @@ def cmd_generate(args) -> int:
                                  ("route", args.npu_route)) if v is not None}
     pipe = load(args.model, device=args.device, dtype=args.dtype, vae=args.vae, scheduler=args.scheduler,
                 tokenizers=args.tokenizers, executor=args.executor, attention=args.attention,
-                executor_options=options, model_config=args.model_config, **components)
+                executor_options=options, model_config=args.model_config, parallel=args.parallel, **components)
     _check_conditioning(args, pipe.family)  # checked before loading when the family could be told
     _check_against_model(pipe, args, count, _text_tokens(pipe, args))
     width, height = args.size if args.size else (None, None)
@@ -501,6 +510,8 @@ def cmd_generate(args) -> int:
         out = pipe(prompt=args.prompt, negative_prompt=args.negative_prompt,
                    num_images_per_prompt=args.images_per_prompt, max_sequence_length=args.max_sequence_length,
                    **common)
+    if getattr(args, "parallel_rank", None):
+        return 0  # parallel: rank 0 writes the images
     for image, params, path in zip(out.images, out.parameters, paths):
         save_png(image, path, params)
         print(path)

@@ -101,3 +101,23 @@ def test_cfg_times_ulysses_equals_one_process(folders):
                             case(folders, "dit", "cfg=2,ulysses=2", fastattn=FASTATTN)])
     gated = results["sd3 cfg=2,ulysses=2 ditcache+promptgate(step=2)"]["stats"]
     assert gated["freed_at_step"] == 2
+
+
+def test_cli_nproc_writes_the_one_process_images(folders, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from dite.engine.cli import main
+
+    base = ["generate", "--model", folders["dit"], "--class-label", "1", "--class-label", "2", "--steps", "3",
+            "--quiet"]
+    assert main(base + ["--nproc", "3", "--parallel", "cfg=2", "-o", str(tmp_path / "x.png")]) == 2
+    assert "cfg=2 needs 2 x 1 x 1 = 2 processes, but there are 3" in capsys.readouterr().err
+    assert main(base + ["--nproc", "2", "-o", str(tmp_path / "x.png")]) == 2
+    assert "needs --parallel" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # refused before start: nothing written
+    assert main(base + ["--nproc", "2", "--parallel", "cfg=2", "-o", str(tmp_path / "par.png")]) == 0
+    assert main(base + ["-o", str(tmp_path / "one.png")]) == 0
+    for k in (0, 1):
+        parallel, one = (np.asarray(Image.open(tmp_path / f"{n}-{k}.png")) for n in ("par", "one"))
+        assert (parallel == one).all()

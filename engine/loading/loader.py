@@ -149,6 +149,7 @@ def load(
     executor: str = "eager",
     attention: str = "sdpa",
     executor_options: dict | None = None,
+    parallel: dict | str | None = None,
     **components: Any,
 ) -> Pipeline:
     """Load a pipeline from `source` (folder, file or hub repo id) onto `device` in `dtype`.
@@ -166,7 +167,13 @@ def load(
     and one is present, else CUDA, else CPU. executor: "eager", "compiled" or "npu-graph"
     (engine/runtime/executors; `executor_options` go to it, e.g. {"backend": "inductor", "mode":
     "reduce-overhead"}); attention: the denoiser's attention kernel, "sdpa", "math" or "npu".
+    parallel: generate across the ranks of the current process group (torchrun, or
+    dite.engine.parallel.spawn), e.g. {"cfg": 2, "ulysses": 2}; docs/parallel.md.
     """
+    if parallel is not None:  # a bad plan is refused before anything is read
+        from dite.engine.parallel import parse_plan
+
+        parallel = parse_plan(parallel)
     device, dtype = parse_device(device), parse_dtype(dtype)
     model_config = check_model_config(model_config)
     demo = demo_folder(source)
@@ -217,4 +224,8 @@ def load(
         # A name takes the model's own config (its noise schedule, prediction type), as README says.
         pipe.scheduler = by_name(scheduler, pipe.scheduler.to_diffusers_config()) if isinstance(scheduler, str) else scheduler
         pipe.check_scheduler()  # one that fits the model's training objective, or the list of those that do
+    if parallel is not None:
+        from dite.engine.parallel import enable
+
+        enable(pipe, parallel)
     return pipe

@@ -155,6 +155,7 @@ def spawn(fn, nproc: int, *args, timeout_s: float = DEFAULT_TIMEOUT_S, grace_s: 
                 p.join()
     results.close()
     results.join_thread()
+    del results  # its locks are unlinked now, not reported as leaked at exit
     errors = [(r, s, v, sec) for r, (s, v, sec) in sorted(reports.items()) if s != "ok"]
     if errors:
         primary = [e for e in errors if not e[3]] or errors
