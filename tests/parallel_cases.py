@@ -47,7 +47,7 @@ def compare_cases(rank: int, cases: list[dict]):
         latents = float((out.latents - reference.latents).abs().max() / reference.latents.abs().max().clamp(min=1))
         images = float(np.abs(out.images - reference.images).max())
         results.append({"name": case["name"], "latents": latents, "images": images, "accel_effect": accelerated,
-                        "stats": out.stats["executor"]["parallel"]})
+                        "stats": out.stats["executor"]["parallel"], "parameters": out.parameters[0]})
     return results
 
 
