@@ -127,12 +127,27 @@ def test_ulysses_equals_one_process(folders):
             assert step["calls"] == {"all_to_all": 2 * 3, "all_gather": gathers}, name
 
 
+def test_promptgate_freed_rank_joins_sequence_parallelism(folders):
+    """cfg=2: from the gate on, the unconditional rank takes half the tokens and heads of the
+    conditional rows, with its half of the DiTCache deltas (SD3: image and replicated text
+    streams) and of DiTFastAttn's stored residuals and outputs."""
+    results = run_cases(2, [case(folders, "sd3", "cfg=2", "ditcache+promptgate(step=2)"),
+                            case(folders, "pixart", "cfg=2", "ditcache+promptgate(step=2)"),
+                            case(folders, "dit", "cfg=2", "promptgate(step=2)", fastattn=FASTATTN)])
+    for r in results.values():
+        stats = r["stats"]
+        assert stats["freed_at_step"] == 2 and stats["freed_ranks"] == "join the conditional ranks' Ulysses group"
+        assert stats["per_step"][2]["calls"]["broadcast_object"] == 1  # the caches' hand-over, once
+        assert "all_to_all" not in stats["per_step"][1]["calls"] and "all_to_all" in stats["per_step"][3]["calls"]
+
+
 def test_cfg_times_ulysses_equals_one_process(folders):
     results = run_cases(4, [case(folders, "sd3", "cfg=2,ulysses=2", "ditcache+promptgate(step=2)"),
                             case(folders, "pixart", "cfg=2,ulysses=2", "todo"),
                             case(folders, "dit", "cfg=2,ulysses=2", fastattn=FASTATTN)])
     gated = results["sd3 cfg=2,ulysses=2 ditcache+promptgate(step=2)"]["stats"]
-    assert gated["freed_at_step"] == 2
+    # 2 heads cannot split 4 ways: the freed ranks stay idle and receive the prediction.
+    assert gated["freed_at_step"] == 2 and gated["freed_ranks"] == "idle"
 
 
 def test_cli_nproc_writes_the_one_process_images(folders, tmp_path, capsys):

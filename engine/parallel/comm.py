@@ -19,11 +19,20 @@ from dite.engine.parallel.faults import collective_failed
 
 @dataclass
 class Group:
+    """`ranks` in the group's own order (a Ulysses group: band order), which `index` and the
+    chunk lists of the collectives below follow; torch numbers a group's ranks in
+    increasing global rank, so the collectives translate."""
+
     name: str
     handle: Any  # the torch ProcessGroup
     size: int
-    index: int  # this rank's position in the group
+    index: int  # this rank's position in `ranks`
     ranks: tuple[int, ...]
+
+    @property
+    def torch_order(self) -> list[int]:
+        """For each torch group rank, the position in `ranks` of that member."""
+        return [self.ranks.index(r) for r in sorted(self.ranks)]
 
 
 class Comm:
@@ -37,23 +46,30 @@ class Comm:
 
     def all_to_all(self, chunks: list[torch.Tensor], group: Group) -> list[torch.Tensor]:
         """Send chunks[j] to rank j of `group`; returns what each rank sent to this one."""
-        chunks = [c.contiguous() for c in chunks]
-        out = [torch.empty_like(c) for c in chunks]
+        order = group.torch_order
+        send = [chunks[k].contiguous() for k in order]
+        got = [torch.empty_like(c) for c in send]
         try:
-            dist.all_to_all(out, chunks, group=group.handle)
+            dist.all_to_all(got, send, group=group.handle)
         except Exception as exc:  # noqa: BLE001 - the backend's errors have no common type
             raise collective_failed("all_to_all", group, self.rank, exc) from None
         self._count("all_to_all", sum(tensor_bytes(c) for j, c in enumerate(chunks) if j != group.index))
+        out = [None] * group.size
+        for position, k in enumerate(order):
+            out[k] = got[position]
         return out
 
     def all_gather(self, t: torch.Tensor, group: Group) -> list[torch.Tensor]:
         t = t.contiguous()
-        out = [torch.empty_like(t) for _ in range(group.size)]
+        got = [torch.empty_like(t) for _ in range(group.size)]
         try:
-            dist.all_gather(out, t, group=group.handle)
+            dist.all_gather(got, t, group=group.handle)
         except Exception as exc:  # noqa: BLE001
             raise collective_failed("all_gather", group, self.rank, exc) from None
         self._count("all_gather", tensor_bytes(t) * (group.size - 1))
+        out = [None] * group.size
+        for position, k in enumerate(group.torch_order):
+            out[k] = got[position]
         return out
 
     def broadcast(self, t: torch.Tensor, src_index: int, group: Group) -> torch.Tensor:
@@ -71,4 +87,4 @@ class Comm:
             dist.all_gather_object(out, obj, group=group.handle)
         except Exception as exc:  # noqa: BLE001
             raise collective_failed("all_gather_object", group, self.rank, exc) from None
-        return out
+        return [out[group.torch_order.index(k)] for k in range(group.size)]

@@ -22,7 +22,8 @@ from dite.engine.errors import ConfigError
 from dite.engine.parallel import plan as plan_checks
 from dite.engine.parallel.accounting import Traffic
 from dite.engine.parallel.faults import check_agree
-from dite.engine.parallel.rows import cond_branch, local_rows, local_slice
+from dite.engine.parallel.handoff import hand_over
+from dite.engine.parallel.rows import cond_branch, image_share, local_rows, local_slice
 from dite.engine.parallel.ulysses import ShardedDenoiser, Ulysses
 from dite.engine.runtime.executors.base import Executor, Run
 from dite.models.attention import SEQUENCE_PARALLEL, stateful
@@ -83,10 +84,20 @@ class ParallelRun(Run):
         self.traffic = ctx.comm.traffic = Traffic()
         self.ungated = self.rows_at(gated=False)
         self.freed_at = None
+        # After PromptGate's gate the freed ranks join the conditional ranks' Ulysses group
+        # (handoff.py) where the grid rows and heads split 2U ways and no range forecasts.
+        joined_size = 2 * plan.ulysses
+        self.join = (plan.cfg == 2 and self.guided and any(p.cfg_mode == "cond_only" for p in plans)
+                     and grid[0] % joined_size == 0 and transformer.config.num_heads % joined_size == 0
+                     and not any(r.forecasts for p in plans for r in p.ranges))
+        if self.join:
+            self.cond_index = cond_branch(self.layout)
+            self.joined = Ulysses(ctx.comm, ctx.joined[self.cond_index])
+            self.joined_run = executor.inner.begin(ShardedDenoiser(transformer, self.joined), plans, lambda: [])
 
     def rows_at(self, gated: bool) -> list[int]:
         return local_rows(self.ctx.plan, self.ctx.coords, self.images, guided=self.guided, gated=gated,
-                          layout=self.layout)
+                          layout=self.layout, joined=gated and self.join)
 
     def step(self, x, t, cond, plan, state):
         gated = self.guided and not cond.guided
@@ -94,15 +105,21 @@ class ParallelRun(Run):
         if state.local_rows is None:
             state.local_rows = lambda kept: local_slice(self.ungated, kept, 2 * self.images)
         rows = self.rows_at(gated)
-        if gated and self.ctx.plan.cfg == 2 and self.freed_at is None:
-            self.freed_at = state.step_index
+        hook, run = self.ulysses, self.inner
+        if gated and self.ctx.plan.cfg == 2:
+            if self.freed_at is None:
+                self.freed_at = state.step_index
+                if self.join:
+                    hand_over(state, self.ctx, self.cond_index)
+            if self.join:
+                hook, run = self.joined, self.joined_run
         out = None
         if rows:
             layout = cond.cfg_layout if (cond.guided and self.ctx.plan.cfg == 1) else "none"
             index = torch.tensor(rows, dtype=torch.long, device=x.device)
-            token = SEQUENCE_PARALLEL.set(self.ulysses)
+            token = SEQUENCE_PARALLEL.set(hook)
             try:
-                out = self.inner.step(x[index], t[index], select_cond(cond, rows, layout), plan, state)
+                out = run.step(x[index], t[index], select_cond(cond, rows, layout), plan, state)
             finally:
                 SEQUENCE_PARALLEL.reset(token)
         full = self.exchange(out, rows, total, gated)
@@ -112,6 +129,8 @@ class ParallelRun(Run):
     def exchange(self, out, rows: list[int], total: int, gated: bool) -> torch.Tensor:
         """Every rank's rows -> the whole batch's output on every rank."""
         ctx = self.ctx
+        if gated and ctx.plan.cfg == 2 and self.join:  # every rank of the joined group holds its share's rows
+            return self._gather(out, ctx.data, lambda d: list(image_share(ctx.plan, self.images, d)), total)
         if gated and ctx.plan.cfg == 2:
             # The conditional ranks gather their images; the freed ranks receive the result.
             source = cond_branch(self.layout)
@@ -149,5 +168,7 @@ class ParallelRun(Run):
         p = self.ctx.plan
         stats["parallel"] = {"plan": p.label, "rank": self.ctx.rank, "world": p.world,
                              "coords": dict(zip(("data", "cfg", "ulysses"), self.ctx.coords)),
-                             "freed_at_step": self.freed_at, **self.traffic.summary()}
+                             "freed_at_step": self.freed_at,
+                             "freed_ranks": ("join the conditional ranks' Ulysses group" if self.join else "idle")
+                             if self.freed_at is not None else None, **self.traffic.summary()}
         return stats

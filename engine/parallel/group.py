@@ -35,6 +35,9 @@ class ParallelContext:
     cfg: Group  # same data and ulysses index: the two CFG branches
     rows: Group  # same ulysses index: the ranks that split the batch rows (cfg x data)
     data: Group  # same cfg and ulysses index: the ranks that split the images
+    # cfg=2: after PromptGate's gate, both branches' ranks of a data share as one Ulysses
+    # group, keyed by the branch that holds the conditional rows (handoff.py); else empty.
+    joined: dict = None
 
     @property
     def coords(self) -> tuple[int, int, int]:
@@ -70,7 +73,13 @@ class ParallelContext:
             data=make("data", [[p.rank_of(dd, cc, uu) for dd in range(p.data)]
                                for cc in range(p.cfg) for uu in range(p.ulysses)]),
         )
-        return cls(plan=plan, rank=rank, comm=Comm(rank), **groups)
+        joined = {}
+        if p.cfg == 2:
+            for cond in (0, 1):
+                joined[cond] = make(f"joined ulysses (conditional branch {cond})",
+                                    [[p.rank_of(dd, c, uu) for uu in range(p.ulysses) for c in (cond, 1 - cond)]
+                                     for dd in range(p.data)])
+        return cls(plan=plan, rank=rank, comm=Comm(rank), joined=joined, **groups)
 
 
 def ensure_process_group(timeout_s: float = DEFAULT_TIMEOUT_S) -> None:

@@ -25,12 +25,13 @@ def cond_branch(layout: str) -> int:
 
 
 def local_rows(plan: ParallelPlan, coords: tuple[int, int, int], images: int, *, guided: bool, gated: bool,
-               layout: str) -> list[int]:
-    """Global batch rows rank `coords` runs at a step (empty: a rank freed by PromptGate)."""
+               layout: str, joined: bool = False) -> list[int]:
+    """Global batch rows rank `coords` runs at a step (empty: a rank freed by PromptGate
+    that does not join the conditional rank's sequence parallelism, handoff.py)."""
     d, c, _ = coords
     mine = list(image_share(plan, images, d))
     if not guided or gated:
-        if plan.cfg == 2 and c != cond_branch(layout):
+        if plan.cfg == 2 and c != cond_branch(layout) and not joined:
             return []
         return mine
     if plan.cfg == 2:
