@@ -41,6 +41,14 @@ from dite.models.window_attention import window_attention
 SEQUENCE_PARALLEL: ContextVar = ContextVar("dite_sequence_parallel", default=None)
 
 
+def sequence_parallel():
+    """The active sequence-parallel hook, or None. Always None inside a graph being compiled
+    (parallel runs are eager, and Dynamo cannot trace ContextVar.get)."""
+    if torch.compiler.is_compiling():
+        return None
+    return SEQUENCE_PARALLEL.get()
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -168,9 +176,9 @@ def attend(qkv: QKV, policy: AttentionPolicy, state: AttentionState = NO_STATE, 
     """
     if policy.kind == "share":
         return _given(state.output, "output"), NO_STATE
-    sequence_parallel = SEQUENCE_PARALLEL.get()
-    if sequence_parallel is not None:  # Ulysses: everything below sees all tokens of a share of the heads
-        qkv, text, project = sequence_parallel.wrap(qkv, text, project)
+    hook = sequence_parallel()
+    if hook is not None:  # Ulysses: everything below sees all tokens of a share of the heads
+        qkv, text, project = hook.wrap(qkv, text, project)
     half = cond_half(rows, policy.cfg_share) if policy.cfg_share else slice(None)
     q, k, v = qkv(half)
     tq = tk = tv = None

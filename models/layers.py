@@ -15,7 +15,7 @@ from torch import nn
 
 # cond_half lives with attend() in models/attention.py and is re-exported here.
 from dite.models.attention import NO_STATE, AttentionState, attend, cond_half, load_state, save_state  # noqa: F401
-from dite.models.attention import SEQUENCE_PARALLEL
+from dite.models.attention import sequence_parallel
 from dite.models.plan import FULL_ATTENTION, AttentionPolicy
 
 
@@ -196,11 +196,11 @@ def project_qkv(qkv: nn.Linear, x: torch.Tensor, policy: AttentionPolicy, grid: 
     weight, bias = qkv.weight, qkv.bias
     q = F.linear(x, weight[:dim], None if bias is None else bias[:dim])
     source, source_grid = x, grid
-    sequence_parallel = SEQUENCE_PARALLEL.get()
-    if sequence_parallel is not None:
+    hook = sequence_parallel()
+    if hook is not None:
         # Ulysses: downsample the whole grid, not this rank's rows (exact for any factor and
         # mode; a shard's own interpolation would differ at its edges for bilinear 1.6).
-        source, source_grid = sequence_parallel.gather_tokens(x, grid)
+        source, source_grid = hook.gather_tokens(x, grid)
     kv = F.linear(downsample_tokens(source, source_grid, policy.kv_factor, policy.kv_mode), weight[dim:],
                   None if bias is None else bias[dim:])
     k, v = kv.chunk(2, dim=-1)
