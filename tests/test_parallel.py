@@ -83,7 +83,11 @@ def test_wrong_product_refused_before_start_in_ranks(folders):
 
 
 def test_cfg_and_data_parallel_equal_one_process(folders):
-    results = run_cases(2, [case(folders, f, p) for f in ("sd3", "pixart", "dit") for p in ("cfg=2", "data=2")])
+    cases = [case(folders, f, p) for f in ("sd3", "pixart", "dit") for p in ("cfg=2", "data=2")]
+    # The adaptive cache decides per sample; under data alone each sample's rows are on one rank.
+    adaptive = case(folders, "dit", "data=2", "adaptive(threshold=10,warmup=1)", steps=6)
+    results = run_cases(2, cases + [adaptive])
+    assert results.pop(adaptive["name"])["stats"]["calls"] == {"all_gather": 6}
     # One all-gather of this rank's prediction rows per step: 2 images x 8x8 latents x the
     # output channels (SD3 4; PixArt and DiT 8, their learned sigma), fp32, to the other rank.
     for name, r in results.items():

@@ -14,11 +14,14 @@ and their ratio. Usage:
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 
 CASES = [  # (model, plan, call)
     ("demo-dit", "cfg=2", {"class_labels": [1, 2], "num_inference_steps": 10}),
     ("demo-dit", "data=2", {"class_labels": [1, 2, 3, 4], "num_inference_steps": 10}),
+    ("demo-dit", "cfg=2", {"class_labels": [1], "num_inference_steps": 10, "height": 256, "width": 256}),
+    ("demo-dit", "data=2", {"class_labels": [1, 2], "num_inference_steps": 10, "height": 256, "width": 256}),
     ("demo-sd3", "cfg=2", {"prompt": ["a red cube on a table"], "num_inference_steps": 10}),
     ("demo-sd3", "ulysses=2", {"prompt": ["a red cube on a table"], "num_inference_steps": 10}),
     ("demo-sd3", "data=2", {"prompt": ["a red cube", "a blue ball"], "num_inference_steps": 10}),
@@ -52,6 +55,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args()
+    print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores\n")
     print("| model | plan | call | 1 process (s, median) | 2 processes (s, median) | speedup |")
     print("|---|---|---|---|---|---|")
     for model, plan, call in CASES:
