@@ -51,8 +51,8 @@ def compare_cases(rank: int, cases: list[dict]):
     return results
 
 
-def fail_mid_generation(rank: int, folder: str, victim: int, step: int, how: str):
-    """Rank `victim` kills itself (SIGKILL) or raises at denoising step `step`; the others go on."""
+def fail_mid_generation(rank: int, folder: str, victim: int, step: int, how: str, timeout_s: float):
+    """Rank `victim` kills itself (SIGKILL), raises or hangs at denoising step `step`; the others go on."""
     import signal
 
     import torch
@@ -61,12 +61,16 @@ def fail_mid_generation(rank: int, folder: str, victim: int, step: int, how: str
     from dite.engine.parallel import enable
 
     torch.set_num_threads(1)
-    pipe = enable(load(folder), {"cfg": 2}, timeout_s=15)
+    pipe = enable(load(folder), {"cfg": 2}, timeout_s=timeout_s)
 
     def hook(i, model_in, t, cond, plan, state):
         if rank == victim and i == step:
             if how == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
+            if how == "hang":
+                import time
+
+                time.sleep(600)
             raise RuntimeError(f"injected failure at step {i}")
         return plan
 

@@ -22,13 +22,14 @@ def dit_folder(tmp_path_factory):
 
 
 @pytest.mark.parametrize("how, cause", [("kill", r"rank 1 died: killed by SIGKILL"),
-                                        ("raise", r"rank 1 failed: RuntimeError: injected failure at step 2")])
+                                        ("raise", r"rank 1 failed: RuntimeError: injected failure at step 2"),
+                                        ("hang", r"rank 1 stopped answering .* 5 s timeout")])
 def test_a_failing_rank_stops_every_rank_with_its_cause(dit_folder, how, cause):
     from parallel_cases import fail_mid_generation
 
     start = time.monotonic()
     with pytest.raises(ParallelError, match=cause) as info:
-        spawn(fail_mid_generation, 2, dit_folder, 1, 2, how, timeout_s=TIMEOUT_S)
+        spawn(fail_mid_generation, 2, dit_folder, 1, 2, how, 5, timeout_s=5)
     assert info.value.rank == 1
     # Not a speed claim: a bound that a hang (waiting for the dead peer for ever) would break.
     assert time.monotonic() - start < 120

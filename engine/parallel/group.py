@@ -153,6 +153,10 @@ def spawn(fn, nproc: int, *args, timeout_s: float = DEFAULT_TIMEOUT_S, grace_s: 
                 failure_at = time.monotonic()
             if failure_at is not None and time.monotonic() - failure_at > grace_s:
                 break  # the root cause is known; the others are stopped below
+        for r, p in enumerate(procs):  # still running after the others failed: it stopped answering
+            if r not in reports and p.is_alive():
+                reports[r] = ("hung", f"rank {r} stopped answering (no result while the others failed on the "
+                                      f"{timeout_s:g} s timeout); it was stopped", False)
     finally:
         for p in procs:
             if p.is_alive():
@@ -169,6 +173,6 @@ def spawn(fn, nproc: int, *args, timeout_s: float = DEFAULT_TIMEOUT_S, grace_s: 
     if errors:
         primary = [e for e in errors if not e[3]] or errors
         rank, status, value, _ = primary[0]
-        cause = value if status == "died" else f"rank {rank} failed: {value}"
+        cause = value if status in ("died", "hung") else f"rank {rank} failed: {value}"
         raise ParallelError(f"parallel generation stopped: {cause}", rank=rank)
     return reports[0][1]
