@@ -85,8 +85,8 @@ def one_rank(cls, config, latent, cond_of, cfg: int, ulysses: int) -> tuple[floa
             SEQUENCE_PARALLEL.reset(token)
     if cfg > 1:  # the prediction rows to the other branch's rank
         comm.traffic.add("all_gather", tensor_bytes(out) * (cfg - 1))
-    calls = sum(comm.traffic._calls.values())
-    return counter.get_total_flops(), comm.traffic._bytes, calls
+    sent, calls = comm.traffic.current()
+    return counter.get_total_flops(), sent, calls
 
 
 def _plain():

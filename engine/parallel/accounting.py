@@ -25,6 +25,10 @@ class Traffic:
         self._bytes += int(nbytes)
         self._calls[op] += 1
 
+    def current(self) -> tuple[int, int]:
+        """(bytes, collective calls) counted since the last closed step."""
+        return self._bytes, sum(self._calls.values())
+
     def close_step(self, step: int) -> None:
         self.steps.append({"step": step, "bytes_sent": self._bytes, "calls": dict(self._calls)})
         self._bytes, self._calls = 0, Counter()

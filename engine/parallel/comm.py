@@ -40,7 +40,7 @@ class Comm:
         self.rank = rank
         self.traffic: Traffic | None = None  # set for the duration of a call
 
-    def _count(self, op: str, nbytes: float) -> None:
+    def count(self, op: str, nbytes: float) -> None:
         if self.traffic is not None:
             self.traffic.add(op, nbytes)
 
@@ -53,7 +53,7 @@ class Comm:
             dist.all_to_all(got, send, group=group.handle)
         except Exception as exc:  # noqa: BLE001 - the backend's errors have no common type
             raise collective_failed("all_to_all", group, self.rank, exc) from None
-        self._count("all_to_all", sum(tensor_bytes(c) for j, c in enumerate(chunks) if j != group.index))
+        self.count("all_to_all", sum(tensor_bytes(c) for j, c in enumerate(chunks) if j != group.index))
         out = [None] * group.size
         for position, k in enumerate(order):
             out[k] = got[position]
@@ -66,7 +66,7 @@ class Comm:
             dist.all_gather(got, t, group=group.handle)
         except Exception as exc:  # noqa: BLE001
             raise collective_failed("all_gather", group, self.rank, exc) from None
-        self._count("all_gather", tensor_bytes(t) * (group.size - 1))
+        self.count("all_gather", tensor_bytes(t) * (group.size - 1))
         out = [None] * group.size
         for position, k in enumerate(group.torch_order):
             out[k] = got[position]
@@ -78,7 +78,7 @@ class Comm:
             dist.broadcast(t, group.ranks[src_index], group=group.handle)
         except Exception as exc:  # noqa: BLE001
             raise collective_failed("broadcast", group, self.rank, exc) from None
-        self._count("broadcast", tensor_bytes(t) * (group.size - 1) if group.index == src_index else 0)
+        self.count("broadcast", tensor_bytes(t) * (group.size - 1) if group.index == src_index else 0)
         return t
 
     def all_gather_object(self, obj, group: Group) -> list:

@@ -75,6 +75,6 @@ def hand_over(state, ctx, cond_index: int) -> None:
         dist.broadcast_object_list(payload, src=group.ranks[cond_index], group=group.handle)
     except Exception as exc:  # noqa: BLE001
         raise collective_failed("broadcast_object_list", group, comm.rank, exc) from None
-    comm._count("broadcast_object", _bytes(payload[0]) * (group.size - 1) if giving else 0)
+    comm.count("broadcast_object", _bytes(payload[0]) * (group.size - 1) if giving else 0)
     if not giving:
         install(state, payload[0])
