@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import queue as queue_module
 import socket
 import time
 import traceback
@@ -102,61 +101,67 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, timeout_s: float, fn, args, results) -> None:
+def _worker(rank: int, world: int, port: int, timeout_s: float, fn, args, report) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout_s))
         value = fn(rank, *args)
-        results.put((rank, "ok", value if rank == 0 else None, False))
+        report.send(("ok", value if rank == 0 else None, OWN))
     except BaseException as exc:  # noqa: BLE001 - reported to the launcher, whatever it is
         secondary = isinstance(exc, ParallelError) and exc.secondary
         message = f"{type(exc).__name__}: {exc}" if isinstance(exc, DiteError) else "".join(
             traceback.format_exception_only(type(exc), exc)).strip()
-        results.put((rank, "error", message, secondary))
+        report.send(("error", message, FOLLOWS if secondary else OWN))
     finally:
+        report.close()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+# How sure a report is to be the cause: a rank's own error or death, then a rank that
+# stopped answering, then collective failures that follow from another rank's.
+OWN, SILENT, FOLLOWS = 0, 1, 2
 
 
 def spawn(fn, nproc: int, *args, timeout_s: float = DEFAULT_TIMEOUT_S, grace_s: float = 3.0):
     """Run `fn(rank, *args)` in `nproc` local processes joined in a gloo group; return rank
     0's result. `fn` must be picklable (a module-level function). The first failure (a rank
-    that raised, or died) stops every worker within `timeout_s` + `grace_s` and raises one
-    ParallelError naming the rank and cause."""
+    that raised, died, or stopped answering) stops every worker within `timeout_s` +
+    `grace_s` and raises one ParallelError naming the rank and cause."""
     import torch.multiprocessing as mp
+    from multiprocessing.connection import wait
 
     ctx = mp.get_context("spawn")
-    results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, nproc, port, timeout_s, fn, args, results), daemon=True)
+    pipes = [ctx.Pipe(duplex=False) for _ in range(nproc)]  # (launcher's end, worker's end); no semaphores
+    procs = [ctx.Process(target=_worker, args=(r, nproc, port, timeout_s, fn, args, pipes[r][1]), daemon=True)
              for r in range(nproc)]
     for p in procs:
         p.start()
+    for _, sender in pipes:
+        sender.close()  # the worker holds it: end of file on ours means the worker is gone
     reports: dict[int, tuple] = {}
     failure_at = None
     try:
         while len(reports) < nproc:
-            try:
-                rank, status, value, secondary = results.get(timeout=0.1)
-                reports[rank] = (status, value, secondary)
-            except queue_module.Empty:
-                pass
-            for r, p in enumerate(procs):
-                if r not in reports and p.exitcode is not None and results.empty():
-                    time.sleep(0.2)  # a report may still be in the pipe
-                    if results.empty() and r not in reports:
-                        reports[r] = ("died", describe_exit(r, p.exitcode), False)
-            failed = any(s != "ok" for s, _, _ in reports.values())
-            if failed and failure_at is None:
+            waiting = {pipes[r][0]: r for r in range(nproc) if r not in reports}
+            for conn in wait(list(waiting), timeout=0.1):
+                r = waiting[conn]
+                try:
+                    reports[r] = conn.recv()
+                except EOFError:
+                    procs[r].join(1)
+                    reports[r] = ("died", describe_exit(r, procs[r].exitcode), OWN)
+            if failure_at is None and any(status != "ok" for status, _, _ in reports.values()):
                 failure_at = time.monotonic()
             if failure_at is not None and time.monotonic() - failure_at > grace_s:
-                break  # the root cause is known; the others are stopped below
-        for r, p in enumerate(procs):  # still running after the others failed: it stopped answering
+                break  # the cause is known; the others are stopped below
+        for r, p in enumerate(procs):  # still running while the others failed
             if r not in reports and p.is_alive():
-                reports[r] = ("hung", f"rank {r} stopped answering (no result while the others failed on the "
-                                      f"{timeout_s:g} s timeout); it was stopped", False)
+                reports[r] = ("hung", f"rank {r} stopped answering (no result while the others failed, "
+                                      f"{timeout_s:g} s timeout); it was stopped", SILENT)
     finally:
         for p in procs:
             if p.is_alive():
@@ -166,13 +171,11 @@ def spawn(fn, nproc: int, *args, timeout_s: float = DEFAULT_TIMEOUT_S, grace_s: 
             if p.is_alive():
                 p.kill()
                 p.join()
-    results.close()
-    results.join_thread()
-    del results  # its locks are unlinked now, not reported as leaked at exit
-    errors = [(r, s, v, sec) for r, (s, v, sec) in sorted(reports.items()) if s != "ok"]
+        for receiver, _ in pipes:
+            receiver.close()
+    errors = sorted((weight, r, status, value) for r, (status, value, weight) in reports.items() if status != "ok")
     if errors:
-        primary = [e for e in errors if not e[3]] or errors
-        rank, status, value, _ = primary[0]
+        _, rank, status, value = errors[0]
         cause = value if status in ("died", "hung") else f"rank {rank} failed: {value}"
         raise ParallelError(f"parallel generation stopped: {cause}", rank=rank)
     return reports[0][1]
