@@ -33,7 +33,8 @@ def compare_cases(rank: int, cases: list[dict]):
             write_plan(path, [list(labels)] * len(pipe.transformer.blocks),
                        {"steps": len(labels), "model_id": pipe.model_id, "window": window})
             accel = f"fastattn(plan={path})"
-            case = {**case, "call": {**case["call"], "accel": "+".join(filter(None, [case["call"].get("accel"), accel]))}}
+            accel = "+".join(filter(None, [case["call"].get("accel"), accel]))
+            case = {**case, "call": {**case["call"], "accel": accel}}
         enable(pipe, case["parallel"])
         out = _call(pipe, case)
         if rank:

@@ -26,7 +26,7 @@ from dite.engine.parallel.handoff import hand_over
 from dite.engine.parallel.rows import cond_branch, image_share, local_rows, local_slice
 from dite.engine.parallel.ulysses import ShardedDenoiser, Ulysses
 from dite.engine.runtime.executors.base import Executor, Run
-from dite.models.attention import SEQUENCE_PARALLEL, stateful
+from dite.models.attention import SEQUENCE_PARALLEL
 from dite.models.denoiser import Conditioning
 
 
