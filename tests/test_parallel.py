@@ -57,6 +57,17 @@ def test_plan_parsing():
             parse_plan(bad)
 
 
+def test_load_refuses_a_bad_plan_or_no_process_group_before_reading(tmp_path, monkeypatch):
+    from dite.engine import load
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(ConfigError, match="two branches"):
+        load(missing, parallel="cfg=3")
+    with pytest.raises(ConfigError, match="needs a process group: run under torchrun"):
+        load(missing, parallel={"cfg": 2})
+
+
 def test_wrong_products_and_calls_are_refused():
     with pytest.raises(ConfigError, match=r"needs 2 x 1 x 1 = 2 processes, but there are 3"):
         check_world(parse_plan("cfg=2"), 3)

@@ -170,10 +170,12 @@ def load(
     parallel: generate across the ranks of the current process group (torchrun, or
     dite.engine.parallel.spawn), e.g. {"cfg": 2, "ulysses": 2}; docs/parallel.md.
     """
-    if parallel is not None:  # a bad plan is refused before anything is read
+    if parallel is not None:  # a bad plan, or no process group, is refused before anything is read
         from dite.engine.parallel import parse_plan
+        from dite.engine.parallel.group import ensure_process_group
 
         parallel = parse_plan(parallel)
+        ensure_process_group()
     device, dtype = parse_device(device), parse_dtype(dtype)
     model_config = check_model_config(model_config)
     demo = demo_folder(source)
