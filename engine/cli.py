@@ -145,6 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "named by --name-pattern")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_batch_arguments(gen)
+    gen.add_argument("--nproc", type=_positive, default=None, metavar="N",
+                     help="start N local worker processes (gloo on CPU) for --parallel; under torchrun leave it out")
+    gen.add_argument("--parallel", default=None, metavar="SPEC",
+                     help="split one generation over the processes: cfg=2 (the CFG branches), ulysses=U (image "
+                          "tokens), data=D (the images); the product is the process count (docs/parallel.md)")
 
     cal = sub.add_parser("calibrate", help="calibrate a DiTFastAttn plan (use it with --accel fastattn(plan=FILE))")
     cal.add_argument("--model", default=None, help="as for generate (default: demo-sd3)")
@@ -526,6 +531,12 @@ def cmd_generate(args) -> int:
 
     started = time.perf_counter()
     jobs = _check_generate(args)  # before anything is loaded
+    if (args.nproc or args.parallel) and getattr(args, "parallel_rank", None) is None:
+        from dite.engine.parallel.launch import generate_in_ranks
+
+        if args.seed == -1:  # drawn once here: every rank must use the same seed
+            args.seed = jobs[0].seed
+        return generate_in_ranks(args, cmd_generate)  # each rank comes back here with parallel_rank set
     family_known = _family(args) is not None
 
     from dite.engine.outputs.run import load_for_generate, memory_options, run_jobs, run_metadata_of
@@ -561,7 +572,8 @@ def cmd_generate(args) -> int:
         if show:
             print(f"loaded in {load_seconds:.2f} s: {pipe.family}, {run_meta['dtype']} (VAE {run_meta['vae_dtype']}) "
                   f"on {run_meta['device']}", file=sys.stderr, flush=True)
-        run_jobs(pipe, jobs, args, run_meta, load_seconds, started)
+        run_jobs(pipe, jobs, args, run_meta, load_seconds, started,
+                 write=not getattr(args, "parallel_rank", None))  # parallel: rank 0 writes the images
     return 0
 
 

@@ -22,6 +22,7 @@ outputs in a compiled segment).
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from dataclasses import replace
 from typing import Callable, NamedTuple
 
@@ -31,6 +32,21 @@ from dite.engine.errors import ConfigError
 from dite.models.attention_kernels import KERNELS
 from dite.models.plan import AttentionPolicy, FULL_ATTENTION
 from dite.models.window_attention import window_attention
+
+
+# Sequence parallelism (engine/parallel/ulysses.py) sets this for the duration of a step to
+# an object with `wrap(qkv, text, project) -> (qkv, text, project)` (the all-to-alls over
+# heads around the attention) and `gather_tokens(x, grid)` (ToDo's K/V source, layers.py).
+# None (the default) on one device: attend() then costs one ContextVar read more.
+SEQUENCE_PARALLEL: ContextVar = ContextVar("dite_sequence_parallel", default=None)
+
+
+def sequence_parallel():
+    """The active sequence-parallel hook, or None. Always None inside a graph being compiled
+    (parallel runs are eager, and Dynamo cannot trace ContextVar.get)."""
+    if torch.compiler.is_compiling():
+        return None
+    return SEQUENCE_PARALLEL.get()
 
 
 def attention(
@@ -160,6 +176,9 @@ def attend(qkv: QKV, policy: AttentionPolicy, state: AttentionState = NO_STATE, 
     """
     if policy.kind == "share":
         return _given(state.output, "output"), NO_STATE
+    hook = sequence_parallel()
+    if hook is not None:  # Ulysses: everything below sees all tokens of a share of the heads
+        qkv, text, project = hook.wrap(qkv, text, project)
     half = cond_half(rows, policy.cfg_share) if policy.cfg_share else slice(None)
     q, k, v = qkv(half)
     tq = tk = tv = None

@@ -15,6 +15,7 @@ from torch import nn
 
 # cond_half lives with attend() in models/attention.py and is re-exported here.
 from dite.models.attention import NO_STATE, AttentionState, attend, cond_half, load_state, save_state  # noqa: F401
+from dite.models.attention import sequence_parallel
 from dite.models.plan import FULL_ATTENTION, AttentionPolicy
 
 
@@ -194,7 +195,13 @@ def project_qkv(qkv: nn.Linear, x: torch.Tensor, policy: AttentionPolicy, grid: 
     dim = x.shape[-1]
     weight, bias = qkv.weight, qkv.bias
     q = F.linear(x, weight[:dim], None if bias is None else bias[:dim])
-    kv = F.linear(downsample_tokens(x, grid, policy.kv_factor, policy.kv_mode), weight[dim:],
+    source, source_grid = x, grid
+    hook = sequence_parallel()
+    if hook is not None:
+        # Ulysses: downsample the whole grid, not this rank's rows (exact for any factor and
+        # mode; a shard's own interpolation would differ at its edges for bilinear 1.6).
+        source, source_grid = hook.gather_tokens(x, grid)
+    kv = F.linear(downsample_tokens(source, source_grid, policy.kv_factor, policy.kv_mode), weight[dim:],
                   None if bias is None else bias[dim:])
     k, v = kv.chunk(2, dim=-1)
     return q, k, v

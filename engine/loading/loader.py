@@ -126,6 +126,7 @@ def load(
     executor_options: dict | None = None,
     release_encoders: bool = False,
     vae_tiling: bool = False,
+    parallel: dict | str | None = None,
     **components: Any,
 ) -> Pipeline:
     """Load a pipeline from `source` (folder, file or hub repo id) onto `device` in `dtype`.
@@ -145,7 +146,15 @@ def load(
     "reduce-overhead"}); attention: the denoiser's attention kernel, "sdpa", "math" or "npu".
     release_encoders: drop the text encoders after the first call's encoding (engine/memory/
     encoders.py); vae_tiling: decode large images in tiles (engine/memory/vae_tiling.py).
+    parallel: generate across the ranks of the current process group (torchrun, or
+    dite.engine.parallel.spawn), e.g. {"cfg": 2, "ulysses": 2}; docs/parallel.md.
     """
+    if parallel is not None:  # a bad plan, or no process group, is refused before anything is read
+        from dite.engine.parallel import parse_plan
+        from dite.engine.parallel.group import ensure_process_group
+
+        parallel = parse_plan(parallel)
+        ensure_process_group()
     device = parse_device(device)
     auto = isinstance(dtype, str) and dtype.lower() == "auto"  # the device's best (runtime/dtype_probe.py)
     if not auto:
@@ -208,6 +217,10 @@ def load(
         # A name takes the model's own config (its noise schedule, prediction type), as README says.
         pipe.scheduler = by_name(scheduler, pipe.scheduler.to_diffusers_config()) if isinstance(scheduler, str) else scheduler
         pipe.check_scheduler()  # one that fits the model's training objective, or the list of those that do
+    if parallel is not None:
+        from dite.engine.parallel import enable
+
+        enable(pipe, parallel)
     return pipe
 
 

@@ -29,8 +29,10 @@ def job_call(pipe, job: Job, args) -> dict[str, Any]:
 
 
 def run_jobs(pipe, jobs: list[Job], args, run_meta: dict[str, Any], load_seconds: float,
-             started: float, log: Callable[[str], None] = lambda line: print(line, file=sys.stderr)) -> int:
-    """Make every job's images, writing each as its call finishes; returns the image count."""
+             started: float, log: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
+             write: bool = True) -> int:
+    """Make every job's images, writing each as its call finishes; returns the image count.
+    write=False (the ranks of a parallel run other than 0) runs the calls and writes nothing."""
     from dite.engine.runtime.accounting import summary_line
 
     written, stats, timings = 0, None, {}
@@ -39,6 +41,8 @@ def run_jobs(pipe, jobs: list[Job], args, run_meta: dict[str, Any], load_seconds
             log(f"seed {job.seed} (random)" + ("; image k of the run uses seed + k" if len(jobs) > 1 or job.images > 1
                                                else ""))
         out = pipe(**job_call(pipe, job, args))
+        if not write:
+            continue
         extra = {"accel_spec": job.accel, "prompt_file_line": job.line or None,
                  "random_seed": True if job.random_seed else None}
         for image, params, path in zip(out.images, out.parameters, job.paths):
@@ -50,6 +54,8 @@ def run_jobs(pipe, jobs: list[Job], args, run_meta: dict[str, Any], load_seconds
             timings[stage] = timings.get(stage, 0.0) + seconds
         if len(jobs) > 1 and not args.quiet:  # one line per call: a long run shows how far it is
             log(f"[{number}/{len(jobs)}] {job.images} image(s) in {sum(out.timings.values()):.2f} s")
+    if not write:
+        return 0
     steps = out.parameters[0]["steps"]
     calls = f" in {len(jobs)} calls" if len(jobs) > 1 else ""
     log(f"{written} image(s){calls}, {steps} steps | {summary_line(stats, timings)} | load {load_seconds:.2f}s | "
@@ -74,7 +80,8 @@ def load_for_generate(args, options: dict, components: dict):
     with keeping_fp8() if args.weights_dtype else nullcontext():
         pipe = load(args.model, device=device, dtype=dtype, vae=args.vae, scheduler=args.scheduler,
                     tokenizers=args.tokenizers, executor=args.executor, attention=args.attention,
-                    executor_options=options, model_config=args.model_config, **components)
+                    executor_options=options, model_config=args.model_config,
+                    parallel=getattr(args, "parallel", None), **components)
     if args.weights_dtype:
         from dite.engine.memory.fp8 import fp8_dtype, store_fp8
 

@@ -37,12 +37,17 @@ class GenerationState:
     ranges: RangeState = field(default_factory=RangeState)  # forecasting / adaptive ranges
     steps_run: list[dict[str, Any]] = field(default_factory=list)
     executor: dict[str, Any] = field(default_factory=dict)  # what the executor did (graphs, hits)
+    # Parallel generation (engine/parallel): the caches hold this rank's rows only, so the
+    # global rows kept at the gate become local ones. None on one device.
+    local_rows: Callable[[slice], slice] | None = None
 
     def keep_rows(self, rows: slice) -> None:
         """Keep only `rows` of every per-call cache that holds one entry per batch row: the
         conditional rows, when a cond-only step (PromptGate) drops the unconditional branch
         for good. The sampling loop and the FLOP count (runtime/accounting.py) both call
         this, so a new per-row cache joins here once."""
+        if self.local_rows is not None:
+            rows = self.local_rows(rows)
         self.deltas.select_rows(rows)
         self.attention.select_rows(rows)
         self.ranges.select_rows(rows)
