@@ -178,8 +178,11 @@ def test_cli_nproc_writes_the_one_process_images(folders, tmp_path, capsys):
     assert main(base + ["--nproc", "2", "-o", str(tmp_path / "x.png")]) == 2
     assert "needs --parallel" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # refused before start: nothing written
-    assert main(base + ["--nproc", "2", "--parallel", "cfg=2", "-o", str(tmp_path / "par.png")]) == 0
-    assert main(base + ["-o", str(tmp_path / "one.png")]) == 0
-    for k in (0, 1):
-        parallel, one = (np.asarray(Image.open(tmp_path / f"{n}-{k}.png")) for n in ("par", "one"))
+    assert main(base + ["--nproc", "2", "--parallel", "cfg=2", "--seed", "7", "-o", str(tmp_path / "par.png")]) == 0
+    assert main(base + ["--seed", "7", "-o", str(tmp_path / "one.png")]) == 0
+    for k in (0, 1):  # several images are named {stem}-{index}-{seed}
+        parallel, one = (np.asarray(Image.open(tmp_path / f"{n}-{k}-{7 + k}.png")) for n in ("par", "one"))
         assert (parallel == one).all()
+    # A random seed is drawn once, before the ranks start: they all use it.
+    assert main(base + ["--nproc", "2", "--parallel", "cfg=2", "--seed", "-1", "-o", str(tmp_path / "r.png")]) == 0
+    assert len(list(tmp_path.glob("r-*.png"))) == 2

@@ -40,7 +40,7 @@ def main(argv=None) -> None:
     store_fp8(SimpleNamespace(transformer=fp8, text=None, vae=torch.nn.Module()))
     x = torch.randn(2, 4, args.latent, args.latent).bfloat16()
     t = torch.tensor([500.0, 500.0])
-    cond = Conditioning(class_labels=torch.tensor([1, 1000]), cfg_layout="cond_first")
+    cond = Conditioning(class_labels=torch.tensor([1, 1000]), cfg_row_order="cond_first")
     models = {"bf16 weights": model, "fp8 storage": fp8}
     times = {name: [] for name in models}
     with torch.inference_mode():

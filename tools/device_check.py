@@ -101,17 +101,17 @@ def inputs(family: str, cfg, side: int, device, dtype, text_tokens: int):
     if family == "sd3":
         context = torch.randn(2, text_tokens, cfg.context_dim, generator=g).to(device, dtype)
         pooled = torch.randn(2, cfg.pooled_dim, generator=g).to(device, dtype)
-        return x, t, Conditioning(context=context, pooled=pooled, cfg_layout="uncond_first"), \
+        return x, t, Conditioning(context=context, pooled=pooled, cfg_row_order="uncond_first"), \
             dict(encoder_hidden_states=context, pooled_projections=pooled, timestep=t)
     if family == "pixart":
         context = torch.randn(2, text_tokens, cfg.caption_channels, generator=g).to(device, dtype)
         mask = torch.ones(2, text_tokens, dtype=torch.long, device=device)
         sizes = torch.tensor([[side * 8.0, side * 8.0, 1.0]] * 2, device=device, dtype=dtype)
-        return x, t, Conditioning(context=context, context_mask=mask, pooled=sizes, cfg_layout="uncond_first"), \
+        return x, t, Conditioning(context=context, context_mask=mask, pooled=sizes, cfg_row_order="uncond_first"), \
             dict(encoder_hidden_states=context, encoder_attention_mask=mask, timestep=t,
                  added_cond_kwargs={"resolution": sizes[:, :2], "aspect_ratio": sizes[:, 2:]})
     labels = torch.tensor([1, cfg.num_classes], device=device)
-    return x, t, Conditioning(class_labels=labels, cfg_layout="cond_first"), dict(timestep=t, class_labels=labels)
+    return x, t, Conditioning(class_labels=labels, cfg_row_order="cond_first"), dict(timestep=t, class_labels=labels)
 
 
 @torch.inference_mode()

@@ -42,7 +42,7 @@ def _digest(*values) -> str:
 def select_cond(cond: Conditioning, rows: list[int], layout: str) -> Conditioning:
     index = torch.tensor(rows, dtype=torch.long)
     return Conditioning(**{f: None if getattr(cond, f) is None else getattr(cond, f)[index.to(getattr(cond, f).device)]
-                           for f in Conditioning.FIELDS}, cfg_layout=layout)
+                           for f in Conditioning.FIELDS}, cfg_row_order=layout)
 
 
 class ParallelExecutor(Executor):
@@ -64,7 +64,7 @@ class ParallelRun(Run):
         ctx = self.ctx = executor.ctx
         plan = ctx.plan
         self.guided = example.cond.guided
-        self.layout = example.cond.cfg_layout
+        self.layout = example.cond.cfg_row_order
         rows = example.x.shape[0]
         self.images = rows // 2 if self.guided else rows
         patch = transformer.config.patch_size
@@ -76,7 +76,7 @@ class ParallelRun(Run):
             adaptive=any(p.adaptive for p in plans))
         check_agree(ctx.comm, ctx.world, "the generation call", {
             "plan": plan.label, "latents": _digest(example.x), "timestep": _digest(example.t),
-            "conditioning": _digest(*(getattr(example.cond, f) for f in Conditioning.FIELDS), example.cond.cfg_layout),
+            "conditioning": _digest(*(getattr(example.cond, f) for f in Conditioning.FIELDS), example.cond.cfg_row_order),
             "step_plans": _digest(*(repr(p) for p in plans))})
         self.ulysses = Ulysses(ctx.comm, ctx.ulysses) if plan.ulysses > 1 else None
         model = ShardedDenoiser(transformer, self.ulysses) if self.ulysses else transformer
@@ -115,7 +115,7 @@ class ParallelRun(Run):
                 hook, run = self.joined, self.joined_run
         out = None
         if rows:
-            layout = cond.cfg_layout if (cond.guided and self.ctx.plan.cfg == 1) else "none"
+            layout = cond.cfg_row_order if (cond.guided and self.ctx.plan.cfg == 1) else "none"
             index = torch.tensor(rows, dtype=torch.long, device=x.device)
             token = SEQUENCE_PARALLEL.set(hook)
             try:
