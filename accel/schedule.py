@@ -10,6 +10,7 @@ calibration inputs) and store it in a tuned file as an ordinary spec.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
@@ -54,7 +55,14 @@ def format_steps(steps) -> str:
 class StepSchedule(Method):
     """Run the block range `blocks` (default: all but the first block) on the steps listed in
     `run`, recording its delta; on every other step apply the delta, forecast from the
-    recorded history (`order`, in `coord`). Blocks outside the range always run."""
+    recorded history (`order`, in `coord`). Blocks outside the range always run.
+
+    With a `threshold` the steps outside `run` are decided per sample at run time as the
+    adaptive cache decides them (engine/runtime/adaptive.py; the relative L1 change of what
+    the blocks before the range add, against the last step the sample ran it): a sample whose
+    change exceeds the threshold runs the range there too. The listed steps always run. This
+    spends a budget the fixed set leaves over (one step of the range is a coarse unit) where
+    a sample needs it."""
 
     name: ClassVar[str] = "schedule"
     summary: ClassVar[str] = "block-range cache on an explicit set of computed steps, forecast between (dite tune)"
@@ -63,6 +71,7 @@ class StepSchedule(Method):
     blocks: tuple[int, int] | None = None
     order: int = 1
     coord: str = "step"
+    threshold: float | None = None
 
     def resolved(self, ctx: PlanContext) -> "StepSchedule":
         if not self.run:
@@ -70,10 +79,26 @@ class StepSchedule(Method):
         blocks = self.blocks or (1, ctx.depth)
         _check_blocks(self.name, blocks, ctx.depth)
         check_forecast(self.name, self.order, self.coord)
+        if self.threshold is not None:
+            if not math.isfinite(self.threshold) or self.threshold < 0:
+                raise ConfigError(f"{self.name}: threshold={self.threshold!r} must be a finite number >= 0")
+            if blocks[0] == 0:
+                raise ConfigError(f"{self.name}: a threshold decides on what the blocks before the range add; "
+                                  f"blocks={blocks[0]}:{blocks[1]} leaves none (start the range at 1 or later)")
         return replace(self, run=format_steps(parse_steps(self.name, self.run, ctx.steps)), blocks=blocks)
+
+    def settings(self) -> dict:
+        values = super().settings()
+        if values["threshold"] is None:  # the static schedule: its spec reads as it always did
+            values.pop("threshold")
+        return values
 
     def edit(self, drafts: list[StepDraft], ctx: PlanContext) -> None:
         running = set(parse_steps(self.name, self.run, ctx.steps))
         for i in range(ctx.steps):
-            drafts[i].ranges.append(RangeOp(*self.blocks, "record" if i in running else "apply", order=self.order,
-                                            coord=self.coord))
+            if self.threshold is None:
+                op = RangeOp(*self.blocks, "record" if i in running else "apply", order=self.order, coord=self.coord)
+            else:  # no cap on consecutive reuse: the listed steps bound it
+                op = RangeOp(*self.blocks, "adaptive", order=self.order, coord=self.coord, threshold=self.threshold,
+                             max_cached=ctx.steps, force=i in running)
+            drafts[i].ranges.append(op)

@@ -12,7 +12,7 @@ from dite.engine import load
 from dite.engine.errors import ConfigError
 from dite.engine.runtime import tune as tune_module
 from dite.engine.runtime.executors import make_executor
-from dite.engine.runtime.tune_schedule import greedy_schedule, schedule_spec
+from dite.engine.runtime.tune_schedule import fill_budget, greedy_schedule, schedule_spec
 from tiny import tiny_dit_pipeline
 from tiny_runtime import dit_cond, generate, planned_graphs, plans_for
 
@@ -28,6 +28,8 @@ def test_step_lists_round_trip():
 @pytest.mark.parametrize("run, message", [
     ("0-3.x", "dot-separated numbers"), ("0-12", r"step 12, outside \[0, 9\]"), ("1-5", "must include step 0"),
     ("0.3-2", "runs backwards; write 2-3"), ("", "give the computed steps"),
+    ("0-3,threshold=-1", "threshold=-1.0 must be a finite number >= 0"),
+    ("0-3,threshold=0.1,blocks=0:4", "leaves none"),
 ])
 def test_bad_step_lists_are_refused(run, message):
     ctx = PlanContext("dit", 4, 10, False)
@@ -43,6 +45,15 @@ def test_plans_record_on_listed_steps_and_forecast_between():
     ops = [p.ranges[0] for p in plans]
     assert [op.action for op in ops] == ["record", "record", "record", "apply", "record", "apply"]
     assert all((op.start, op.stop, op.order) == (1, 4, 2) for op in ops)
+
+
+def test_a_threshold_decides_the_unlisted_steps_per_sample():
+    ctx = PlanContext("dit", 4, 6, False)
+    methods = resolve(as_methods("schedule(run=0-2.4,threshold=0.1)"), ctx)
+    assert methods[0].spec() == "schedule(run=0-2.4,blocks=1:4,order=1,coord=step,threshold=0.1)"
+    ops = [p.ranges[0] for p in build_plans(methods, ctx)]
+    assert all(op.action == "adaptive" and op.threshold == 0.1 and op.max_cached == 6 for op in ops)
+    assert [op.force for op in ops] == [True, True, True, False, True, False]
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +95,17 @@ def test_greedy_takes_the_best_single_removal(pipe):
              for s in range(1, STEPS)}
     best = max(every, key=lambda s: every[s].psnr)
     assert found.spec == every[best].spec and found.compute <= 0.9
+
+
+def test_a_threshold_spends_the_budget_a_schedule_leaves(pipe):
+    static = "schedule(run=0-2.4)"
+    kw = dict(class_labels=LABELS, num_inference_steps=STEPS, output_type="np", progress=False)
+    assert pipe(accel=static.replace(")", ",threshold=100)"), **kw).stats["compute_fraction"] == \
+        pytest.approx(pipe(accel=static, **kw).stats["compute_fraction"])  # never exceeded: the fixed set
+    assert pipe(accel=static.replace(")", ",threshold=0)"), **kw).stats["compute_fraction"] == 1.0  # always
+    t = tuner(pipe, 0.85)
+    filled = fill_budget(t, 2, "schedule(run=0-2.4,blocks=1:6,order=1)")
+    assert filled is not None and 26 / 36 <= filled.compute <= 0.85 and "threshold=" in filled.spec
 
 
 def test_greedy_fits_tight_budgets_and_refuses_impossible_ones(pipe):

@@ -6,12 +6,15 @@ Each candidate removal is one measured run on the screen inputs. Evaluated lazil
 removal's PSNR measured in an earlier round (with more steps running) is an optimistic
 estimate of what it gives now, so each round re-measures only the candidates whose old
 estimate could still beat the best fresh one (a max-heap on the estimates); on the demo
-models that is a few runs a round instead of one per remaining step.
+models that is a few runs a round instead of one per remaining step. The budget a whole
+step leaves over is then spent per sample: the same schedule with the threshold (bisected)
+that lets a sample whose state moves run the range on other steps too.
 """
 
 from __future__ import annotations
 
 import heapq
+import math
 
 from dite.accel.schedule import format_steps
 
@@ -42,12 +45,47 @@ def greedy_schedule(tuner, k: int, order: int, blocks: tuple[int, int]):
     return tuner.measure("static", schedule_spec(run, blocks, order), steps, k)
 
 
+def fill_budget(tuner, k: int, base: str, evals: int = 7):
+    """`base` (a schedule spec within budget) with the threshold that lets samples run the
+    range on more steps while the compute stays within the budget: the smallest threshold
+    found within budget by `evals` runs (compute does not rise with the threshold), searched
+    on a log scale from 0.3 down until the budget is bracketed, then bisected. Returns the
+    best measured within budget, or None."""
+    low = high = None  # thresholds known over budget / within budget
+    best, t = None, 0.3
+    for _ in range(evals):
+        t = float(f"{t:.4g}")
+        m = tuner.measure("static", base[:-1] + f",threshold={t:g})", tuner.steps, k)
+        if m is None:
+            return best
+        if m.cost(tuner.metric) <= tuner.budget + 1e-9:
+            high = t if high is None else min(high, t)
+            best = m if best is None or m.psnr > best.psnr else best
+        else:
+            low = t if low is None else max(low, t)
+        if low is None:
+            t /= 2
+        elif high is None:
+            t *= 2
+        elif high / low < 1.05:
+            break
+        else:
+            t = math.sqrt(low * high)
+    return best
+
+
 def search_schedules(tuner, k: int) -> list:
-    """Greedy schedules over the blocks after the first, for forecast orders 1 and 2."""
+    """Greedy schedules over the blocks after the first, for forecast orders 1 and 2, each
+    also with the threshold that spends the budget it leaves over."""
     found = []
     for order in (1, 2):
         m = greedy_schedule(tuner, k, order, (1, tuner.depth))
         if m:
             tuner.log(f"  schedule, order {order}: {m.spec}  PSNR {m.psnr:.2f} dB at {m.compute:.3f}")
             found.append(m)
+            filled = fill_budget(tuner, k, m.spec)
+            if filled:
+                tuner.log(f"  schedule, order {order}, filled: {filled.spec}  PSNR {filled.psnr:.2f} dB at "
+                          f"{filled.compute:.3f}")
+                found.append(filled)
     return found
