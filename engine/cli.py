@@ -112,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="classifier-free guidance scale (default: the family's, DiT 4.0, SD3 7.0, PixArt 4.5)")
     gen.add_argument("--seed", type=_seed, default=0, help="seed of the first image; image k uses seed+k (default 0)")
     gen.add_argument("--size", type=_size, default=None, metavar="WxH", help="image size (default: the model's)")
+    gen.add_argument("--init-image", default=None, metavar="PATH",
+                     help="image-to-image: start from this image (generated at its size; never resized)")
+    gen.add_argument("--strength", type=_finite(), default=None,
+                     help="with --init-image: share of the schedule that runs, in (0, 1] (default 0.6)")
+    gen.add_argument("--mask", default=None, metavar="PATH",
+                     help="inpainting (SD3, PixArt), with --init-image: white = repaint, black = keep")
     gen.add_argument("--scheduler", default=None, help="replace the model's scheduler: ddim, ddpm, dpm (DPM-Solver++) or flow_euler (alias euler)")
     gen.add_argument("--vae", default=None, help="VAE for checkpoints without one (original DiT .pt, PixArt .pth)")
     gen.add_argument("--tokenizers", default=None, metavar="PATH",
@@ -363,11 +369,22 @@ def _check_generate(args) -> tuple[int, list[Path]]:
                          f"({MAX_SEED})")
     paths = output_paths(args.output, count)
     check_writable(paths)
+    _check_init_image(args, family, count)
     return count, paths
 
 
 TEXT_ONLY = {"negative_prompt": "--negative-prompt", "max_sequence_length": "--max-sequence-length",
              "no_t5": "--no-t5", "tokenizers": "--tokenizers"}
+
+
+def _check_init_image(args, family: str | None, count: int) -> None:
+    """--init-image / --strength / --mask, read and checked before the model loads (a DiT's
+    --mask is refused here when the family can be told, else by the pipeline)."""
+    from dite.engine.pipelines import init_image
+
+    width, height = args.size if args.size else (None, None)
+    init_image.check(args.init_image, args.strength, args.mask, count=count, height=height, width=width,
+                     masks=family != "dit", family=family or "")
 
 
 def _check_conditioning(args, family: str) -> None:
@@ -501,6 +518,8 @@ def cmd_generate(args) -> int:
         common["num_inference_steps"] = args.steps
     if args.guidance is not None:
         common["guidance_scale"] = args.guidance
+    if args.init_image is not None:
+        common.update(image=args.init_image, strength=args.strength, mask_image=args.mask)
     if pipe.family == "dit":
         out = pipe(class_labels=_labels(args.class_label), **common)
     else:

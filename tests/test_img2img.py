@@ -30,7 +30,10 @@ def sd3_reference(reference, cls, **kwargs):
     from diffusers import StableDiffusion3Img2ImgPipeline, StableDiffusion3InpaintPipeline
 
     pipeline = {"img2img": StableDiffusion3Img2ImgPipeline, "inpaint": StableDiffusion3InpaintPipeline}[cls]
-    pipe = pipeline(**reference.components)
+    # A scheduler of its own: diffusers' schedulers keep per-call state (begin/step index)
+    # that a pipeline sharing it with another call would start from.
+    parts = dict(reference.components, scheduler=type(reference.scheduler).from_config(reference.scheduler.config))
+    pipe = pipeline(**parts)
     pipe.set_progress_bar_config(disable=True)
     return pipe(**kwargs).images
 
@@ -51,3 +54,141 @@ def test_sd3_img2img_matches_diffusers(sd3, guidance, strength, steps):
     assert np.abs(out.images - expected).max() <= 1e-4
     kept = steps - int(max(steps - min(steps * strength, steps), 0))
     assert out.parameters[0]["denoise_steps"] == kept and out.parameters[0]["strength"] == strength
+
+
+@pytest.fixture(scope="module")
+def sd3_16(sd3, tmp_path_factory):
+    """The tiny SD3 with 16 latent channels (the real SD3's): diffusers' SD3 inpainting
+    blends latents only for a 16-channel transformer. Same text encoders as `sd3`."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from tiny import tiny_diffusers_sd3_transformer, tiny_diffusers_vae
+    from tiny_sd3 import DEPTH
+
+    # From the saved folder, not `sd3`'s objects: a diffusers call on those (earlier tests)
+    # may leave them differing from what their files say.
+    _, base = sd3
+    transformer = tiny_diffusers_sd3_transformer(qk_norm="rms_norm", num_layers=DEPTH, channels=16)
+    vae = tiny_diffusers_vae(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
+                             scaling_factor=1.5305, shift_factor=0.0609)
+    pipe = StableDiffusion3Pipeline.from_pretrained(base, transformer=transformer, vae=vae)
+    pipe.set_progress_bar_config(disable=True)
+    folder = tmp_path_factory.mktemp("sd3-16") / "pipe"
+    pipe.save_pretrained(folder)
+    return pipe, folder
+
+
+@pytest.mark.parametrize("guidance, strength", [(5.0, 0.6), (1.0, 1.0)])
+def test_sd3_inpainting_matches_diffusers(sd3_16, guidance, strength):
+    """Compared on the final latents: diffusers 0.42's StableDiffusion3InpaintPipeline decodes
+    them without the VAE's shift_factor (its text-to-image and img2img pipelines add it);
+    dite decodes as its text-to-image does, checked against the reference VAE with the shift."""
+    reference, folder = sd3_16
+    picture, mask = init_picture(seed=1), half_mask()
+    negative = "blurry" if guidance > 1 else None
+    kw = dict(prompt="a cat", negative_prompt=negative, image=picture, mask_image=mask, strength=strength,
+              num_inference_steps=4, guidance_scale=guidance, max_sequence_length=20)
+    expected = sd3_reference(reference, "inpaint", height=SIZE[0], width=SIZE[1], output_type="latent",
+                             generator=torch.Generator().manual_seed(5), **kw)
+    out = load(folder)(seed=5, output_type="pt", progress=False, **kw)
+    assert (out.latents - expected).abs().max() <= 1e-4
+    vae = reference.vae.config
+    with torch.no_grad():
+        decoded = reference.vae.decode(expected / vae.scaling_factor + vae.shift_factor).sample
+    assert (out.images - (decoded / 2 + 0.5).clamp(0, 1)).abs().max() <= 1e-4
+
+
+def clean_latents(pipe, picture, seed):
+    """The init image's model-space latents as the pipeline draws them (image 0's generator)."""
+    pixels = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255).permute(2, 0, 1)[None] * 2 - 1
+    with torch.no_grad():
+        z = pipe.vae.encode(pixels).sample(torch.Generator().manual_seed(seed))
+    return pipe.vae.to_model_space(z)
+
+
+def test_inpainting_keeps_the_masked_out_region(sd3_16):
+    _, folder = sd3_16
+    pipe, picture = load(folder), init_picture(seed=2)
+    clean = clean_latents(pipe, picture, seed=4)
+    out = pipe(prompt="a dog", image=picture, mask_image=half_mask(), strength=0.8, num_inference_steps=3,
+               seed=4, output_type="latent", progress=False)
+    keep = SIZE[1] // 2 // pipe.vae_scale_factor  # latent columns left of the mask
+    assert torch.equal(out.latents[..., :keep], clean[..., :keep])
+    assert (out.latents[..., keep:] - clean[..., keep:]).abs().max() > 1e-2  # the white half was repainted
+    # An all-black mask keeps everything: the image is the VAE's round trip of the init image.
+    black = Image.new("L", (SIZE[1], SIZE[0]), 0)
+    out = pipe(prompt="a dog", image=picture, mask_image=black, num_inference_steps=3, seed=4, output_type="pt",
+               progress=False)
+    with torch.no_grad():
+        round_trip = (pipe.decode(clean) / 2 + 0.5).clamp(0, 1)
+    assert (out.images - round_trip).abs().max() <= 1e-6
+
+
+def test_sd3_strength_one_is_text_to_image_from_the_same_noise(sd3):
+    _, folder = sd3
+    pipe = load(folder)
+    noise = torch.randn(1, 4, SIZE[0] // 2, SIZE[1] // 2, generator=torch.Generator().manual_seed(9))
+    kw = dict(prompt="a boat", num_inference_steps=3, latents=noise, output_type="latent", progress=False)
+    text = pipe(height=SIZE[0], width=SIZE[1], **kw)
+    image = pipe(image=init_picture(), strength=1.0, **kw)
+    assert torch.equal(text.latents, image.latents)
+
+
+@pytest.fixture(scope="module")
+def dit(tmp_path_factory):
+    from tiny import tiny_dit_pipeline
+
+    folder = tmp_path_factory.mktemp("dit-img2img")
+    return tiny_dit_pipeline(folder, "ddim", num_layers=6), folder
+
+
+def test_dit_img2img_follows_diffusers_sd_img2img_math(dit):
+    """diffusers has no DiT img2img: its StableDiffusionImg2ImgPipeline's steps (get_timesteps,
+    add_noise at the first kept timestep, the remaining DDIM steps) written out with the
+    reference DiT's modules."""
+    reference, folder = dit
+    picture, steps, strength, scale, seed = init_picture((16, 16)), 6, 0.5, 4.0, 3
+    pixels = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255).permute(2, 0, 1)[None] * 2 - 1
+    sched = reference.scheduler
+    sched.set_timesteps(steps)
+    t_start = steps - int(steps * strength)
+    timesteps = sched.timesteps[t_start:]
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        x0 = reference.vae.encode(pixels).latent_dist.sample(gen) * reference.vae.config.scaling_factor
+        noise = torch.randn(x0.shape, generator=gen)
+        x = sched.add_noise(x0, noise, timesteps[:1])
+        labels = torch.tensor([3, 1000])
+        for t in timesteps:
+            out = reference.transformer(torch.cat([x, x]), timestep=t.expand(2), class_labels=labels).sample
+            cond, uncond = out[:, :4].chunk(2)
+            x = sched.step(uncond + scale * (cond - uncond), t, x).prev_sample
+        expected = reference.vae.decode(x / reference.vae.config.scaling_factor).sample
+    expected = (expected / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    out = load(folder)(class_labels=[3], image=picture, strength=strength, num_inference_steps=steps,
+                       guidance_scale=scale, seed=seed, output_type="np", progress=False)
+    assert np.abs(out.images - expected).max() <= 1e-4
+
+
+def test_lower_strength_stays_closer_to_the_init_image(dit):
+    """Measured on the latents (the tiny random VAE's round trip is far from any picture)."""
+    _, folder = dit
+    pipe, picture = load(folder), init_picture((16, 16), seed=5)
+    clean = clean_latents(pipe, picture, seed=0)
+    distance = [(pipe(class_labels=[1], image=picture, strength=s, num_inference_steps=10, seed=0,
+                      output_type="latent", progress=False).latents - clean).abs().mean().item()
+                for s in (0.1, 0.5, 1.0)]
+    assert distance[0] < distance[1] < distance[2]
+
+
+def test_plans_cover_the_steps_that_run(dit):
+    """ditcache + promptgate over img2img's 5 remaining steps of 10: the same plans (block
+    counts per step) as a 5-step text-to-image call."""
+    _, folder = dit
+    pipe = load(folder)
+    kw = dict(class_labels=[3], accel="ditcache+promptgate", seed=0, output_type="latent", progress=False)
+    image = pipe(image=init_picture((16, 16)), strength=0.5, num_inference_steps=10, **kw).stats
+    text = pipe(num_inference_steps=5, **kw).stats
+    assert len(image["steps"]) == 5 and image["accel"] == text["accel"]
+    assert [(s["rows"], s["blocks"]) for s in image["steps"]] == [(s["rows"], s["blocks"]) for s in text["steps"]]
+    assert any(s["blocks"] < 6 for s in image["steps"]) and any(s["rows"] == 1 for s in image["steps"])
