@@ -192,3 +192,93 @@ def test_plans_cover_the_steps_that_run(dit):
     assert len(image["steps"]) == 5 and image["accel"] == text["accel"]
     assert [(s["rows"], s["blocks"]) for s in image["steps"]] == [(s["rows"], s["blocks"]) for s in text["steps"]]
     assert any(s["blocks"] < 6 for s in image["steps"]) and any(s["rows"] == 1 for s in image["steps"])
+
+
+def test_cli_records_the_init_image_strength_and_mask(sd3, tmp_path, capsys):
+    import hashlib
+    import json
+
+    from dite.engine.cli import main
+
+    _, folder = sd3
+    init, mask, out = tmp_path / "init.png", tmp_path / "mask.png", tmp_path / "edit.png"
+    init_picture().save(init)
+    half_mask().save(mask)
+    assert main(["generate", "--model", str(folder), "a boat", "--init-image", str(init), "--strength", "0.5",
+                 "--mask", str(mask), "--steps", "4", "--seed", "2", "-o", str(out), "--quiet"]) == 0
+    params = json.loads(Image.open(out).text["dite"])
+    assert params["init_image"] == hashlib.sha256(init.read_bytes()).hexdigest()[:10]
+    assert params["mask"] == hashlib.sha256(mask.read_bytes()).hexdigest()[:10]
+    assert params["strength"] == 0.5 and params["denoise_steps"] == 2 and params["steps"] == 4
+    assert Image.open(out).size == (SIZE[1], SIZE[0])
+    # Same call through the library: the same image (seeded noise, same image and mask).
+    lib = load(folder)(prompt="a boat", image=init, strength=0.5, mask_image=mask, num_inference_steps=4, seed=2,
+                       progress=False)
+    assert np.array_equal(np.asarray(lib.images[0]), np.asarray(Image.open(out)))
+    capsys.readouterr()
+
+
+def write(path, image):
+    image.save(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("strength_zero", "strength must be a number in (0, 1]"),
+    ("strength_big", "strength must be a number in (0, 1]"),
+    ("strength_alone", "strength only applies to image-to-image"),
+    ("mask_alone", "mask_image needs an image"),
+    ("missing", "cannot read the init image"),
+    ("not_image", "is not a readable image"),
+    ("size", "height 32 differs from the init image's 16 pixels"),
+    ("mask_size", "the mask is 16x16 pixels but the init image is 24x16"),
+    ("mask_mode", "the mask is a 'RGBA' image"),
+    ("tensor_range", "values in [0, 1]"),
+])
+def test_bad_inputs_are_refused_before_work(sd3, tmp_path, case, message):
+    _, folder = sd3
+    picture = write(tmp_path / "init.png", init_picture())
+    bad = tmp_path / "notes.png"
+    bad.write_text("not a picture")
+    args = {
+        "strength_zero": dict(image=picture, strength=0), "strength_big": dict(image=picture, strength=1.5),
+        "strength_alone": dict(strength=0.5), "mask_alone": dict(mask_image=half_mask()),
+        "missing": dict(image=str(tmp_path / "nope.png")), "not_image": dict(image=str(bad)),
+        "size": dict(image=picture, height=32),
+        "mask_size": dict(image=picture, mask_image=Image.new("L", (16, 16))),
+        "mask_mode": dict(image=picture, mask_image=Image.new("RGBA", (SIZE[1], SIZE[0]))),
+        "tensor_range": dict(image=torch.full((3, *SIZE), 2.0)),
+    }[case]
+    from dite.engine.errors import InputError
+
+    with pytest.raises(InputError) as info:
+        load(folder)(prompt="a cat", num_inference_steps=2, progress=False, **args)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_dit_refuses_a_mask(dit, tmp_path, capsys):
+    from dite.engine.cli import main
+    from dite.engine.errors import InputError
+
+    _, folder = dit
+    picture = init_picture((16, 16))
+    with pytest.raises(InputError, match="inpainting .* is not supported for dit"):
+        load(folder)(class_labels=[1], image=picture, mask_image=Image.new("L", (16, 16)), progress=False)
+    init, mask = write(tmp_path / "i.png", picture), write(tmp_path / "m.png", Image.new("L", (16, 16)))
+    out = tmp_path / "x.png"
+    assert main(["generate", "--model", str(folder), "--class-label", "1", "--init-image", init, "--mask", mask,
+                 "-o", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not supported for dit" in err and len(err.splitlines()) == 1 and not out.exists()
+
+
+def test_cli_refuses_before_loading(tmp_path, capsys):
+    from dite.engine.cli import main
+
+    missing = tmp_path / "nowhere" / "model"  # never reached: the init image is checked first
+    out = tmp_path / "x.png"
+    assert main(["generate", "--model", "demo-sd3", "a cat", "--strength", "0.4", "-o", str(out)]) == 2
+    assert "strength only applies to image-to-image" in capsys.readouterr().err
+    assert main(["generate", "--model", "demo-sd3", "a cat", "--init-image", str(missing), "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot read the init image" in err and len(err.splitlines()) == 1 and not out.exists()
