@@ -341,3 +341,19 @@ def test_pixart_inpainting_keeps_the_masked_out_region(pixart):
     assert torch.equal(out.latents[..., :keep], clean[..., :keep])
     assert (out.latents[..., keep:] - clean[..., keep:]).abs().max() > 1e-2
     assert out.parameters[0]["generated_size"] == "16x16"
+
+
+def test_sd3_inpainting_with_ditcache_and_promptgate(sd3_16):
+    """Accelerated inpainting: plans over the 5 steps that run (as a 5-step text-to-image
+    call's), and the masked-out region still exactly the init image's latents."""
+    _, folder = sd3_16
+    pipe, picture = load(folder), init_picture(seed=6)
+    kw = dict(prompt="a dog", accel="ditcache+promptgate", seed=3, output_type="latent", progress=False)
+    out = pipe(image=picture, mask_image=half_mask(), strength=0.5, num_inference_steps=10, **kw)
+    text = pipe(num_inference_steps=5, height=SIZE[0], width=SIZE[1], **kw).stats
+    steps = out.stats["steps"]
+    assert len(steps) == 5 and out.stats["accel"] == text["accel"]
+    assert [(s["rows"], s["blocks"]) for s in steps] == [(s["rows"], s["blocks"]) for s in text["steps"]]
+    assert any(s["rows"] == 1 for s in steps)  # promptgate dropped the unconditional rows
+    keep = SIZE[1] // 2 // pipe.vae_scale_factor
+    assert torch.equal(out.latents[..., :keep], clean_latents(pipe, picture, seed=3)[..., :keep])
