@@ -325,7 +325,9 @@ class Pipeline:
     def generate(self, request: Request, *, num_inference_steps, guidance_scale, seed, latents, output_type,
                  progress, accel, plan_hook) -> "GenerationOutput":
         """The call skeleton every family runs: check the shared arguments, condition, draw
-        the noise, denoise, decode, and record each image's parameters."""
+        the noise, denoise, decode, and record each image's parameters. With `request.init`
+        (docs/img2img.md): encode the init image, noise it to the first step that runs, run
+        the remaining steps, and with a mask put the kept region back after every step."""
         init = request.init
         height, width = request.height, request.width
         if init is not None:  # the image's size unless given (init_image.check: given = the image's)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 from pathlib import Path
 from typing import Any
 
@@ -107,8 +108,6 @@ def _open(value, what: str) -> tuple[Image.Image, str]:
         except OSError as exc:
             raise InputError(f"cannot read the {what} {str(path)!r}: {exc.strerror or exc}") from None
         try:
-            import io
-
             img = Image.open(io.BytesIO(data))
             img.load()
         except (UnidentifiedImageError, OSError, ValueError) as exc:
