@@ -300,8 +300,8 @@ def test_pixart_img2img_follows_diffusers_img2img_math(pixart):
     """diffusers has no PixArt img2img: StableDiffusionImg2ImgPipeline's steps written out with
     the reference PixArt's modules and its DPM-Solver++ (set_begin_index, add_noise at the
     first kept timestep). 20 steps at strength 0.5: 10 run. (With this config's
-    final_sigmas_type "zero" the last step is first order either way, so the whole-schedule
-    length that dpm_solver's lower_order_final rule reads is not told apart here.)"""
+    final_sigmas_type "zero" the last step is first order either way; the whole-schedule
+    length that lower_order_final reads is told apart in test_schedule_tail_matches_...)"""
     reference, folder = pixart
     picture, steps, strength, scale, seed = init_picture((16, 16), seed=3), 20, 0.5, 4.5, 7
     pixels = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255).permute(2, 0, 1)[None] * 2 - 1
@@ -357,3 +357,49 @@ def test_sd3_inpainting_with_ditcache_and_promptgate(sd3_16):
     assert any(s["rows"] == 1 for s in steps)  # promptgate dropped the unconditional rows
     keep = SIZE[1] // 2 // pipe.vae_scale_factor
     assert torch.equal(out.latents[..., :keep], clean_latents(pipe, picture, seed=3)[..., :keep])
+
+
+@pytest.mark.parametrize("name, config", [
+    ("ddim", dict(beta_schedule="linear", clip_sample=False)),
+    ("dpm", dict(algorithm_type="dpmsolver++", solver_order=2, lower_order_final=True,
+                 final_sigmas_type="sigma_min")),
+    ("dpm", dict(algorithm_type="dpmsolver++", solver_order=2, lower_order_final=True)),
+    ("flow_euler", dict(shift=3.0)),
+])
+def test_schedule_tail_matches_diffusers_begin_index(name, config):
+    """`from_step` + `noise_to` against diffusers' set_begin_index + add_noise / scale_noise, on
+    a fake model: 16 steps from step 6 (10 run; DPM-Solver's lower_order_final reads the
+    16, which with final_sigmas_type="sigma_min" decides the last step's order)."""
+    import diffusers
+
+    from dite.schedulers import BY_NAME
+    from tiny_schedulers import FakeModel, start_noise
+
+    reference = {"ddim": diffusers.DDIMScheduler, "dpm": diffusers.DPMSolverMultistepScheduler,
+                 "flow_euler": diffusers.FlowMatchEulerDiscreteScheduler}[name](**config)
+    ours = BY_NAME[name].from_diffusers_config(dict(reference.config))
+    model, x0, noise, steps, start = FakeModel(), start_noise(seed=1), start_noise(seed=2), 16, 6
+    reference.set_timesteps(steps)
+    if hasattr(reference, "set_begin_index"):  # DDIM's steps read only t (diffusers' SD img2img)
+        reference.set_begin_index(start)
+    t = reference.timesteps[start:]
+    if name == "flow_euler":
+        x = reference.scale_noise(x0, t[:1], noise)
+    else:
+        x = reference.add_noise(x0, noise, t[:1])
+    for step_t in t:
+        x = reference.step(model(x, step_t), step_t, x).prev_sample
+    state = ours.from_step(ours.start(steps), start)
+    y = ours.noise_to(x0, noise, state, 0)
+    for i in range(state.num_steps):
+        y = ours.step(model(y, state.timesteps[i]), i, y, state)
+    assert torch.equal(state.timesteps.float(), t.float()) and (x - y).abs().max() <= 1e-5
+
+
+def test_tensor_image_equals_the_same_pil_image(sd3):
+    _, folder = sd3
+    pipe, picture = load(folder), init_picture(seed=8)
+    tensor = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255).permute(2, 0, 1)
+    kw = dict(prompt="a cat", strength=0.7, num_inference_steps=3, seed=1, output_type="latent", progress=False)
+    a, b = pipe(image=picture, **kw), pipe(image=tensor, **kw)
+    assert torch.equal(a.latents, b.latents)
