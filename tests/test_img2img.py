@@ -234,6 +234,7 @@ def write(path, image):
     ("mask_size", "the mask is 16x16 pixels but the init image is 24x16"),
     ("mask_mode", "the mask is a 'RGBA' image"),
     ("tensor_range", "values in [0, 1]"),
+    ("odd_size", "the init image is 18x16 pixels: width 18 must be a positive multiple of 4"),
 ])
 def test_bad_inputs_are_refused_before_work(sd3, tmp_path, case, message):
     _, folder = sd3
@@ -248,6 +249,7 @@ def test_bad_inputs_are_refused_before_work(sd3, tmp_path, case, message):
         "mask_size": dict(image=picture, mask_image=Image.new("L", (16, 16))),
         "mask_mode": dict(image=picture, mask_image=Image.new("RGBA", (SIZE[1], SIZE[0]))),
         "tensor_range": dict(image=torch.full((3, *SIZE), 2.0)),
+        "odd_size": dict(image=init_picture((16, 18))),
     }[case]
     from dite.engine.errors import InputError
 

@@ -331,7 +331,11 @@ class Pipeline:
         init = request.init
         height, width = request.height, request.width
         if init is not None:  # the image's size unless given (init_image.check: given = the image's)
-            height, width = init.height if height is None else height, init.width if width is None else width
+            height, width = init.height, init.width
+            try:
+                self.latent_size(height, width, request.default_latent)
+            except InputError as exc:
+                raise InputError(f"the init image is {width}x{height} pixels: {exc}; resize or crop it") from None
         call = self.check_call(images=request.count, height=height, width=width,
                                default_latent=request.default_latent, num_inference_steps=num_inference_steps,
                                guidance_scale=guidance_scale, seed=seed, latents=latents, output_type=output_type,
