@@ -115,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seed of the first image; image k of the run uses seed+k (default 0); -1: a random seed, "
                           "printed and recorded in the images")
     gen.add_argument("--size", type=_size, default=None, metavar="WxH", help="image size (default: the model's)")
+    gen.add_argument("--init-image", default=None, metavar="PATH",
+                     help="image-to-image: start from this image (generated at its size; never resized)")
+    gen.add_argument("--strength", type=_finite(), default=None,
+                     help="with --init-image: share of the schedule that runs, in (0, 1] (default 0.6)")
+    gen.add_argument("--mask", default=None, metavar="PATH",
+                     help="inpainting (SD3, PixArt), with --init-image: white = repaint, black = keep")
     gen.add_argument("--scheduler", default=None, help="replace the model's scheduler: ddim, ddpm, dpm (DPM-Solver++) or flow_euler (alias euler)")
     gen.add_argument("--vae", default=None, help="VAE for checkpoints without one (original DiT .pt, PixArt .pth)")
     gen.add_argument("--tokenizers", default=None, metavar="PATH",
@@ -411,11 +417,23 @@ def _plan_generate(args, family: str | None) -> list:
         job.paths, index = paths[index:index + job.images], index + job.images
     check_writable(paths)
     naming.refuse_existing(paths, args.overwrite)
+    for images in dict.fromkeys(job.images for job in jobs):  # an init image serves every call of the run
+        _check_init_image(args, family, images)
     return jobs
 
 
 TEXT_ONLY = {"negative_prompt": "--negative-prompt", "max_sequence_length": "--max-sequence-length",
              "no_t5": "--no-t5", "tokenizers": "--tokenizers"}
+
+
+def _check_init_image(args, family: str | None, count: int) -> None:
+    """--init-image / --strength / --mask, read and checked before the model loads (a DiT's
+    --mask is refused here when the family can be told, else by the pipeline)."""
+    from dite.engine.pipelines import init_image
+
+    width, height = args.size if args.size else (None, None)
+    init_image.check(args.init_image, args.strength, args.mask, count=count, height=height, width=width,
+                     masks=family != "dit", family=family or "")
 
 
 def _check_conditioning(args, family: str) -> None:

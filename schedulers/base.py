@@ -19,7 +19,7 @@ Also the helpers the schedulers share: the diffusers config round trip, and for 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, ClassVar
 
 import torch
@@ -83,6 +83,38 @@ class Scheduler:
     def step(self, model_output: torch.Tensor, step_index: int, sample: torch.Tensor,
              state: SchedulerState) -> torch.Tensor:
         raise TypeError(f"{type(self).__name__} must define step()")
+
+    def from_step(self, state: SchedulerState, start: int) -> SchedulerState:
+        """The schedule of `state` from step `start` on, for image-to-image (diffusers'
+        `get_timesteps` + `set_begin_index`): the timesteps and every per-step table in
+        `extra` (a list or 1-D tensor of num_steps or num_steps + 1 entries) lose their first
+        `start` entries; `extra["schedule_steps"]` keeps the full schedule's length for
+        solvers whose rules depend on it. Step i of the result is step start + i of `state`."""
+        n = state.num_steps
+        if not 0 <= start < n:
+            raise ValueError(f"start step {start} is outside a {n}-step schedule")
+
+        def tail(value):
+            if isinstance(value, (list, torch.Tensor)) and (not isinstance(value, torch.Tensor) or value.ndim == 1) \
+                    and len(value) in (n, n + 1):
+                return value[start:]
+            return value
+
+        extra = {key: tail(value) for key, value in state.extra.items()}
+        extra["schedule_steps"] = state.extra.get("schedule_steps", n)
+        changes = {name: tail(getattr(state, name)) for name in ("sigmas",) if hasattr(state, name)}
+        return replace(state, timesteps=state.timesteps[start:], history=[], extra=extra, **changes)
+
+    def noise_to(self, x0: torch.Tensor, noise: torch.Tensor, state: SchedulerState, index: int) -> torch.Tensor:
+        """Clean latents `x0` noised to the level of step `index` of `state` (what the model
+        sees there): diffusers' `add_noise` at that timestep for the ᾱ-table samplers,
+        sqrt(ᾱ_t)·x0 + sqrt(1 − ᾱ_t)·noise (DPM-Solver's sigma form is the same value)."""
+        table = getattr(self, "alphas_cumprod", None)
+        if table is None:
+            raise TypeError(f"{type(self).__name__} must define noise_to()")
+        t = int(state.timesteps[index])
+        alpha = table[t].to(x0.device, x0.dtype)
+        return alpha ** 0.5 * x0 + (1 - alpha) ** 0.5 * noise
 
     @classmethod
     def from_diffusers_config(cls, config: dict) -> "Scheduler":

@@ -155,7 +155,8 @@ class DPMSolverMultistepScheduler(Scheduler):
         if len(state.history) != min(step_index, cfg.solver_order):
             raise ValueError(f"DPM-Solver steps must run in order from 0; step {step_index} came after "
                              f"{len(state.history)} recorded steps")
-        short = cfg.lower_order_final and n < 15
+        # diffusers' rule reads the whole schedule's length, also when img2img runs its tail.
+        short = cfg.lower_order_final and state.extra.get("schedule_steps", n) < 15
         first_order = (step_index == n - 1) and (cfg.euler_at_final or short or cfg.final_sigmas_type == "zero")
         model_output = eps_channels(model_output, sample)
         x0 = self._x0(model_output, sample, sigmas[step_index])

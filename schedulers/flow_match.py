@@ -188,6 +188,11 @@ class FlowMatchEulerScheduler(Scheduler):
             prev = sample + low(state.extra["dt"][step_index]) * model_output
         return prev.to(model_output.dtype)
 
+    def noise_to(self, x0: torch.Tensor, noise: torch.Tensor, state: SchedulerState, index: int) -> torch.Tensor:
+        """diffusers' `scale_noise` at step `index`: σ·noise + (1 − σ)·x0."""
+        sigma, rest = state.extra["sigmas"][index], state.extra["one_minus"][index]  # float32 values, as diffusers'
+        return (sigma * noise.float() + rest * x0.float()).to(x0.dtype)
+
     @classmethod
     def from_diffusers_config(cls, config: dict) -> "FlowMatchEulerScheduler":
         return cls(config_from_dict(FlowMatchEulerConfig, config))

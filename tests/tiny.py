@@ -85,13 +85,14 @@ def dit_to_original(state: dict[str, torch.Tensor], depth: int) -> dict[str, tor
     return {k: v.contiguous().clone() for k, v in out.items()}
 
 
-def tiny_diffusers_sd3_transformer(qk_norm=None, dual_attention_layers=(), seed: int = 0, num_layers: int = 3):
+def tiny_diffusers_sd3_transformer(qk_norm=None, dual_attention_layers=(), seed: int = 0, num_layers: int = 3,
+                                   channels: int = 4):
     """A diffusers SD3 transformer with random non-trivial weights (norm scales near 1)."""
     from diffusers import SD3Transformer2DModel
 
     torch.manual_seed(seed)
     model = SD3Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=num_layers,
+        sample_size=8, patch_size=2, in_channels=channels, out_channels=channels, num_layers=num_layers,
         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=24, caption_projection_dim=32,
         pooled_projection_dim=20, pos_embed_max_size=12, qk_norm=qk_norm, dual_attention_layers=dual_attention_layers,
     ).eval()

@@ -20,6 +20,8 @@ def job_call(pipe, job: Job, args) -> dict[str, Any]:
         call["num_inference_steps"] = job.steps
     if job.guidance is not None:
         call["guidance_scale"] = job.guidance
+    if args.init_image is not None:  # image-to-image / inpainting (engine/pipelines/init_image.py)
+        call.update(image=args.init_image, strength=args.strength, mask_image=args.mask)
     if pipe.family == "dit":
         call["class_labels"] = job.labels
     else:

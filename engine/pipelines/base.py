@@ -22,6 +22,7 @@ from dite.engine.version import dite_version
 from dite.engine.errors import ConfigError, InputError
 from dite.engine.families import BY_NAME as FAMILY_BY_NAME
 from dite.engine.pipelines import arguments
+from dite.engine.pipelines.init_image import InitImage, start_step
 from dite.engine.pipelines.noise import image_generators, initial_latents
 from dite.engine.runtime.finite import check_tensor, dtype_hint
 from dite.engine.runtime.sampling import GenerationState, denoise
@@ -74,6 +75,8 @@ class Request:
     height: int | None = None
     width: int | None = None
     resize_to: tuple[int, int] | None = None
+    # Image-to-image / inpainting (engine/pipelines/init_image.py), checked by the family.
+    init: InitImage | None = None
 
 
 @dataclasses.dataclass
@@ -245,10 +248,12 @@ class Pipeline:
                               "explicitly") from None
 
     def check_call(self, *, images: int, height, width, default_latent: int, num_inference_steps, guidance_scale,
-                   seed, latents, output_type, accel, progress, plan_hook) -> Call:
+                   seed, latents, output_type, accel, progress, plan_hook, init: InitImage | None = None) -> Call:
         """Every argument the families share, checked in one place before anything is
         encoded; also starts the scheduler and builds the step plans, which check the step
-        count and the accel spec. `images`: the number of images the call makes."""
+        count and the accel spec. `images`: the number of images the call makes. With `init`
+        (image-to-image) the scheduler's state is the tail of the schedule that runs, and
+        the plans are built for those steps."""
         family = FAMILY_BY_NAME[self.family]
         output_type = arguments.output_type(output_type)
         arguments.flag("progress", progress)
@@ -270,7 +275,9 @@ class Pipeline:
                              f"{self.scheduler.name} scheduler's noise table; use at most {train_steps}")
         generators = image_generators(seed, count)
         scheduler = self.start_scheduler(steps, generators, size)
-        methods, plans = self.plan_steps(accel, steps, guidance > 1.0)
+        if init is not None:
+            scheduler = self.scheduler.from_step(scheduler, start_step(steps, init.strength))
+        methods, plans = self.plan_steps(accel, scheduler.num_steps, guidance > 1.0)
         return Call(steps=steps, guidance=guidance, seed=seed, generators=generators, size=size, latents=latents,
                     output_type=output_type, methods=methods, plans=plans, scheduler=scheduler)
 
@@ -318,17 +325,36 @@ class Pipeline:
     def generate(self, request: Request, *, num_inference_steps, guidance_scale, seed, latents, output_type,
                  progress, accel, plan_hook) -> "GenerationOutput":
         """The call skeleton every family runs: check the shared arguments, condition, draw
-        the noise, denoise, decode, and record each image's parameters."""
-        call = self.check_call(images=request.count, height=request.height, width=request.width,
+        the noise, denoise, decode, and record each image's parameters. With `request.init`
+        (docs/img2img.md): encode the init image, noise it to the first step that runs, run
+        the remaining steps, and with a mask put the kept region back after every step."""
+        init = request.init
+        height, width = request.height, request.width
+        if init is not None:  # the image's size unless given (init_image.check: given = the image's)
+            height, width = init.height, init.width
+            try:
+                self.latent_size(height, width, request.default_latent)
+            except InputError as exc:
+                raise InputError(f"the init image is {width}x{height} pixels: {exc}; resize or crop it") from None
+        call = self.check_call(images=request.count, height=height, width=width,
                                default_latent=request.default_latent, num_inference_steps=num_inference_steps,
                                guidance_scale=guidance_scale, seed=seed, latents=latents, output_type=output_type,
-                               accel=accel, progress=progress, plan_hook=plan_hook)
+                               accel=accel, progress=progress, plan_hook=plan_hook, init=init)
         timings: dict[str, float] = {}
+        after_step = None
         with timed(timings, "encode"):
             cond = request.conditioning(call)
+            # img2img: the image's latents draw from each image's generator before the noise does
+            # (diffusers' order with one generator per image).
+            clean = self.encode_init(init, call) if init is not None else None
             x = initial_latents((self.transformer.config.in_channels, *call.size), call.generators, call.latents,
                                 device=self.device, dtype=self.dtype)
-            x = x * self.scheduler.init_noise_sigma(call.scheduler)
+            if clean is None:
+                x = x * self.scheduler.init_noise_sigma(call.scheduler)
+            else:
+                noise, x = x, self.scheduler.noise_to(clean, x, call.scheduler, 0)
+                if init.mask is not None:
+                    after_step = self.keep_known_region(init, call, clean, noise)
         with timed(timings, "denoise"):
             state = GenerationState(scheduler=call.scheduler)
             x0_shape = x.shape
@@ -336,9 +362,34 @@ class Pipeline:
                         executor=self.executor, guidance_scale=call.guidance,
                         prediction_channels=self.prediction_channels,
                         pass_model_variance=self.passes_model_variance and self.scheduler.uses_model_variance,
-                        progress=progress)
+                        progress=progress, after_step=after_step)
         stats = self.count_stats(call.methods, call.plans, state, x0_shape, cond)
         return self.finish(x, call, request, timings, stats)
+
+    def encode_init(self, init: InitImage, call: Call) -> torch.Tensor:
+        """The init image in model-space latents, one row per image: a sample of the VAE's
+        posterior drawn from image k's generator (diffusers' `retrieve_latents` default)."""
+        vae_param = next(self.vae.parameters())
+        rows = []
+        for k, generator in enumerate(call.generators):
+            pixels = init.pixels[k if init.pixels.shape[0] > 1 else 0][None]
+            z = self.vae.encode(pixels.to(vae_param.device, vae_param.dtype)).sample(generator)
+            rows.append(self.vae.to_model_space(z))
+        return torch.cat(rows).to(self.device, self.dtype)
+
+    def keep_known_region(self, init: InitImage, call: Call, clean: torch.Tensor, noise: torch.Tensor):
+        """Inpainting's step hook: after step i, the region the mask keeps (black) is the
+        image's latents noised to step i + 1's level (clean after the last step), as
+        diffusers' SD3 inpainting does for a 16-channel transformer (mask resized to the
+        latents by nearest neighbour)."""
+        mask = torch.nn.functional.interpolate(init.mask, size=call.size).to(self.device, self.dtype)
+        state, last = call.scheduler, call.scheduler.num_steps - 1
+
+        def blend(i: int, x: torch.Tensor) -> torch.Tensor:
+            known = self.scheduler.noise_to(clean, noise, state, i + 1) if i < last else clean
+            return (1 - mask) * known + mask * x
+
+        return blend
 
     def finish(self, x: torch.Tensor, call: Call, request: Request, timings: dict[str, float],
                stats: Callable[[], dict[str, Any]]) -> "GenerationOutput":
@@ -366,6 +417,7 @@ class Pipeline:
         out_h, out_w = resize_to if resize_to is not None else (h * self.vae_scale_factor, w * self.vae_scale_factor)
         base = {"model": self.model_name, "family": self.family, "scheduler": self.scheduler.name,
                 "size": f"{out_w}x{out_h}", "steps": call.steps, "guidance": call.guidance, **request.recorded,
+                **(dict(request.init.recorded, denoise_steps=call.scheduler.num_steps) if request.init else {}),
                 "accel": accel_spec(call.methods),
                 "dite_version": dite_version()}
         latents = "given" if call.latents is not None else "seeded"

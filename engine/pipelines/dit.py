@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from dite.engine.errors import InputError
-from dite.engine.pipelines import arguments
+from dite.engine.pipelines import arguments, init_image
 from dite.engine.pipelines.output import GenerationOutput
 from dite.engine.pipelines.base import Call, Pipeline, Request
 from dite.models.denoiser import Conditioning
@@ -83,11 +83,18 @@ class DiTPipeline(Pipeline):
         plan_hook=None,
         height: int | None = None,
         width: int | None = None,
+        image=None,
+        strength: float | None = None,
+        mask_image=None,
     ) -> GenerationOutput:
         # None: the model's recorded default (model_index.json "_dite"), else DiT's 50 / 4.0.
         labels = self.label_ids(class_labels)
+        # image-to-image with a class label; DiT does not inpaint (mask_image is refused)
+        init = init_image.check(image, strength, mask_image, count=len(labels), height=height, width=width,
+                                masks=False, family=self.family)
         request = Request(
             count=len(labels), default_latent=self.transformer.config.input_size, height=height, width=width,
+            init=init,
             conditioning=lambda call: self.encode_labels(labels, call),
             records=lambda call: [{"class_label": label} for label in labels])
         return self.generate(request, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import torch
 
-from dite.engine.pipelines import arguments
+from dite.engine.pipelines import arguments, init_image
 from dite.engine.pipelines.output import GenerationOutput
 from dite.engine.pipelines.base import Pipeline, Prompts, Request
 from dite.engine.pipelines.pixart_bins import bins_for, nearest_bin
@@ -108,13 +108,22 @@ class PixArtPipeline(Pipeline):
         accel=None,
         use_resolution_binning: bool = True,
         plan_hook=None,
+        image=None,
+        strength: float | None = None,
+        mask_image=None,
     ) -> GenerationOutput:
         cfg = self.transformer.config
         # None: the model's recorded default, else PixArt's 20 / 4.5 / 120 (α) or 300 (Σ).
         prompts = Prompts.check(self, prompt, negative_prompt, num_images_per_prompt, max_sequence_length,
                                 default_length=cfg.max_sequence_length, longest=T5_MAX_LENGTH)
         arguments.flag("use_resolution_binning", use_resolution_binning)
-        gen_h, gen_w, resize_to = self.resolve_size(height, width, use_resolution_binning)
+        # image-to-image / inpainting: generated at the image's own size, never binned
+        init = init_image.check(image, strength, mask_image, count=len(prompts.per_image), height=height,
+                                width=width, masks=True, family=self.family)
+        if init is not None:
+            gen_h, gen_w, resize_to = init.height, init.width, None
+        else:
+            gen_h, gen_w, resize_to = self.resolve_size(height, width, use_resolution_binning)
 
         def conditioning(call) -> Conditioning:
             cond = self.encode_prompts(prompts.per_image, prompts.negatives_for(call), prompts.length)
@@ -122,7 +131,7 @@ class PixArtPipeline(Pipeline):
 
         request = Request(
             count=len(prompts.per_image), default_latent=cfg.sample_size, height=gen_h, width=gen_w,
-            resize_to=resize_to, records=prompts.records, conditioning=conditioning,
+            resize_to=resize_to, records=prompts.records, conditioning=conditioning, init=init,
             recorded={"max_sequence_length": prompts.length, "variant": cfg.pixart_version,
                       "generated_size": f"{gen_w}x{gen_h}"})
         return self.generate(request, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,

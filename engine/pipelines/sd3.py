@@ -8,6 +8,7 @@ import torch
 
 from dite.engine.families import SD3
 from dite.engine.pipelines.output import GenerationOutput
+from dite.engine.pipelines import init_image
 from dite.engine.pipelines.base import Pipeline, Prompts, Request
 from dite.engine.pipelines.sd3_prompts import T5_MAX_LENGTH, SD3TextEncoders
 from dite.models.denoiser import Conditioning
@@ -67,13 +68,19 @@ class SD3Pipeline(Pipeline):
         progress: bool = True,
         accel=None,
         plan_hook=None,
+        image=None,
+        strength: float | None = None,
+        mask_image=None,
     ) -> GenerationOutput:
         # None: the model's recorded default (model_index.json "_dite"), else SD3's 28 / 7.0 / 256.
         prompts = Prompts.check(self, prompt, negative_prompt, num_images_per_prompt, max_sequence_length,
                                 default_length=SD3.default_sequence_length, longest=T5_MAX_LENGTH)
+        # image-to-image (strength: 0.6 with an image) and inpainting (mask_image, white = repaint)
+        init = init_image.check(image, strength, mask_image, count=len(prompts.per_image), height=height,
+                                width=width, masks=True, family=self.family)
         request = Request(
             count=len(prompts.per_image), default_latent=self.transformer.config.sample_size,
-            height=height, width=width, records=prompts.records,
+            height=height, width=width, records=prompts.records, init=init,
             conditioning=lambda call: self.encode_prompts(prompts.per_image, prompts.negatives_for(call),
                                                           prompts.length),
             recorded={"max_sequence_length": prompts.length, "t5": self.text.t5 is not None})

@@ -85,6 +85,7 @@ def denoise(
     progress: bool = True,
     plan_hook: Callable | None = None,
     executor: Executor | None = None,
+    after_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Run every step of `state.scheduler` from `latents` (already scaled by the scheduler's
     init_noise_sigma) and return the final latents.
@@ -94,7 +95,8 @@ def denoise(
     variance) reach the scheduler too. `plan_hook(i, model_in, t, cond, plan, state)`, if
     given, may replace a step's plan right before it runs (DiTFastAttn calibration).
     `executor` runs each step (default: eager); graph executors build and warm every graph
-    the plans need before the first step.
+    the plans need before the first step. `after_step(i, x)`, if given, replaces the
+    latents after step i (inpainting puts the known region back).
     """
     sched = state.scheduler
     x = latents
@@ -141,6 +143,8 @@ def denoise(
         if not pass_model_variance:
             out = out[:, :prediction_channels]
         x = scheduler.step(out, i, x, sched)
+        if after_step is not None:
+            x = after_step(i, x)
         watch.step(i, out, x)
     state.executor = run.stats()
     watch.check()
