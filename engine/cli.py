@@ -58,6 +58,15 @@ def _int_in(low: int, high: int | None = None, what: str = "an integer"):
     return parse
 
 
+def _block_list(text: str) -> list[int]:
+    """An argparse type: comma-separated block indices ("7,8,9")."""
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of block indices, "
+                                         "e.g. 7,8,9") from None
+
+
 def _finite(low: float | None = None):
     """An argparse type: a finite float (NaN and inf mean nothing here), at least `low`."""
     def parse(text: str) -> float:
@@ -121,6 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --init-image: share of the schedule that runs, in (0, 1] (default 0.6)")
     gen.add_argument("--mask", default=None, metavar="PATH",
                      help="inpainting (SD3, PixArt), with --init-image: white = repaint, black = keep")
+    gen.add_argument("--skip-layers", type=_block_list, default=None, metavar="I,J,...",
+                     help="skip-layer guidance (SD3.5-medium: 7,8,9): blocks skipped in an extra conditional pass "
+                          "(docs/slg.md)")
+    gen.add_argument("--slg-scale", type=_finite(), default=None, help="with --skip-layers: its scale (default 2.8)")
+    gen.add_argument("--slg-start", type=_finite(), default=None,
+                     help="with --skip-layers: share of the steps where it starts (default 0.01)")
+    gen.add_argument("--slg-stop", type=_finite(), default=None,
+                     help="with --skip-layers: share of the steps where it stops (default 0.2)")
     gen.add_argument("--scheduler", default=None, help="replace the model's scheduler: ddim, ddpm, dpm (DPM-Solver++) or flow_euler (alias euler)")
     gen.add_argument("--vae", default=None, help="VAE for checkpoints without one (original DiT .pt, PixArt .pth)")
     gen.add_argument("--tokenizers", default=None, metavar="PATH",
@@ -403,6 +420,7 @@ def _plan_generate(args, family: str | None) -> list:
         _check_conditioning(args, family)
     elif not args.prompt and not args.labels:
         raise InputError("nothing to generate: give a prompt (text-to-image models) or --class-label ID (DiT)")
+    _check_skip_layers(args, family)
     base = naming.output_base(args.output)  # before anything else about outputs: the suffix decides the format
     jobs = plan_jobs(args, entries, family == "dit", MAX_SEED)
     for spec in dict.fromkeys(job.accel for job in jobs):
@@ -434,6 +452,29 @@ def _check_init_image(args, family: str | None, count: int) -> None:
     width, height = args.size if args.size else (None, None)
     init_image.check(args.init_image, args.strength, args.mask, count=count, height=height, width=width,
                      masks=family != "dit", family=family or "")
+
+
+def _check_skip_layers(args, family: str | None) -> None:
+    """--skip-layers and its --slg-* options (the block indices are checked against the model
+    once it is loaded, before the first call)."""
+    given = [flag for flag in ("--slg-scale", "--slg-start", "--slg-stop")
+             if getattr(args, flag[2:].replace("-", "_")) is not None]
+    if args.skip_layers is None:
+        if given:
+            raise InputError(f"{', '.join(given)} apply with --skip-layers (skip-layer guidance); give the blocks "
+                             "to skip, e.g. --skip-layers 7,8,9")
+        return
+    if family is not None and family != "sd3":
+        raise InputError(f"--skip-layers (skip-layer guidance) is for SD3 / SD3.5 models; this is {family}")
+    if args.guidance is not None and args.guidance <= 1:
+        raise InputError(f"--skip-layers needs classifier-free guidance, and --guidance is {args.guidance}; "
+                         "use a guidance above 1")
+    from dite.engine.runtime.slg import DEFAULT_SCALE, DEFAULT_START, DEFAULT_STOP, SkipLayerGuidance
+
+    start = DEFAULT_START if args.slg_start is None else args.slg_start
+    stop = DEFAULT_STOP if args.slg_stop is None else args.slg_stop
+    SkipLayerGuidance.check(args.skip_layers, DEFAULT_SCALE if args.slg_scale is None else args.slg_scale,
+                            start, stop, depth=None)
 
 
 def _check_conditioning(args, family: str) -> None:

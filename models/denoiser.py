@@ -54,10 +54,12 @@ class Denoiser(nn.Module):
         raise TypeError(f"{type(self).__name__} must define finalize()")
 
     def run_blocks(self, hidden: Hidden, plan: StepPlan, start: int = 0, stop: int | None = None) -> Hidden:
-        """Run blocks [start, stop) under `plan`."""
+        """Run blocks [start, stop) under `plan` (a block planned `skip` passes `hidden` on)."""
         stop = len(self.blocks) if stop is None else stop
         for index in range(start, stop):
-            hidden = self.blocks[index](hidden, plan.block(index))
+            block_plan = plan.block(index)
+            if not block_plan.skip:
+                hidden = self.blocks[index](hidden, block_plan)
         return hidden
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond, plan: StepPlan = PLAIN_STEP) -> torch.Tensor:

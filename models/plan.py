@@ -87,9 +87,12 @@ FULL_ATTENTION = AttentionPolicy()
 
 @dataclass(frozen=True)
 class BlockPlan:
-    """What one block does in one step: the policy of its attention layer(s)."""
+    """What one block does in one step: the policy of its attention layer(s). `skip`: the
+    block is an identity (every stream passes through unchanged), as skip-layer guidance's
+    extra pass needs (engine/runtime/slg.py)."""
 
     attention: AttentionPolicy = FULL_ATTENTION
+    skip: bool = False
 
 
 PLAIN_BLOCK = BlockPlan()

@@ -7,6 +7,7 @@ import sys
 import time
 from typing import Any, Callable
 
+from dite.engine.errors import InputError
 from dite.engine.outputs.jobs import Job
 from dite.engine.outputs.metadata import image_metadata
 from dite.engine.outputs.writers import save_image
@@ -22,6 +23,14 @@ def job_call(pipe, job: Job, args) -> dict[str, Any]:
         call["guidance_scale"] = job.guidance
     if args.init_image is not None:  # image-to-image / inpainting (engine/pipelines/init_image.py)
         call.update(image=args.init_image, strength=args.strength, mask_image=args.mask)
+    if getattr(args, "skip_layers", None) is not None:  # skip-layer guidance (engine/runtime/slg.py), SD3 only
+        if pipe.family != "sd3":
+            raise InputError(f"--skip-layers (skip-layer guidance) is for SD3 / SD3.5 models; this is {pipe.family}")
+        call["skip_guidance_layers"] = args.skip_layers
+        call.update({name: value for name, value in (("skip_layer_guidance_scale", args.slg_scale),
+                                                     ("skip_layer_guidance_start", args.slg_start),
+                                                     ("skip_layer_guidance_stop", args.slg_stop))
+                     if value is not None})
     if pipe.family == "dit":
         call["class_labels"] = job.labels
     else:

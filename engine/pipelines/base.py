@@ -26,6 +26,7 @@ from dite.engine.pipelines.init_image import InitImage, start_step
 from dite.engine.pipelines.noise import image_generators, initial_latents
 from dite.engine.runtime.finite import check_tensor, dtype_hint
 from dite.engine.runtime.sampling import GenerationState, denoise
+from dite.engine.runtime.slg import SkipLayerGuidance
 from dite.models.denoiser import Conditioning, Denoiser
 from dite.models.plan import StepPlan
 from dite.models.vae import AutoencoderKL
@@ -77,6 +78,8 @@ class Request:
     resize_to: tuple[int, int] | None = None
     # Image-to-image / inpainting (engine/pipelines/init_image.py), checked by the family.
     init: InitImage | None = None
+    # Skip-layer guidance (engine/runtime/slg.py), checked by the family; needs CFG.
+    slg: SkipLayerGuidance | None = None
 
 
 @dataclasses.dataclass
@@ -340,6 +343,9 @@ class Pipeline:
                                default_latent=request.default_latent, num_inference_steps=num_inference_steps,
                                guidance_scale=guidance_scale, seed=seed, latents=latents, output_type=output_type,
                                accel=accel, progress=progress, plan_hook=plan_hook, init=init)
+        if request.slg is not None and not call.guided:
+            raise InputError(f"skip-layer guidance works on the guided (CFG) prediction, and guidance_scale is "
+                             f"{call.guidance}: use a guidance scale above 1 or drop skip_guidance_layers")
         timings: dict[str, float] = {}
         after_step = None
         with timed(timings, "encode"):
@@ -362,7 +368,7 @@ class Pipeline:
                         executor=self.executor, guidance_scale=call.guidance,
                         prediction_channels=self.prediction_channels,
                         pass_model_variance=self.passes_model_variance and self.scheduler.uses_model_variance,
-                        progress=progress, after_step=after_step)
+                        progress=progress, after_step=after_step, slg=request.slg)
         stats = self.count_stats(call.methods, call.plans, state, x0_shape, cond)
         return self.finish(x, call, request, timings, stats)
 
@@ -418,6 +424,7 @@ class Pipeline:
         base = {"model": self.model_name, "family": self.family, "scheduler": self.scheduler.name,
                 "size": f"{out_w}x{out_h}", "steps": call.steps, "guidance": call.guidance, **request.recorded,
                 **(dict(request.init.recorded, denoise_steps=call.scheduler.num_steps) if request.init else {}),
+                **(request.slg.recorded() if request.slg else {}),
                 "accel": accel_spec(call.methods),
                 "dite_version": dite_version()}
         latents = "given" if call.latents is not None else "seeded"

@@ -10,6 +10,7 @@ from dite.engine.families import SD3
 from dite.engine.pipelines.output import GenerationOutput
 from dite.engine.pipelines import init_image
 from dite.engine.pipelines.base import Pipeline, Prompts, Request
+from dite.engine.runtime import slg
 from dite.engine.pipelines.sd3_prompts import T5_MAX_LENGTH, SD3TextEncoders
 from dite.models.denoiser import Conditioning
 from dite.models.mmdit import MMDiT
@@ -71,6 +72,10 @@ class SD3Pipeline(Pipeline):
         image=None,
         strength: float | None = None,
         mask_image=None,
+        skip_guidance_layers: Sequence[int] | None = None,
+        skip_layer_guidance_scale: float = slg.DEFAULT_SCALE,
+        skip_layer_guidance_stop: float = slg.DEFAULT_STOP,
+        skip_layer_guidance_start: float = slg.DEFAULT_START,
     ) -> GenerationOutput:
         # None: the model's recorded default (model_index.json "_dite"), else SD3's 28 / 7.0 / 256.
         prompts = Prompts.check(self, prompt, negative_prompt, num_images_per_prompt, max_sequence_length,
@@ -78,9 +83,13 @@ class SD3Pipeline(Pipeline):
         # image-to-image (strength: 0.6 with an image) and inpainting (mask_image, white = repaint)
         init = init_image.check(image, strength, mask_image, count=len(prompts.per_image), height=height,
                                 width=width, masks=True, family=self.family)
+        # skip-layer guidance (SD3.5-medium: [7, 8, 9]), diffusers' names and defaults: docs/slg.md
+        skip = slg.SkipLayerGuidance.check(skip_guidance_layers, skip_layer_guidance_scale,
+                                           skip_layer_guidance_start, skip_layer_guidance_stop,
+                                           depth=len(self.transformer.blocks))
         request = Request(
             count=len(prompts.per_image), default_latent=self.transformer.config.sample_size,
-            height=height, width=width, records=prompts.records, init=init,
+            height=height, width=width, records=prompts.records, init=init, slg=skip,
             conditioning=lambda call: self.encode_prompts(prompts.per_image, prompts.negatives_for(call),
                                                           prompts.length),
             recorded={"max_sequence_length": prompts.length, "t5": self.text.t5 is not None})

@@ -17,6 +17,7 @@ from dite.engine.runtime.attention_cache import AttentionCache
 from dite.engine.runtime.delta_store import DeltaStore
 from dite.engine.errors import ConfigError
 from dite.engine.runtime.finite import StepWatch
+from dite.engine.runtime.slg import SkipLayerGuidance
 from dite.models.denoiser import Conditioning, Denoiser
 from dite.models.plan import PLAIN_STEP, StepPlan
 from dite.schedulers.base import Scheduler, SchedulerState
@@ -86,6 +87,7 @@ def denoise(
     plan_hook: Callable | None = None,
     executor: Executor | None = None,
     after_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    slg: SkipLayerGuidance | None = None,
 ) -> torch.Tensor:
     """Run every step of `state.scheduler` from `latents` (already scaled by the scheduler's
     init_noise_sigma) and return the final latents.
@@ -96,7 +98,8 @@ def denoise(
     given, may replace a step's plan right before it runs (DiTFastAttn calibration).
     `executor` runs each step (default: eager); graph executors build and warm every graph
     the plans need before the first step. `after_step(i, x)`, if given, replaces the
-    latents after step i (inpainting puts the known region back).
+    latents after step i (inpainting puts the known region back). `slg`, if given, adds
+    skip-layer guidance to the guided steps in its window (runtime/slg.py).
     """
     sched = state.scheduler
     x = latents
@@ -139,7 +142,11 @@ def denoise(
             ran["block_rows"] = model_in.shape[0] * blocks + state.ranges.block_rows
         state.steps_run.append(ran)
         state.ranges.block_rows = 0
-        out = apply_guidance(out, step_cond.cfg_row_order, guidance_scale, prediction_channels)
+        guided = apply_guidance(out, step_cond.cfg_row_order, guidance_scale, prediction_channels)
+        if slg is not None and step_cond.guided and slg.active(i, sched.num_steps):
+            guided = slg.guide(transformer, guided, out, model_in, t, step_cond, prediction_channels)
+            ran["slg"] = True
+        out = guided
         if not pass_model_variance:
             out = out[:, :prediction_channels]
         x = scheduler.step(out, i, x, sched)
