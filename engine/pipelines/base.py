@@ -346,6 +346,10 @@ class Pipeline:
         if request.slg is not None and not call.guided:
             raise InputError(f"skip-layer guidance works on the guided (CFG) prediction, and guidance_scale is "
                              f"{call.guidance}: use a guidance scale above 1 or drop skip_guidance_layers")
+        if request.slg is not None and self.executor.name == "parallel":
+            # its extra pass runs outside the executor: whole, on every rank (not built yet)
+            raise ConfigError("skip-layer guidance does not run under parallel generation yet; generate on one "
+                              "device or drop skip_guidance_layers")
         timings: dict[str, float] = {}
         after_step = None
         with timed(timings, "encode"):
