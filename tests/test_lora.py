@@ -1,0 +1,150 @@
+"""LoRA (engine/lora, docs/lora.md): parity with diffusers' load_lora_weights on the tiny SD3,
+the same weights in kohya key style, exact unload, refusals, metadata."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from dite.engine import load
+from dite.engine.lora import LoraError
+from tiny_sd3 import reference_images
+
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+           "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "norm1.linear", "norm1_context.linear"]
+PROMPTS = ["a red circle", "a blue square"]
+
+
+@pytest.fixture(scope="module")
+def lora_file(sd3, tmp_path_factory):
+    """A rank-4, alpha-8 LoRA made with peft on the tiny SD3 transformer, saved by diffusers."""
+    from diffusers import StableDiffusion3Pipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    reference, _ = sd3
+    transformer = copy.deepcopy(reference.transformer)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=True)
+    transformer.add_adapter(config)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        for name, p in transformer.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p) * 0.3)
+    folder = tmp_path_factory.mktemp("lora")
+    StableDiffusion3Pipeline.save_lora_weights(folder, transformer_lora_layers=get_peft_model_state_dict(transformer),
+                                               transformer_lora_adapter_metadata=config.to_dict())
+    return folder / "pytorch_lora_weights.safetensors"
+
+
+def to_kohya(path, out):
+    """The test's own converter: transformer.<module>.lora_A/B -> lora_unet_<module_>.lora_down/up + alpha."""
+    kohya = {}
+    for key, tensor in load_file(str(path)).items():
+        module, part = key.removeprefix("transformer.").rsplit(".lora_", 1)
+        stem = "lora_unet_" + module.replace(".", "_")
+        kohya[f"{stem}.lora_{'down' if part.startswith('A') else 'up'}.weight"] = tensor
+        kohya[f"{stem}.alpha"] = torch.tensor(8.0)
+    save_file(kohya, str(out))
+    return out
+
+
+def expected_with_lora(reference, path):
+    reference.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="test")
+    try:
+        return reference_images(reference, PROMPTS, None, 3, 1.0, (16, 16), seed=5, max_sequence_length=16)
+    finally:
+        reference.unload_lora_weights()
+
+
+def ours(pipe, latents):
+    return pipe(prompt=PROMPTS, height=16, width=16, num_inference_steps=3, guidance_scale=1.0,
+                latents=latents.clone(), max_sequence_length=16, output_type="np", progress=False)
+
+
+def test_lora_matches_diffusers_and_kohya(sd3, lora_file, tmp_path):
+    reference, folder = sd3
+    expected, latents = expected_with_lora(reference, lora_file)
+    plain, _ = reference_images(reference, PROMPTS, None, 3, 1.0, (16, 16), seed=5, max_sequence_length=16)
+    assert np.abs(expected - plain).max() > 1e-2  # the LoRA changes the images
+    out = ours(load(folder, loras=[(lora_file, 1.0)]), latents)
+    assert np.abs(out.images - expected).max() <= 1e-4
+    kohya = to_kohya(lora_file, tmp_path / "kohya.safetensors")
+    assert np.abs(ours(load(folder, loras=[(kohya, 1.0)]), latents).images - expected).max() <= 1e-4
+    record = out.parameters[0]["loras"]
+    assert record == [{"file": lora_file.name, "sha256": record[0]["sha256"], "scale": 1.0}]
+    assert len(record[0]["sha256"]) == 10 and str(lora_file.parent) not in json.dumps(out.parameters)
+
+
+def test_scale_and_unload_restore_bit_for_bit(sd3, lora_file, tmp_path):
+    _, folder = sd3
+    pipe = load(folder, dtype="float16")
+    before = {n: p.detach().clone() for n, p in pipe.transformer.named_parameters()}
+    kohya = to_kohya(lora_file, tmp_path / "kohya.safetensors")
+    pipe.load_lora(lora_file, 0.5)
+    pipe.load_lora(kohya, -0.7, name="second")
+    changed = [n for n, p in pipe.transformer.named_parameters() if not torch.equal(p, before[n])]
+    assert len(changed) > 10
+    pipe.unload_lora("second")
+    pipe.unload_lora(lora_file.stem)
+    for n, p in pipe.transformer.named_parameters():
+        assert torch.equal(p, before[n]), n
+    assert pipe._lora_state.originals == {}
+
+
+def test_refusals(sd3, lora_file, tmp_path):
+    _, folder = sd3
+    pipe = load(folder)
+    before = {n: p.detach().clone() for n, p in pipe.transformer.named_parameters()}
+    tensors = load_file(str(lora_file))
+    cases = {}
+    cases["unknown"] = {**tensors, "transformer.not_a_block.proj.lora_A.weight": torch.ones(4, 8),
+                        "transformer.not_a_block.proj.lora_B.weight": torch.ones(8, 4)}
+    key_a = next(k for k in tensors if k.endswith("to_q.lora_A.weight"))
+    cases["shape"] = {**tensors, key_a: torch.ones(4, tensors[key_a].shape[1] + 3)}
+    key_b = key_a.replace("lora_A", "lora_B")
+    cases["rank"] = {**tensors, key_b: torch.ones(tensors[key_b].shape[0], 5)}
+    cases["junk"] = {**tensors, "something.else": torch.ones(1)}
+    messages = {"unknown": "does not have .*not_a_block", "shape": r"to_q is \(\d+, \d+\) in this model",
+                "rank": "rank 4 .* but 5", "junk": "something.else"}
+    for case, content in cases.items():
+        path = tmp_path / f"{case}.safetensors"
+        save_file(content, str(path))
+        with pytest.raises(LoraError, match=messages[case]):
+            pipe.load_lora(path)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(LoraError, match="cannot read LoRA file"):
+        pipe.load_lora(bad)
+    with pytest.raises(LoraError, match="does not exist"):
+        load(folder, loras=[(tmp_path / "missing.safetensors", 1.0)])
+    for scale in (float("nan"), float("inf"), "x"):
+        with pytest.raises(LoraError, match="scale"):
+            pipe.load_lora(lora_file, scale)
+    with pytest.raises(LoraError, match="no LoRA named"):
+        pipe.unload_lora("nothing")
+    for n, p in pipe.transformer.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
+def test_refused_while_a_call_runs(sd3, lora_file):
+    _, folder = sd3
+    pipe = load(folder)
+    seen = []
+
+    def hook(i, model_in, t, cond, plan, state):  # runs inside the call, before each step
+        if not seen:
+            with pytest.raises(LoraError, match="while 1 generation call"):
+                pipe.load_lora(lora_file)
+            seen.append(True)
+        return plan
+
+    pipe(prompt="a", height=16, width=16, num_inference_steps=2, max_sequence_length=8, output_type="latent",
+         progress=False, plan_hook=hook)
+    assert seen and pipe._lora_state.running == 0
+    pipe.load_lora(lora_file)  # allowed again after the call
