@@ -148,3 +148,38 @@ def test_refused_while_a_call_runs(sd3, lora_file):
          progress=False, plan_hook=hook)
     assert seen and pipe._lora_state.running == 0
     pipe.load_lora(lora_file)  # allowed again after the call
+
+
+def test_cli_lora_records_file_hash_and_scale(sd3, lora_file, tmp_path):
+    import hashlib
+
+    from PIL import Image
+
+    from dite.engine.cli import main
+
+    _, folder = sd3
+    out = tmp_path / "lora.png"
+    assert main(["generate", "--model", str(folder), "a boat", "--lora", f"{lora_file}:0.75", "--steps", "2",
+                 "--seed", "2", "--size", "16x16", "-o", str(out), "--quiet"]) == 0
+    params = json.loads(Image.open(out).text["dite"])
+    digest = hashlib.sha256(lora_file.read_bytes()).hexdigest()[:10]
+    assert params["loras"] == [{"file": lora_file.name, "sha256": digest, "scale": 0.75}]
+    # The same call through the library gives the same image.
+    lib = load(folder, loras=[(lora_file, 0.75)])(prompt="a boat", height=16, width=16, num_inference_steps=2,
+                                                   seed=2, output_type="np", progress=False)
+    assert np.abs(np.asarray(Image.open(out), dtype=np.float32) / 255 - lib.images[0]).max() <= 1 / 255 + 1e-6
+
+
+@pytest.mark.parametrize("spec, message", [("{missing}", "does not exist"), ("{lora}:nan", "not a finite"),
+                                           ("{lora}:inf", "not a finite"), ("{bad}:1", "cannot read LoRA file")])
+def test_cli_refuses_bad_loras_before_loading(lora_file, tmp_path, capsys, spec, message):
+    from dite.engine.cli import main
+
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"junk")
+    out = tmp_path / "x.png"
+    arg = spec.format(missing=tmp_path / "missing.safetensors", lora=lora_file, bad=bad)
+    # One line, exit 2, no image: the LoRA is checked with the other inputs, before the model loads.
+    assert main(["generate", "--model", "demo-sd3", "a cat", "--lora", arg, "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and not out.exists()
