@@ -42,14 +42,14 @@ def lora_file(sd3, tmp_path_factory):
     return folder / "pytorch_lora_weights.safetensors"
 
 
-def to_kohya(path, out):
+def to_kohya(path, out, alpha=8.0):
     """The test's own converter: transformer.<module>.lora_A/B -> lora_unet_<module_>.lora_down/up + alpha."""
     kohya = {}
     for key, tensor in load_file(str(path)).items():
         module, part = key.removeprefix("transformer.").rsplit(".lora_", 1)
         stem = "lora_unet_" + module.replace(".", "_")
         kohya[f"{stem}.lora_{'down' if part.startswith('A') else 'up'}.weight"] = tensor
-        kohya[f"{stem}.alpha"] = torch.tensor(8.0)
+        kohya[f"{stem}.alpha"] = torch.tensor(alpha)
     save_file(kohya, str(out))
     return out
 
@@ -68,7 +68,11 @@ def ours(pipe, latents):
 
 
 def test_lora_matches_diffusers_and_kohya(sd3, lora_file, tmp_path):
+    from dite.engine.lora import read_lora
+
     reference, folder = sd3
+    # alpha 8 with rank 4 (scale 2) comes from the adapter config diffusers wrote into the file.
+    assert {pair.alpha for pair in read_lora(lora_file).pairs.values()} == {8.0}
     expected, latents = expected_with_lora(reference, lora_file)
     plain, _ = reference_images(reference, PROMPTS, None, 3, 1.0, (16, 16), seed=5, max_sequence_length=16)
     assert np.abs(expected - plain).max() > 1e-2  # the LoRA changes the images
@@ -183,3 +187,46 @@ def test_cli_refuses_bad_loras_before_loading(lora_file, tmp_path, capsys, spec,
     assert main(["generate", "--model", "demo-sd3", "a cat", "--lora", arg, "-o", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and not out.exists()
+
+
+@pytest.fixture(scope="module")
+def pixart(tmp_path_factory):
+    from tiny_pixart import tiny_pixart_pipeline
+
+    return tiny_pixart_pipeline(tmp_path_factory.mktemp("pixart-lora"))
+
+
+def test_pixart_lora_matches_peft_on_diffusers(pixart, tmp_path):
+    """diffusers has no PixArt LoRA loader: the reference is its PixArt transformer with the
+    LoRA injected by peft (unmerged: base + scale * B(A(x)) in every forward)."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    from tiny_pixart import reference_images as pixart_images
+
+    reference, folder = pixart
+    config = LoraConfig(r=4, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj",
+                                                           "ff.net.2", "proj_out", "linear"])
+    base = reference.transformer
+    adapted = inject_adapter_in_model(config, copy.deepcopy(base))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p) * 0.3)
+    path = tmp_path / "pixart_lora.safetensors"
+    state = {f"transformer.{k}": v.contiguous() for k, v in get_peft_model_state_dict(adapted).items()}
+    save_file(state, str(path), metadata={"lora_adapter_metadata": json.dumps({"lora_alpha": 2, "r": 4})})
+    kwargs = dict(height=16, width=16, use_resolution_binning=False, max_sequence_length=16)
+    plain, latents = pixart_images(reference, ["a cat", "a dog"], "", 3, 4.5, (16, 16), seed=1, factor=2, **kwargs)
+    reference.transformer = adapted
+    try:
+        expected, _ = pixart_images(reference, ["a cat", "a dog"], "", 3, 4.5, (16, 16), seed=1, factor=2, **kwargs)
+    finally:
+        reference.transformer = base
+    assert np.abs(expected - plain).max() > 1e-2
+    for lora in (path, to_kohya(path, tmp_path / "kohya.safetensors", alpha=2.0)):
+        out = load(folder, loras=[(lora, 1.0)])(prompt=["a cat", "a dog"], negative_prompt="", num_inference_steps=3,
+                                                guidance_scale=4.5, latents=latents.clone(), output_type="np",
+                                                progress=False, **kwargs)
+        assert np.abs(out.images - expected).max() <= 1e-4, lora.name
