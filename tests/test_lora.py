@@ -230,3 +230,22 @@ def test_pixart_lora_matches_peft_on_diffusers(pixart, tmp_path):
                                                 guidance_scale=4.5, latents=latents.clone(), output_type="np",
                                                 progress=False, **kwargs)
         assert np.abs(out.images - expected).max() <= 1e-4, lora.name
+
+
+def test_lora_merged_model_runs_with_accel_and_new_fingerprint(sd3, lora_file):
+    _, folder = sd3
+    pipe = load(folder)
+    plain_id = pipe.model_id
+    pipe.load_lora(lora_file)
+    assert pipe.model_id != plain_id  # calibrated plans are tied to the merged weights
+    kw = dict(prompt="a dog", height=16, width=16, num_inference_steps=6, max_sequence_length=16, seed=1,
+              output_type="latent", progress=False)
+    fast = pipe(accel="ditcache+promptgate", **kw)
+    counts = [(s["rows"], s["blocks"]) for s in fast.stats["steps"]]
+    assert len(counts) == 6 and any(rows == 1 for rows, _ in counts)  # promptgate dropped rows
+    assert torch.isfinite(fast.latents).all() and not torch.equal(fast.latents, pipe(**kw).latents)
+    pipe.unload_lora()
+    assert pipe.model_id == plain_id
+    unmerged = pipe(accel="ditcache+promptgate", **kw)
+    assert [(s["rows"], s["blocks"]) for s in unmerged.stats["steps"]] == counts  # the same plans
+    assert not torch.equal(unmerged.latents, fast.latents)
