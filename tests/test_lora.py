@@ -249,3 +249,26 @@ def test_lora_merged_model_runs_with_accel_and_new_fingerprint(sd3, lora_file):
     unmerged = pipe(accel="ditcache+promptgate", **kw)
     assert [(s["rows"], s["blocks"]) for s in unmerged.stats["steps"]] == counts  # the same plans
     assert not torch.equal(unmerged.latents, fast.latents)
+
+
+def test_kohya_original_names_fused_qkv(sd3, lora_file, tmp_path):
+    """sd-scripts names SD3 modules as the original release does (`joint_blocks_0_x_block_attn_qkv`,
+    one fused qkv linear): the q, k, v LoRAs of the same weights as one rank-12 LoRA on the fused
+    weight (down stacked, up block-diagonal, alpha scaled with the rank) give the same images."""
+    reference, folder = sd3
+    tensors = load_file(str(to_kohya(lora_file, tmp_path / "kohya.safetensors")))
+    fused = {}
+    for i in range(3):
+        stems = [f"lora_unet_transformer_blocks_{i}_attn_to_{x}" for x in "qkv"]
+        downs = [tensors.pop(f"{s}.lora_down.weight") for s in stems]
+        ups = [tensors.pop(f"{s}.lora_up.weight") for s in stems]
+        for s in stems:
+            tensors.pop(f"{s}.alpha")
+        stem = f"lora_unet_joint_blocks_{i}_x_block_attn_qkv"
+        fused[f"{stem}.lora_down.weight"] = torch.cat(downs)
+        fused[f"{stem}.lora_up.weight"] = torch.block_diag(*ups)
+        fused[f"{stem}.alpha"] = torch.tensor(24.0)  # alpha / rank stays 8 / 4
+    path = tmp_path / "kohya_original.safetensors"
+    save_file({**tensors, **fused}, str(path))
+    expected, latents = expected_with_lora(reference, lora_file)
+    assert np.abs(ours(load(folder, loras=[(path, 1.0)]), latents).images - expected).max() <= 1e-4
