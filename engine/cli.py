@@ -67,6 +67,21 @@ def _block_list(text: str) -> list[int]:
                                          "e.g. 7,8,9") from None
 
 
+def _lora_spec(text: str) -> tuple[str, float]:
+    """--lora PATH[:SCALE]: the scale is what follows the last colon when it is a number."""
+    path, _, scale = text.rpartition(":")
+    try:
+        float(scale)
+    except ValueError:
+        return text, 1.0  # no scale given (or a colon inside the path)
+    if not path:
+        raise argparse.ArgumentTypeError(f"{text!r} names no LoRA file; give PATH or PATH:SCALE")
+    try:
+        return path, _finite()(scale)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"LoRA scale {exc}") from None
+
+
 def _finite(low: float | None = None):
     """An argparse type: a finite float (NaN and inf mean nothing here), at least `low`."""
     def parse(text: str) -> float:
@@ -139,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--slg-stop", type=_finite(), default=None,
                      help="with --skip-layers: share of the steps where it stops (default 0.2)")
     gen.add_argument("--scheduler", default=None, help="replace the model's scheduler: ddim, ddpm, dpm (DPM-Solver++) or flow_euler (alias euler)")
+    gen.add_argument("--lora", action="append", type=_lora_spec, default=None, metavar="PATH[:SCALE]",
+                     help="merge a LoRA (SD3, PixArt; diffusers or kohya keys) with SCALE (default 1); repeatable")
     gen.add_argument("--vae", default=None, help="VAE for checkpoints without one (original DiT .pt, PixArt .pth)")
     gen.add_argument("--tokenizers", default=None, metavar="PATH",
                      help="SD3 single files: folder (or hub repo id) holding tokenizer/, tokenizer_2/, tokenizer_3/; "
@@ -437,6 +454,10 @@ def _plan_generate(args, family: str | None) -> list:
     naming.refuse_existing(paths, args.overwrite)
     for images in dict.fromkeys(job.images for job in jobs):  # an init image serves every call of the run
         _check_init_image(args, family, images)
+    if args.lora:  # each LoRA file read and checked before the model loads (engine/lora)
+        from dite.engine.lora.merge import check_lora_list
+
+        check_lora_list(args.lora)
     return jobs
 
 

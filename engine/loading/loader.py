@@ -127,6 +127,7 @@ def load(
     release_encoders: bool = False,
     vae_tiling: bool = False,
     parallel: dict | str | None = None,
+    loras: list | None = None,
     **components: Any,
 ) -> Pipeline:
     """Load a pipeline from `source` (folder, file or hub repo id) onto `device` in `dtype`.
@@ -148,7 +149,12 @@ def load(
     encoders.py); vae_tiling: decode large images in tiles (engine/memory/vae_tiling.py).
     parallel: generate across the ranks of the current process group (torchrun, or
     dite.engine.parallel.spawn), e.g. {"cfg": 2, "ulysses": 2}; docs/parallel.md.
+    loras: [(path, scale), ...] merged into the denoiser after loading (docs/lora.md).
     """
+    if loras is not None:  # files readable and scales finite before any model weights are read
+        from dite.engine.lora.merge import check_lora_list
+
+        loras = check_lora_list(loras)
     if parallel is not None:  # a bad plan, or no process group, is refused before anything is read
         from dite.engine.parallel import parse_plan
         from dite.engine.parallel.group import ensure_process_group
@@ -217,6 +223,8 @@ def load(
         # A name takes the model's own config (its noise schedule, prediction type), as README says.
         pipe.scheduler = by_name(scheduler, pipe.scheduler.to_diffusers_config()) if isinstance(scheduler, str) else scheduler
         pipe.check_scheduler()  # one that fits the model's training objective, or the list of those that do
+    for lora_path, lora_scale in loras or ():
+        pipe.load_lora(lora_path, lora_scale)
     if parallel is not None:
         from dite.engine.parallel import enable
 

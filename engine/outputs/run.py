@@ -92,7 +92,7 @@ def load_for_generate(args, options: dict, components: dict):
         pipe = load(args.model, device=device, dtype=dtype, vae=args.vae, scheduler=args.scheduler,
                     tokenizers=args.tokenizers, executor=args.executor, attention=args.attention,
                     executor_options=options, model_config=args.model_config,
-                    parallel=getattr(args, "parallel", None), **components)
+                    parallel=getattr(args, "parallel", None), loras=getattr(args, "lora", None), **components)
     if args.weights_dtype:
         from dite.engine.memory.fp8 import fp8_dtype, store_fp8
 

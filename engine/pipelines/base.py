@@ -325,8 +325,27 @@ class Pipeline:
         learned variance, reach the scheduler only where it uses them)."""
         return self.transformer.config.in_channels
 
-    def generate(self, request: Request, *, num_inference_steps, guidance_scale, seed, latents, output_type,
-                 progress, accel, plan_hook) -> "GenerationOutput":
+    def generate(self, request: Request, **arguments) -> "GenerationOutput":
+        """One call, counted so that LoRA loads/unloads wait or refuse while it runs (engine/lora)."""
+        from dite.engine.lora import calls_running
+
+        with calls_running(self):
+            return self._generate(request, **arguments)
+
+    def load_lora(self, path, scale: float = 1.0, name: str | None = None) -> str:
+        """Merge a LoRA file into the denoiser (docs/lora.md); returns its name (default: the file stem)."""
+        from dite.engine.lora import load_lora
+
+        return load_lora(self, path, scale, name)
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Take a LoRA out again (None: all); the weights are restored bit for bit (docs/lora.md)."""
+        from dite.engine.lora import unload_lora
+
+        unload_lora(self, name)
+
+    def _generate(self, request: Request, *, num_inference_steps, guidance_scale, seed, latents, output_type,
+                  progress, accel, plan_hook) -> "GenerationOutput":
         """The call skeleton every family runs: check the shared arguments, condition, draw
         the noise, denoise, decode, and record each image's parameters. With `request.init`
         (docs/img2img.md): encode the init image, noise it to the first step that runs, run
@@ -409,6 +428,7 @@ class Pipeline:
         returns the requested one)."""
         from dite.engine.pipelines.images import postprocess
         from dite.engine.pipelines.output import GenerationOutput
+        from dite.engine.lora import lora_record
 
         images = None
         resize_to = request.resize_to
@@ -429,7 +449,7 @@ class Pipeline:
                 "size": f"{out_w}x{out_h}", "steps": call.steps, "guidance": call.guidance, **request.recorded,
                 **(dict(request.init.recorded, denoise_steps=call.scheduler.num_steps) if request.init else {}),
                 **(request.slg.recorded() if request.slg else {}),
-                "accel": accel_spec(call.methods),
+                "accel": accel_spec(call.methods), **lora_record(self),
                 "dite_version": dite_version()}
         latents = "given" if call.latents is not None else "seeded"
         params = [{**base, **extra, "seed": call.seed + k, "latents": latents}
