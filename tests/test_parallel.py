@@ -72,10 +72,10 @@ def test_wrong_products_and_calls_are_refused():
     with pytest.raises(ConfigError, match=r"needs 2 x 1 x 1 = 2 processes, but there are 3"):
         check_world(parse_plan("cfg=2"), 3)
     plan = ParallelPlan(cfg=2, ulysses=2)
-    ok = dict(guided=True, images=2, grid=(4, 4), stateful_cfg=False, adaptive=False)
+    ok = dict(guided=True, images=2, grid=(4, 4), stateful_cfg=False)
     check_call(plan, **ok)
     for change, words in [({"guided": False}, "not guided"), ({"grid": (5, 4)}, "5 rows"),
-                          ({"stateful_cfg": True}, "CFG sharing"), ({"adaptive": True}, "adaptive")]:
+                          ({"stateful_cfg": True}, "CFG sharing")]:
         with pytest.raises(ConfigError, match=words):
             check_call(plan, **{**ok, **change})
     with pytest.raises(ConfigError, match="3 images"):
@@ -186,3 +186,46 @@ def test_cli_nproc_writes_the_one_process_images(folders, tmp_path, capsys):
     # A random seed is drawn once, before the ranks start: they all use it.
     assert main(base + ["--nproc", "2", "--parallel", "cfg=2", "--seed", "-1", "-o", str(tmp_path / "r.png")]) == 0
     assert len(list(tmp_path.glob("r-*.png"))) == 2
+
+
+# Thresholds at which the tiny models' two samples decide differently at some steps (found by
+# running them on one process): a decision one rank took alone would show as a wrong image.
+ADAPTIVE = {"sd3": "adaptive(threshold=1.1,warmup=1)", "pixart": "adaptive(threshold=1.1,warmup=1)",
+            "dit": "adaptive(threshold=0.9,warmup=1)"}
+
+
+def check_adaptive(results):
+    """Every rank decided as one process did (the images match within TOLERANCE, and the
+    decisions are the one-process ones); the decisions ran some samples and skipped others;
+    each judged decision cost one all-reduce of the per-sample sums."""
+    for name, r in results.items():
+        parallel, one = r["decisions"]
+        assert parallel == one, name
+        flat = [ran for d in one for ran in d["ran"]]
+        assert True in flat and False in flat, f"{name}: the decisions were all alike: {one}"
+        if "schedule" in name:  # its listed steps run without judging
+            continue
+        # The first adaptive step has no reference: every sample runs, nothing is judged.
+        judged = [s["step"] for s in r["stats"]["per_step"] if "all_reduce" in s["calls"]]
+        assert judged == [d["step"] for d in one[1:]], name
+        for s in r["stats"]["per_step"]:
+            assert s["calls"].get("all_reduce", 0) <= 1, name
+
+
+def test_adaptive_cache_decides_alike_on_every_rank(folders):
+    """The adaptive cache (and schedule(threshold=...), which emits the same ranges) under
+    cfg=2 and ulysses=2: per-sample sums are all-reduced before the decision."""
+    cases = [case(folders, f, p, ADAPTIVE[f], steps=6) for f in ("sd3", "pixart", "dit") for p in ("cfg=2", "ulysses=2")]
+    scheduled = case(folders, "sd3", "cfg=2", "schedule(run=0.3,threshold=1.1)", steps=6)
+    results = run_cases(2, cases + [scheduled])
+    check_adaptive(results)
+    # cfg=2: per step one prediction gather (2 images x 4 channels x 8x8, fp32) plus, where a
+    # decision is judged, the sums: [2, 2 samples] fp32 to the other rank.
+    for step in results[cases[0]["name"]]["stats"]["per_step"]:
+        judged = step["calls"].get("all_reduce", 0)
+        assert step["bytes_sent"] == 2 * 4 * 8 * 8 * 4 + judged * 2 * 2 * 4
+
+
+def test_adaptive_cache_under_cfg_times_ulysses(folders):
+    results = run_cases(4, [case(folders, f, "cfg=2,ulysses=2", ADAPTIVE[f], steps=6) for f in ("sd3", "dit")])
+    check_adaptive(results)
