@@ -146,9 +146,17 @@ def test_promptgate_freed_rank_joins_sequence_parallelism(folders):
     """cfg=2: from the gate on, the unconditional rank takes half the tokens and heads of the
     conditional rows, with its half of the DiTCache deltas (SD3: image and replicated text
     streams) and of DiTFastAttn's stored residuals and outputs."""
+    forecasting = [case(folders, "sd3", "cfg=2", "ditcache(order=1)+promptgate(step=2)", steps=6),
+                   case(folders, "dit", "cfg=2", ADAPTIVE["dit"] + "+promptgate(step=2)", steps=6),
+                   case(folders, "pixart", "cfg=2", "adaptive(threshold=1.1,warmup=1,judge=forecast)+promptgate(step=2)",
+                        steps=6)]
     results = run_cases(2, [case(folders, "sd3", "cfg=2", "ditcache+promptgate(step=2)"),
                             case(folders, "pixart", "cfg=2", "ditcache+promptgate(step=2)"),
-                            case(folders, "dit", "cfg=2", "promptgate(step=2)", fastattn=FASTATTN)])
+                            case(folders, "dit", "cfg=2", "promptgate(step=2)", fastattn=FASTATTN)] + forecasting)
+    # Forecasting and adaptive ranges: their delta histories (and the adaptive cache's
+    # references and signal history) are handed over split by tokens too; the adaptive
+    # decisions are the one-process ones, their sums all-reduced over the joined pair.
+    check_adaptive({c["name"]: results[c["name"]] for c in forecasting[1:]})
     for r in results.values():
         stats = r["stats"]
         assert stats["freed_at_step"] == 2 and stats["freed_ranks"] == "join the conditional ranks' Ulysses group"
@@ -211,8 +219,9 @@ def check_adaptive(results):
         if "schedule" in name:  # its listed steps run without judging
             continue
         # The first adaptive step has no reference: every sample runs, nothing is judged. After
-        # the gate under cfg=2 alone the conditional rank holds its samples whole: no exchange.
-        alone_after = stats["freed_at_step"] if stats["freed_at_step"] is not None and "ulysses" not in name else 99
+        # the gate under cfg=2 alone, with the freed rank idle, the conditional rank holds its
+        # samples whole: no exchange (joined, the two ranks split its tokens and exchange).
+        alone_after = stats["freed_at_step"] if stats["freed_ranks"] == "idle" and "ulysses" not in name else 99
         judged = [s["step"] for s in stats["per_step"] if "all_reduce" in s["calls"]]
         assert judged == [d["step"] for d in parallel[1:] if d["step"] < alone_after], name
         for s in stats["per_step"]:

@@ -84,11 +84,10 @@ class ParallelRun(Run):
         self.ungated = self.rows_at(gated=False)
         self.freed_at = None
         # After PromptGate's gate the freed ranks join the conditional ranks' Ulysses group
-        # (handoff.py) where the grid rows and heads split 2U ways and no range forecasts.
+        # (handoff.py) where the grid rows and heads split 2U ways.
         joined_size = 2 * plan.ulysses
         self.join = (plan.cfg == 2 and self.guided and any(p.cfg_mode == "cond_only" for p in plans)
-                     and grid[0] % joined_size == 0 and transformer.config.num_heads % joined_size == 0
-                     and not any(r.forecasts for p in plans for r in p.ranges))
+                     and grid[0] % joined_size == 0 and transformer.config.num_heads % joined_size == 0)
         if self.join:
             self.cond_index = cond_branch(self.layout)
             self.joined = Ulysses(ctx.comm, ctx.joined[self.cond_index])
