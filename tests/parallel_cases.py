@@ -48,7 +48,8 @@ def compare_cases(rank: int, cases: list[dict]):
         latents = float((out.latents - reference.latents).abs().max() / reference.latents.abs().max().clamp(min=1))
         images = float(np.abs(out.images - reference.images).max())
         results.append({"name": case["name"], "latents": latents, "images": images, "accel_effect": accelerated,
-                        "stats": out.stats["executor"]["parallel"], "parameters": out.parameters[0]})
+                        "stats": out.stats["executor"]["parallel"], "parameters": out.parameters[0],
+                        "decisions": (out.stats.get("adaptive_decisions"), reference.stats.get("adaptive_decisions"))})
     return results
 
 

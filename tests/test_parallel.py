@@ -72,10 +72,10 @@ def test_wrong_products_and_calls_are_refused():
     with pytest.raises(ConfigError, match=r"needs 2 x 1 x 1 = 2 processes, but there are 3"):
         check_world(parse_plan("cfg=2"), 3)
     plan = ParallelPlan(cfg=2, ulysses=2)
-    ok = dict(guided=True, images=2, grid=(4, 4), stateful_cfg=False, adaptive=False)
+    ok = dict(guided=True, images=2, grid=(4, 4), stateful_cfg=False)
     check_call(plan, **ok)
     for change, words in [({"guided": False}, "not guided"), ({"grid": (5, 4)}, "5 rows"),
-                          ({"stateful_cfg": True}, "CFG sharing"), ({"adaptive": True}, "adaptive")]:
+                          ({"stateful_cfg": True}, "CFG sharing")]:
         with pytest.raises(ConfigError, match=words):
             check_call(plan, **{**ok, **change})
     with pytest.raises(ConfigError, match="3 images"):
@@ -146,9 +146,17 @@ def test_promptgate_freed_rank_joins_sequence_parallelism(folders):
     """cfg=2: from the gate on, the unconditional rank takes half the tokens and heads of the
     conditional rows, with its half of the DiTCache deltas (SD3: image and replicated text
     streams) and of DiTFastAttn's stored residuals and outputs."""
+    forecasting = [case(folders, "sd3", "cfg=2", "ditcache(order=1)+promptgate(step=2)", steps=6),
+                   case(folders, "dit", "cfg=2", ADAPTIVE["dit"] + "+promptgate(step=2)", steps=6),
+                   case(folders, "pixart", "cfg=2", "adaptive(threshold=1.1,warmup=1,judge=forecast)+promptgate(step=2)",
+                        steps=6)]
     results = run_cases(2, [case(folders, "sd3", "cfg=2", "ditcache+promptgate(step=2)"),
                             case(folders, "pixart", "cfg=2", "ditcache+promptgate(step=2)"),
-                            case(folders, "dit", "cfg=2", "promptgate(step=2)", fastattn=FASTATTN)])
+                            case(folders, "dit", "cfg=2", "promptgate(step=2)", fastattn=FASTATTN)] + forecasting)
+    # Forecasting and adaptive ranges: their delta histories (and the adaptive cache's
+    # references and signal history) are handed over split by tokens too; the adaptive
+    # decisions are the one-process ones, their sums all-reduced over the joined pair.
+    check_adaptive({c["name"]: results[c["name"]] for c in forecasting[1:]})
     for r in results.values():
         stats = r["stats"]
         assert stats["freed_at_step"] == 2 and stats["freed_ranks"] == "join the conditional ranks' Ulysses group"
@@ -186,3 +194,61 @@ def test_cli_nproc_writes_the_one_process_images(folders, tmp_path, capsys):
     # A random seed is drawn once, before the ranks start: they all use it.
     assert main(base + ["--nproc", "2", "--parallel", "cfg=2", "--seed", "-1", "-o", str(tmp_path / "r.png")]) == 0
     assert len(list(tmp_path.glob("r-*.png"))) == 2
+
+
+# Thresholds at which the tiny models' two samples decide differently at some steps (found by
+# running them on one process): a decision one rank took alone would show as a wrong image.
+ADAPTIVE = {"sd3": "adaptive(threshold=1.1,warmup=1)", "pixart": "adaptive(threshold=1.1,warmup=1)",
+            "dit": "adaptive(threshold=0.9,warmup=1)"}
+
+
+def check_adaptive(results):
+    """Every rank decided as one process did (the images match within TOLERANCE, and the
+    decisions are the one-process ones); the decisions ran some samples and skipped others;
+    each judged decision cost one all-reduce of the per-sample sums."""
+    for name, r in results.items():
+        parallel, one = r["decisions"]
+        stats = r["stats"]
+        if stats["freed_ranks"] == "idle" and len(parallel) < len(one):  # rank 0 freed by PromptGate
+            assert parallel[-1]["step"] < stats["freed_at_step"] <= one[len(parallel)]["step"], name
+        else:
+            assert len(parallel) == len(one), name
+        assert parallel == one[:len(parallel)], name
+        flat = [ran for d in one for ran in d["ran"]]
+        assert True in flat and False in flat, f"{name}: the decisions were all alike: {one}"
+        if "schedule" in name:  # its listed steps run without judging
+            continue
+        # The first adaptive step has no reference: every sample runs, nothing is judged. After
+        # the gate under cfg=2 alone, with the freed rank idle, the conditional rank holds its
+        # samples whole: no exchange (joined, the two ranks split its tokens and exchange).
+        alone_after = stats["freed_at_step"] if stats["freed_ranks"] == "idle" and "ulysses" not in name else 99
+        judged = [s["step"] for s in stats["per_step"] if "all_reduce" in s["calls"]]
+        assert judged == [d["step"] for d in parallel[1:] if d["step"] < alone_after], name
+        for s in stats["per_step"]:
+            assert s["calls"].get("all_reduce", 0) <= 1, name
+
+
+def test_adaptive_cache_decides_alike_on_every_rank(folders):
+    """The adaptive cache (and schedule(threshold=...), which emits the same ranges) under
+    cfg=2 and ulysses=2: per-sample sums are all-reduced before the decision."""
+    cases = [case(folders, f, p, ADAPTIVE[f], steps=6) for f in ("sd3", "pixart", "dit") for p in ("cfg=2", "ulysses=2")]
+    scheduled = case(folders, "sd3", "cfg=2", "schedule(run=0.3,threshold=1.1)", steps=6)
+    gated = case(folders, "pixart", "cfg=2", ADAPTIVE["pixart"] + "+promptgate(step=3)", steps=6)
+    results = run_cases(2, cases + [scheduled, gated])
+    check_adaptive(results)
+    # cfg=2: per step one prediction gather (2 images x 4 channels x 8x8, fp32) plus, where a
+    # decision is judged, the sums: [2, 2 samples] fp32 to the other rank.
+    for step in results[cases[0]["name"]]["stats"]["per_step"]:
+        judged = step["calls"].get("all_reduce", 0)
+        assert step["bytes_sent"] == 2 * 4 * 8 * 8 * 4 + judged * 2 * 2 * 4
+
+
+def test_adaptive_cache_under_cfg_times_ulysses(folders):
+    """4 ranks: the sums of a sample come from 2 CFG rows x 2 token bands; after PromptGate's
+    gate (the freed ranks idle while a range forecasts) from the conditional ranks' 2 bands."""
+    gated = case(folders, "sd3", "cfg=2,ulysses=2", ADAPTIVE["sd3"] + "+promptgate(step=3)", steps=6)
+    results = run_cases(4, [case(folders, f, "cfg=2,ulysses=2", ADAPTIVE[f], steps=6) for f in ("sd3", "pixart", "dit")]
+                        + [gated])
+    check_adaptive(results)
+    stats = results[gated["name"]]["stats"]
+    assert stats["freed_at_step"] == 3 and stats["freed_ranks"] == "idle"

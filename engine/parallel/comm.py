@@ -81,6 +81,23 @@ class Comm:
         self.count("broadcast", tensor_bytes(t) * (group.size - 1) if group.index == src_index else 0)
         return t
 
+    def all_reduce(self, t: torch.Tensor, group: Group) -> torch.Tensor:
+        """The sum over `group` of every rank's `t`, bitwise the same on every rank: the
+        contributions are all-gathered and added in the group's order on each rank, so no
+        backend's reduction order can make two ranks' sums differ in the last bit (the
+        adaptive cache compares them to a threshold). For small tensors (per-sample sums)."""
+        t = t.contiguous()
+        got = [torch.empty_like(t) for _ in range(group.size)]
+        try:
+            dist.all_gather(got, t, group=group.handle)
+        except Exception as exc:  # noqa: BLE001
+            raise collective_failed("all_reduce", group, self.rank, exc) from None
+        self.count("all_reduce", tensor_bytes(t) * (group.size - 1))
+        total = got[0].clone()  # torch order: the same on every rank of the group
+        for part in got[1:]:
+            total += part
+        return total
+
     def all_gather_object(self, obj, group: Group) -> list:
         out = [None] * group.size
         try:

@@ -72,8 +72,7 @@ class ParallelRun(Run):
         depth = len(transformer.blocks)
         plan_checks.check_call(
             plan, guided=self.guided, images=self.images, grid=grid,
-            stateful_cfg=any(p.block(i).attention.cfg_share for p in plans for i in range(depth)),
-            adaptive=any(p.adaptive for p in plans))
+            stateful_cfg=any(p.block(i).attention.cfg_share for p in plans for i in range(depth)))
         check_agree(ctx.comm, ctx.world, "the generation call", {
             "plan": plan.label, "latents": _digest(example.x), "timestep": _digest(example.t),
             "conditioning": _digest(*(getattr(example.cond, f) for f in Conditioning.FIELDS), example.cond.cfg_row_order),
@@ -85,11 +84,10 @@ class ParallelRun(Run):
         self.ungated = self.rows_at(gated=False)
         self.freed_at = None
         # After PromptGate's gate the freed ranks join the conditional ranks' Ulysses group
-        # (handoff.py) where the grid rows and heads split 2U ways and no range forecasts.
+        # (handoff.py) where the grid rows and heads split 2U ways.
         joined_size = 2 * plan.ulysses
         self.join = (plan.cfg == 2 and self.guided and any(p.cfg_mode == "cond_only" for p in plans)
-                     and grid[0] % joined_size == 0 and transformer.config.num_heads % joined_size == 0
-                     and not any(r.forecasts for p in plans for r in p.ranges))
+                     and grid[0] % joined_size == 0 and transformer.config.num_heads % joined_size == 0)
         if self.join:
             self.cond_index = cond_branch(self.layout)
             self.joined = Ulysses(ctx.comm, ctx.joined[self.cond_index])
@@ -116,6 +114,7 @@ class ParallelRun(Run):
         out = None
         if rows:
             layout = cond.cfg_row_order if (cond.guided and self.ctx.plan.cfg == 1) else "none"
+            self._share_decisions(state.ranges, layout, gated)
             index = torch.tensor(rows, dtype=torch.long, device=x.device)
             token = SEQUENCE_PARALLEL.set(hook)
             try:
@@ -125,6 +124,20 @@ class ParallelRun(Run):
         full = self.exchange(out, rows, total, gated)
         self.traffic.close_step(state.step_index)
         return full
+
+    def _share_decisions(self, ranges, layout: str, gated: bool) -> None:
+        """The adaptive cache's per-sample sums over the ranks that hold this rank's samples:
+        the local batch's rows per sample, and the group whose partial sums (other CFG rows,
+        other token bands) complete them; `decide` all-reduces its [2, samples] sums there."""
+        if ranges is None:
+            return
+        ranges.rows_per_sample = 2 if layout != "none" else 1
+        ctx = self.ctx
+        if gated and ctx.plan.cfg == 2:  # the conditional rows only
+            group = ctx.joined[self.cond_index] if self.join else ctx.ulysses
+        else:
+            group = ctx.samples
+        ranges.reduce = None if group.size == 1 else (lambda sums: ctx.comm.all_reduce(sums, group))
 
     def exchange(self, out, rows: list[int], total: int, gated: bool) -> torch.Tensor:
         """Every rank's rows -> the whole batch's output on every rank."""

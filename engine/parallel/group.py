@@ -34,6 +34,7 @@ class ParallelContext:
     cfg: Group  # same data and ulysses index: the two CFG branches
     rows: Group  # same ulysses index: the ranks that split the batch rows (cfg x data)
     data: Group  # same cfg and ulysses index: the ranks that split the images
+    samples: Group = None  # same data index: every rank holding rows or tokens of its images
     # cfg=2: after PromptGate's gate, both branches' ranks of a data share as one Ulysses
     # group, keyed by the branch that holds the conditional rows (handoff.py); else empty.
     joined: dict = None
@@ -71,6 +72,8 @@ class ParallelContext:
                                for uu in range(p.ulysses)]),
             data=make("data", [[p.rank_of(dd, cc, uu) for dd in range(p.data)]
                                for cc in range(p.cfg) for uu in range(p.ulysses)]),
+            samples=make("samples", [[p.rank_of(dd, cc, uu) for cc in range(p.cfg) for uu in range(p.ulysses)]
+                                     for dd in range(p.data)]),
         )
         joined = {}
         if p.cfg == 2:

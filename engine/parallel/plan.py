@@ -82,8 +82,7 @@ def check_model(plan: ParallelPlan, heads: int) -> None:
                           f"use a ulysses size that divides {heads}")
 
 
-def check_call(plan: ParallelPlan, *, guided: bool, images: int, grid: tuple[int, int], stateful_cfg: bool,
-               adaptive: bool) -> None:
+def check_call(plan: ParallelPlan, *, guided: bool, images: int, grid: tuple[int, int], stateful_cfg: bool) -> None:
     """What one generation call must satisfy; every rank runs the same check on the same
     arguments, so all raise the same error together before the first step."""
     if plan.cfg == 2 and not guided:
@@ -98,7 +97,3 @@ def check_call(plan: ParallelPlan, *, guided: bool, images: int, grid: tuple[int
     if stateful_cfg and plan.cfg == 2:
         raise ConfigError("parallel cfg=2 puts the CFG branches on two ranks, but the plan shares attention across "
                           "them (DiTFastAttn's CFG sharing, ASC): use cfg=1 or leave CFG sharing out")
-    if adaptive and plan.world > plan.data:
-        raise ConfigError("the adaptive block cache decides per sample from all of its tokens and both CFG rows; "
-                          "under cfg or ulysses parallelism those sit on several ranks: use data parallelism only "
-                          "with the adaptive cache")

@@ -57,6 +57,11 @@ class RangeState:
     time: float = 0.0
     rows_per_sample: int = 1
     block_rows: int = 0  # rows x blocks run inside adaptive ranges during the current step
+    # Parallel generation only (engine/parallel/executor.py): sums a [2, samples] tensor of
+    # per-sample partial sums over the ranks holding the other CFG rows and token bands of
+    # the same samples, identically on each, so all of them take the same decision. None
+    # (one process, or every sample whole on one rank): the local sums are the whole sums.
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def coordinate(self, op: RangeOp) -> float:
         return float(self.step) if op.coord == "step" else self.time
@@ -114,6 +119,8 @@ def decide(rs: RangeState, op: RangeOp, signal: torch.Tensor) -> list[bool]:
     # in float32 whatever the model's dtype, from its reference.
     change = (signal.float() - reference.float()).abs().flatten(1).sum(1).view(rps, samples).sum(0)
     size = reference.float().abs().flatten(1).sum(1).view(rps, samples).sum(0)
+    if rs.reduce is not None:
+        change, size = rs.reduce(torch.stack([change, size])).unbind(0)
     over = change > op.threshold * size.clamp_min(torch.finfo(torch.float32).tiny)
     capped = streak.view(rps, samples)[0] >= op.max_cached
     return (over | capped).tolist()
