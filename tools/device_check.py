@@ -193,13 +193,33 @@ def time_reference(reference, kwargs, x, steps, device) -> tuple[float, float | 
     return seconds, peak(device)
 
 
+def portable_spec(tuned: dict, steps: int) -> str:
+    """The tuned file's method for another model and step count: block ranges back to each
+    method's default for the model's depth, a schedule's computed steps scaled from the file's
+    step count to `steps` (the file itself refuses any other model: tuned files are tied to one)."""
+    from dataclasses import replace
+
+    from dite.accel import parse_spec
+    from dite.accel.schedule import StepSchedule, format_steps, parse_steps
+
+    methods = []
+    for method in parse_spec(tuned["spec"]) if tuned["spec"] != "none" else []:
+        if hasattr(method, "blocks"):
+            method = replace(method, blocks=None)
+        if isinstance(method, StepSchedule):
+            run = parse_steps(method.name, method.run, tuned["steps"])
+            method = replace(method, run=format_steps(round(i * (steps - 1) / (tuned["steps"] - 1)) for i in run))
+        methods.append(method.spec().replace("blocks=None,", "").replace(",blocks=None", ""))
+    return "+".join(methods)
+
+
 def speed(device, dry_run: bool) -> list[dict]:
     from dite.engine.runtime.executors import make_executor
 
-    tuned = json.loads(TUNED.read_text())["spec"] if TUNED.exists() else None
     dtype = torch.float32 if dry_run else torch.bfloat16
     global RUNS
     steps = 10 if dry_run else 28  # the tuned spec's warm-up (8 steps) needs at least that many
+    tuned = portable_spec(json.loads(TUNED.read_text()), steps) if TUNED.exists() else None
     RUNS = 1 if dry_run else RUNS
     backend = {"backend": "aot_eager"} if dry_run else {}
     variants = [("dite eager", "", lambda: make_executor("eager")),
