@@ -179,7 +179,13 @@ def test_from_image_reruns_bit_for_bit(dit, tmp_path, capsys):
     for key in ("seed", "class_label", "steps", "guidance", "size", "dtype", "vae_dtype", "accel_spec", "model_hash"):
         assert before[key] == after[key], key
     assert before["dtype"] == "bfloat16"
-    assert np.array_equal(pixels(original), pixels(out[0]))
+    # Image 2 of a batch is re-made alone: the same numbers but not the same batched kernels,
+    # so in bf16 a pixel may move by a level (seen once in a full-suite run).
+    assert np.abs(pixels(original).astype(int) - pixels(out[0]).astype(int)).max() <= 1
+    # An image made alone is re-made bit for bit.
+    code, out, _ = run(capsys, "generate", "--quiet", "--from-image", out[0], "--model", dit,
+                       "-o", tmp_path / "third.png")
+    assert code == 0 and np.array_equal(pixels(tmp_path / "again.png"), pixels(out[0]))
     # An option given explicitly wins over the recorded one.
     code, out, _ = run(capsys, "generate", "--quiet", "--from-image", original, "--model", dit, "--steps", "2",
                        "-o", tmp_path / "fewer.png")
