@@ -22,6 +22,8 @@ import tempfile
 from pathlib import Path
 
 # Peak RSS is the child's VmHWM: ru_maxrss would also count the parent's pages at fork time.
+from bench_convert_memory import write_random_dit  # noqa: E402  (tools/ is the script folder)
+
 CHILD = """
 import json
 import dite.engine.loading.weights as weights
@@ -36,24 +38,6 @@ pipe = load({file!r}, dtype="bf16", vae=str(demo_folder("demo-dit") / "vae"))
 final = sum(t.numel() * t.element_size() for m in (pipe.transformer, pipe.vae)
             for t in [*m.parameters(), *m.buffers()])
 """
-
-
-def write_random_dit(path: Path, depth: int) -> tuple[int, int]:
-    """A random original-layout DiT-XL at `path`, streamed; (file bytes, largest tensor bytes)."""
-    import torch
-
-    from dite.engine.checkpoints.safetensors_writer import PlannedTensor, SafetensorsWriter
-    from dite.engine.checkpoints.tensor_stream import meta_state
-    from dite.models.dit import DiTConfig
-
-    cfg = DiTConfig(hidden_size=1152, depth=depth, num_heads=16)
-    planned = [PlannedTensor(k, tuple(t.shape), torch.float32) for k, t in meta_state("dit", cfg).items()]
-    writer = SafetensorsWriter(path, planned)
-    generator = torch.Generator().manual_seed(0)
-    for item in planned:
-        writer.write(item.key, torch.randn(item.shape, generator=generator) * 0.02)
-    writer.close()
-    return path.stat().st_size, max(item.nbytes for item in planned)
 
 
 def child(action: str) -> dict:

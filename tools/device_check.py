@@ -170,10 +170,7 @@ def time_dite(ours, family, cond, x, steps, spec, executor, device) -> tuple[flo
         sync(device)
         return (time.perf_counter() - start) / steps
 
-    run()
-    peak_reset(device)
-    seconds = statistics.median(run() for _ in range(RUNS))
-    return seconds, peak(device)
+    return median_and_peak(run, device)
 
 
 @torch.inference_mode()
@@ -187,6 +184,11 @@ def time_reference(reference, kwargs, x, steps, device) -> tuple[float, float | 
         sync(device)
         return (time.perf_counter() - start) / steps
 
+    return median_and_peak(run, device)
+
+
+def median_and_peak(run, device) -> tuple[float, float | None]:
+    """After a warm-up run: the median of RUNS runs' s/step, and the peak memory over them."""
     run()
     peak_reset(device)
     seconds = statistics.median(run() for _ in range(RUNS))
