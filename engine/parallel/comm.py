@@ -59,14 +59,19 @@ class Comm:
             out[k] = got[position]
         return out
 
-    def all_gather(self, t: torch.Tensor, group: Group) -> list[torch.Tensor]:
+    def _gathered(self, t: torch.Tensor, group: Group, name: str) -> list[torch.Tensor]:
+        """Every rank's `t` in torch's order of the group, counted as collective `name`."""
         t = t.contiguous()
         got = [torch.empty_like(t) for _ in range(group.size)]
         try:
             dist.all_gather(got, t, group=group.handle)
         except Exception as exc:  # noqa: BLE001
-            raise collective_failed("all_gather", group, self.rank, exc) from None
-        self.count("all_gather", tensor_bytes(t) * (group.size - 1))
+            raise collective_failed(name, group, self.rank, exc) from None
+        self.count(name, tensor_bytes(t) * (group.size - 1))
+        return got
+
+    def all_gather(self, t: torch.Tensor, group: Group) -> list[torch.Tensor]:
+        got = self._gathered(t, group, "all_gather")
         out = [None] * group.size
         for position, k in enumerate(group.torch_order):
             out[k] = got[position]
@@ -86,13 +91,7 @@ class Comm:
         contributions are all-gathered and added in the group's order on each rank, so no
         backend's reduction order can make two ranks' sums differ in the last bit (the
         adaptive cache compares them to a threshold). For small tensors (per-sample sums)."""
-        t = t.contiguous()
-        got = [torch.empty_like(t) for _ in range(group.size)]
-        try:
-            dist.all_gather(got, t, group=group.handle)
-        except Exception as exc:  # noqa: BLE001
-            raise collective_failed("all_reduce", group, self.rank, exc) from None
-        self.count("all_reduce", tensor_bytes(t) * (group.size - 1))
+        got = self._gathered(t, group, "all_reduce")
         total = got[0].clone()  # torch order: the same on every rank of the group
         for part in got[1:]:
             total += part
