@@ -71,7 +71,9 @@ class Method:
         return values
 
     def spec(self) -> str:
-        args = ",".join(f"{k}={_format(v)}" for k, v in self.settings().items())
+        # A setting left unset (None: resolved per call) is left out, so the spec parses back
+        # to the same method.
+        args = ",".join(f"{k}={_format(v)}" for k, v in self.settings().items() if v is not None)
         return f"{self.name}({args})"
 
 

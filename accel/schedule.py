@@ -87,12 +87,6 @@ class StepSchedule(Method):
                                   f"blocks={blocks[0]}:{blocks[1]} leaves none (start the range at 1 or later)")
         return replace(self, run=format_steps(parse_steps(self.name, self.run, ctx.steps)), blocks=blocks)
 
-    def settings(self) -> dict:
-        values = super().settings()
-        if values["threshold"] is None:  # the static schedule: its spec reads as it always did
-            values.pop("threshold")
-        return values
-
     def edit(self, drafts: list[StepDraft], ctx: PlanContext) -> None:
         running = set(parse_steps(self.name, self.run, ctx.steps))
         for i in range(ctx.steps):

@@ -55,9 +55,10 @@ def test_compiled_sd3_every_step_kind_equals_eager(mmdit):
 
 
 @pytest.mark.slow
-def test_compiled_dit_deltacache_equals_eager(dit):
+@pytest.mark.parametrize("spec", ["deltacache", "schedule(run=0-3.5,order=2)"])
+def test_compiled_dit_range_caches_equal_eager(dit, spec):
     torch._dynamo.reset()
-    plans = plans_for("deltacache", dit, 8)
+    plans = plans_for(spec, dit, 8)
     eager, _ = generate(dit, dit_cond(), plans, 8, latent=(4, 8, 8), scheduler="ddim")
     out, state = generate(dit, dit_cond(), plans, 8, executor=make_executor("compiled", backend="aot_eager"),
                           latent=(4, 8, 8), scheduler="ddim")

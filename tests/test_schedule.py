@@ -1,20 +1,17 @@
-"""schedule(run=...): the step list's syntax and refusals, its plans, its compute, compiled =
-eager, and dite tune's greedy search of it (tiny DiT, 6 steps)."""
+"""schedule(run=...): the step list's syntax and refusals, its plans, its compute, and dite
+tune's greedy search of it (tiny DiT, 6 steps). Compiled = eager: tests/test_executors.py."""
 
 from __future__ import annotations
 
 import pytest
-import torch
 
 from dite.accel import PlanContext, as_methods, build_plans, resolve
 from dite.accel.schedule import format_steps, parse_steps
 from dite.engine import load
 from dite.engine.errors import ConfigError
 from dite.engine.runtime import tune as tune_module
-from dite.engine.runtime.executors import make_executor
 from dite.engine.runtime.tune_schedule import fill_budget, greedy_schedule, schedule_spec
 from tiny import tiny_dit_pipeline
-from tiny_runtime import dit_cond, generate, planned_graphs, plans_for
 
 STEPS, LABELS = 6, [3, 7]
 
@@ -68,17 +65,6 @@ def test_compute_fraction_counts_the_skipped_blocks(pipe):
                progress=False)
     # 4 steps run all 6 blocks; 2 run block 0 only (both CFG rows alike).
     assert out.stats["compute_fraction"] == pytest.approx((4 * 6 + 2 * 1) / (6 * 6))
-
-
-@pytest.mark.slow
-def test_compiled_schedule_equals_eager(dit):
-    torch._dynamo.reset()
-    plans = plans_for("schedule(run=0-3.5,order=2)", dit, 8)
-    eager, _ = generate(dit, dit_cond(), plans, 8, latent=(4, 8, 8), scheduler="ddim")
-    out, state = generate(dit, dit_cond(), plans, 8, executor=make_executor("compiled", backend="aot_eager"),
-                          latent=(4, 8, 8), scheduler="ddim")
-    assert (out - eager).abs().max().item() <= 1e-5
-    assert state.executor["graphs_built"] == planned_graphs(dit, plans)
 
 
 def tuner(pipe, budget):

@@ -211,7 +211,7 @@ def portable_spec(tuned: dict, steps: int) -> str:
         if isinstance(method, StepSchedule):
             run = parse_steps(method.name, method.run, tuned["steps"])
             method = replace(method, run=format_steps(round(i * (steps - 1) / (tuned["steps"] - 1)) for i in run))
-        methods.append(method.spec().replace("blocks=None,", "").replace(",blocks=None", ""))
+        methods.append(method.spec())
     return "+".join(methods)
 
 

@@ -27,6 +27,7 @@ The VAE decodes in fp32 under "auto" (see `AUTO_VAE_DTYPE`).
 
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 import time
@@ -101,8 +102,6 @@ def measure_cpu(width: int = WIDTH) -> dict[str, float]:
 def cpu_dtype(refresh: bool = False, width: int | None = None) -> torch.dtype:
     """fp32 or bf16 for a model of `width` on this CPU: DITE_CPU_DTYPE, else the cache, else a
     probe (then cached)."""
-    import os
-
     from dite.engine.errors import ConfigError
     from dite.engine.runtime.user_cache import read_json, update_json
 

@@ -320,47 +320,18 @@ class Tuner:
         return total / (self.steps * plain_rows * self.depth)
 
     def bisect(self, p: dict, k: int, guess: float, evals: int) -> Measured | None:
-        """The smallest threshold whose compute is within the budget on the first k inputs,
-        by `evals` runs; returns the best point within budget. Compute does not rise with the
-        threshold but moves in steps (whole sample-steps of the middle blocks), and on one
-        step the smallest threshold runs the most sensitive decisions, so the search does not
-        stop at the first point just under the budget: it multiplies or divides the
-        threshold (by 1.2 to 4, by how far the compute is from the budget) until the budget
-        is bracketed, then halves the bracket on a log scale until it is 5 % wide."""
+        """The adaptive cache at settings `p` with the threshold that spends the budget on the
+        first k inputs (`search_threshold`); None where even caching whenever allowed exceeds
+        the budget (known without running)."""
         if p["front"] + p["back"] >= self.depth:
             return None
         floor = self.adaptive_floor(p)
         if floor > self.budget + (0.0 if self.metric == "compute" else 0.02):
             self.log(f"  skip {self.adaptive_spec(p, 0)}: at least {floor:.3f} even caching whenever allowed")
             return None
-        low = high = None  # thresholds known over budget / within budget
-        best, t = None, guess
-        for _ in range(evals):
-            t = float(f"{t:.4g}")
-            m = self.measure("adaptive", self.adaptive_spec(p, t), self.steps, k, {**p, "threshold": t})
-            if m is None:
-                return best
-            cost = m.cost(self.metric)
-            if cost <= self.budget + 1e-9:
-                high = t if high is None else min(high, t)
-                if best is None or m.psnr > best.psnr:
-                    best = m
-            else:
-                low = t if low is None else max(low, t)
-            gap = abs(cost - self.budget)  # compute is steep in the threshold: small steps when close
-            if high is None:
-                if t >= 50:
-                    break
-                t *= 1.2 if gap < 0.05 else 1.6 if gap < 0.15 else 4
-            elif low is None:
-                if t <= 1e-4:
-                    break
-                t /= 1.2 if gap < 0.05 else 1.6 if gap < 0.15 else 4
-            else:
-                if high / low < 1.05:
-                    break
-                t = math.sqrt(low * high)
-        return best
+        return search_threshold(
+            lambda t: self.measure("adaptive", self.adaptive_spec(p, t), self.steps, k, {**p, "threshold": t}),
+            lambda m: m.cost(self.metric), self.budget, guess, evals)
 
     def search_adaptive(self, k: int) -> list[Measured]:
         """Coordinate search from the method's defaults: every other value of each axis, one
@@ -534,6 +505,45 @@ class Tuner:
             "dite_version": dite_version(),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
+
+
+def search_threshold(measure_at: Callable[[float], "Measured | None"], cost: Callable[["Measured"], float],
+                     budget: float, guess: float, evals: int) -> "Measured | None":
+    """The best measured point within `budget` of a threshold search by `evals` runs, for
+    thresholds where compute does not rise with the threshold but moves in steps (whole
+    sample-steps of a block range; on one step the smallest threshold runs the most
+    sensitive decisions), so the search does not stop at the first point under the budget:
+    it multiplies or divides the threshold (by 1.2 to 4, by how far the compute is from the
+    budget) until the budget is bracketed, then halves the bracket on a log scale until it is
+    5 % wide. Used by the adaptive cache's and the step schedules' searches."""
+    low = high = None  # thresholds known over budget / within budget
+    best, t = None, guess
+    for _ in range(evals):
+        t = float(f"{t:.4g}")
+        m = measure_at(t)
+        if m is None:
+            return best
+        spent = cost(m)
+        if spent <= budget + 1e-9:
+            high = t if high is None else min(high, t)
+            if best is None or m.psnr > best.psnr:
+                best = m
+        else:
+            low = t if low is None else max(low, t)
+        gap = abs(spent - budget)  # compute is steep in the threshold: small steps when close
+        if high is None:
+            if t >= 50:
+                break
+            t *= 1.2 if gap < 0.05 else 1.6 if gap < 0.15 else 4
+        elif low is None:
+            if t <= 1e-4:
+                break
+            t /= 1.2 if gap < 0.05 else 1.6 if gap < 0.15 else 4
+        else:
+            if high / low < 1.05:
+                break
+            t = math.sqrt(low * high)
+    return best
 
 
 def tune(pipe, budget: float, **options) -> dict:

@@ -14,7 +14,6 @@ that lets a sample whose state moves run the range on other steps too.
 from __future__ import annotations
 
 import heapq
-import math
 
 from dite.accel.schedule import format_steps
 
@@ -47,31 +46,12 @@ def greedy_schedule(tuner, k: int, order: int, blocks: tuple[int, int]):
 
 def fill_budget(tuner, k: int, base: str, evals: int = 7):
     """`base` (a schedule spec within budget) with the threshold that lets samples run the
-    range on more steps while the compute stays within the budget: the smallest threshold
-    found within budget by `evals` runs (compute does not rise with the threshold), searched
-    on a log scale from 0.3 down until the budget is bracketed, then bisected. Returns the
-    best measured within budget, or None."""
-    low = high = None  # thresholds known over budget / within budget
-    best, t = None, 0.3
-    for _ in range(evals):
-        t = float(f"{t:.4g}")
-        m = tuner.measure("static", base[:-1] + f",threshold={t:g})", tuner.steps, k)
-        if m is None:
-            return best
-        if m.cost(tuner.metric) <= tuner.budget + 1e-9:
-            high = t if high is None else min(high, t)
-            best = m if best is None or m.psnr > best.psnr else best
-        else:
-            low = t if low is None else max(low, t)
-        if low is None:
-            t /= 2
-        elif high is None:
-            t *= 2
-        elif high / low < 1.05:
-            break
-        else:
-            t = math.sqrt(low * high)
-    return best
+    range on more steps while the compute stays within the budget (the tuner's threshold
+    search, from 0.3), or None."""
+    from dite.engine.runtime.tune import search_threshold  # tune imports this module
+
+    return search_threshold(lambda t: tuner.measure("static", base[:-1] + f",threshold={t:g})", tuner.steps, k),
+                            lambda m: m.cost(tuner.metric), tuner.budget, 0.3, evals)
 
 
 def search_schedules(tuner, k: int) -> list:
