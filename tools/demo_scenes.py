@@ -143,6 +143,20 @@ def is_heldout(attrs: Attributes, template: int, split_seed: int = SPLIT_SEED) -
     return _unit_hash(split_seed, attrs.shape, attrs.colour, size, attrs.row, attrs.col, template) < HELDOUT_FRACTION
 
 
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, half: float, fill) -> None:
+    """One filled shape whose bounding box is the square of half-side `half` around (cx, cy)."""
+    if shape == "circle":
+        draw.ellipse([cx - half, cy - half, cx + half, cy + half], fill=fill)
+    elif shape == "square":
+        draw.rectangle([cx - half, cy - half, cx + half, cy + half], fill=fill)
+    elif shape == "triangle":  # upright, pointing up
+        draw.polygon([(cx, cy - half), (cx + half, cy + half), (cx - half, cy + half)], fill=fill)
+    elif shape == "diamond":  # a square turned 45 degrees
+        draw.polygon([(cx, cy - half), (cx + half, cy), (cx, cy + half), (cx - half, cy)], fill=fill)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+
+
 def render(attrs: Attributes, rng: random.Random, size: int = IMAGE_SIZE) -> tuple[np.ndarray, Scene]:
     """(uint8 [size, size, 3] image, scene) with jitter and background drawn from `rng`."""
     s = size * SUPERSAMPLE
@@ -154,13 +168,7 @@ def render(attrs: Attributes, rng: random.Random, size: int = IMAGE_SIZE) -> tup
     half = extent / 2
     image = Image.new("RGB", (s, s), background)
     draw = ImageDraw.Draw(image)
-    fill = COLOURS[attrs.colour]
-    if attrs.shape == "circle":
-        draw.ellipse([cx - half, cy - half, cx + half, cy + half], fill=fill)
-    elif attrs.shape == "square":
-        draw.rectangle([cx - half, cy - half, cx + half, cy + half], fill=fill)
-    else:  # upright equilateral-ish triangle with the same bounding box
-        draw.polygon([(cx, cy - half), (cx + half, cy + half), (cx - half, cy + half)], fill=fill)
+    draw_shape(draw, attrs.shape, cx, cy, half, COLOURS[attrs.colour])
     image = image.resize((size, size), Image.Resampling.BOX)
     scene = Scene(attrs, -1, "", (cx / SUPERSAMPLE, cy / SUPERSAMPLE), extent / SUPERSAMPLE, background)
     return np.asarray(image, dtype=np.uint8).copy(), scene

@@ -212,21 +212,25 @@ def write_meta(folder: Path, **meta):
 # ---------------------------------------------------------------------------- VAE
 
 
-def train_vae(args):
+def train_vae(args, data=scenes, model: AutoencoderKL | None = None, warmup: int = 50):
+    """Train (or, given `model`, fine-tune) a VAE on the scenes of `data` (a scenes module)."""
     name = f"vae_{args.family}"
     if done(args, name):
         return
     torch.manual_seed(args.seed)
-    config = VAE_CONFIGS[args.family]
-    model = AutoencoderKL(config).train()
-    run = Run(name, model, args, lr=args.lr or 1.5e-3, ema_decay=0.995, warmup=50)
+    model = (model or AutoencoderKL(VAE_CONFIGS[args.family])).train()
+    config = model.config
+    run = Run(name, model, args, lr=args.lr or 1.5e-3, ema_decay=0.995, warmup=warmup)
     started = time.time()
     while run.step < (args.stop_at or args.steps):
-        images, found = scenes.sample_scenes(args.seed, args.batch, start=run.step * args.batch)
+        images, found = data.sample_scenes(args.seed, args.batch, start=run.step * args.batch)
         x = scenes.to_tensor(images)
         # Object pixels weigh `object_weight` times more: the object is ~5 % of the image,
         # and without this the decoder learns the background long before the colours.
-        background = torch.tensor([s.background for s in found], dtype=torch.float32).view(-1, 3, 1, 1)
+        # Objects never touch the border, so its median is the (plain) background colour.
+        pixels = torch.from_numpy(images).float()
+        border = torch.cat([pixels[:, 0], pixels[:, -1], pixels[:, :, 0], pixels[:, :, -1]], dim=1)
+        background = border.median(dim=1).values.view(-1, 3, 1, 1)
         on_object = (torch.from_numpy(images).permute(0, 3, 1, 2).float() - background).abs().amax(1, keepdim=True) > 12
         weight = 1 + args.object_weight * on_object.float()
         weight = weight / weight.mean()
@@ -245,7 +249,7 @@ def train_vae(args):
         if args.max_minutes and time.time() - started > 60 * args.max_minutes:
             print(f"[{name}] time budget reached at step {run.step}", flush=True)
             break
-    stats = latent_stats(run.ema.model, args)
+    stats = latent_stats(run.ema.model, args, data)
     print(f"[{name}] latent stats: {stats}", flush=True)
     run.finish({"config": config.__dict__ | {"block_out_channels": list(config.block_out_channels)}, **stats,
                 "steps": run.step})
@@ -254,9 +258,9 @@ def train_vae(args):
 
 
 @torch.no_grad()
-def latent_stats(vae: AutoencoderKL, args, n: int = 2048) -> dict:
+def latent_stats(vae: AutoencoderKL, args, data=scenes, n: int = 2048) -> dict:
     """Scaling (and for SD3 shift) so the denoiser sees zero-mean, unit-variance latents."""
-    images, _ = scenes.sample_scenes(args.seed + 777, n)
+    images, _ = data.sample_scenes(args.seed + 777, n)
     zs = []
     for i in range(0, n, 256):
         with autocast(args):
@@ -278,12 +282,12 @@ def load_vae(args, family: str) -> AutoencoderKL:
 
 
 @torch.no_grad()
-def latent_pool(vae: AutoencoderKL, args, n: int) -> tuple[torch.Tensor, list]:
+def latent_pool(vae: AutoencoderKL, args, n: int, data=scenes) -> tuple[torch.Tensor, list]:
     """Model-space latents (encoder means) of training scenes 0..n-1 of stream seed+1, cached."""
     family = "sd3" if vae.config.latent_channels == 16 else "dit"
     down = 2 ** (len(vae.config.block_out_channels) - 1)
     path = Path(args.work) / f"pool_{family}_f{down}_{n}.pt"
-    images, found = scenes.sample_scenes(args.seed + 1, n)
+    images, found = data.sample_scenes(args.seed + 1, n)
     if path.exists():
         return torch.load(path, weights_only=True), found
     zs = []
@@ -361,8 +365,9 @@ def tokenizer_texts() -> list[str]:
     return caps + [c.lower() for c in caps] + words
 
 
-def build_text(args):
-    """Tokenizers trained on the caption vocabulary and frozen random text encoders (seeded)."""
+def build_text(args, texts: list[str] | None = None):
+    """Tokenizers trained on the caption vocabulary (`texts`, by default the first demos')
+    and frozen random text encoders (seeded)."""
     from dite.models.clip import CLIPTextConfig, CLIPTextModel
     from dite.models.t5 import T5Config, T5Encoder
 
@@ -370,7 +375,7 @@ def build_text(args):
     if (folder / "encoders.pt").exists() and not args.fresh:
         print(f"[text] {folder} exists; skipping", flush=True)
         return
-    texts = tokenizer_texts()
+    texts = texts or tokenizer_texts()
     vocab = train_clip_bpe(folder / "tokenizer", texts, None)
     train_clip_bpe(folder / "tokenizer_2", texts, "!")  # bigG pads with "!", as SD3's does
     pieces = train_spiece(folder / "tokenizer_3", texts)
