@@ -122,8 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.generate_parser = gen  # --from-image sets its defaults from an image
     gen.add_argument("prompt", nargs="*", help="prompt(s) for text-to-image models; one image set per prompt")
     gen.add_argument("--model", default=None,
-                     help="pipeline folder, checkpoint file, hub repo id, or demo-sd3 / demo-dit (the small models "
-                          "shipped with dite). Default: demo-sd3 for a prompt, demo-dit for --class-label")
+                     help="pipeline folder, checkpoint file, hub repo id, or a demo: demo-sd3 / demo-dit / demo-pixart "
+                          "(shipped with dite), demo-sd3-128 (in a source checkout). Default: demo-sd3 for a prompt, "
+                          "demo-dit for --class-label")
     gen.add_argument("--class-label", action="append", default=[], metavar="ID",
                      help="class index (or name, if the model has label names); repeat for several images")
     gen.add_argument("--negative-prompt", default=None, help="what to steer away from (text-to-image)")
@@ -248,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     acc.add_argument("--json", action="store_true", help="machine-readable output")
 
     conv = sub.add_parser("convert", help="convert a checkpoint between the original and diffusers layouts")
-    conv.add_argument("source", help="checkpoint file or folder, hub repo id, or demo-sd3 / demo-dit")
+    conv.add_argument("source", help="checkpoint file or folder, hub repo id, or a demo name (demo-sd3, demo-dit, demo-pixart, ...)")
     conv.add_argument("destination", help="folder (--to diffusers) or file (--to original); never the source, a "
                                           "folder holding it or a place inside a source folder")
     conv.add_argument("--to", required=True, choices=["diffusers", "original"])
@@ -273,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub, positive=_positive, finite=_finite)
 
     ins = sub.add_parser("inspect", help="describe a model source without loading it")
-    ins.add_argument("source", help="checkpoint file or folder, hub repo id, or demo-sd3 / demo-dit")
+    ins.add_argument("source", help="checkpoint file or folder, hub repo id, or a demo name (demo-sd3, demo-dit, demo-pixart, ...)")
     ins.add_argument("--json", action="store_true", help="machine-readable output")
     ins.add_argument("--model-config", default=None, metavar="JSON",
                      help="what shapes cannot tell, as load(model_config=...): a JSON string or file")

@@ -30,17 +30,24 @@ from t5_reference_tokenizer import t5_reference_tokenizer  # noqa: E402
 from dite.engine.checkpoints.layouts import DIFFUSERS_VERSION, TRANSFORMERS_VERSION  # noqa: E402  (one place)
 from dite.models import dit as dit_module  # noqa: E402
 from dite.models import mmdit as mmdit_module  # noqa: E402
+from dite.models import pixart as pixart_module  # noqa: E402
 from dite.models.checkpoint import export_state_dict  # noqa: E402
 from dite.models.clip import clip_keymap  # noqa: E402
 from dite.models.t5 import t5_keymap  # noqa: E402
 from dite.models.vae import vae_keymap  # noqa: E402
-from dite.schedulers import DDIMConfig, DDIMScheduler, FlowMatchEulerConfig, FlowMatchEulerScheduler  # noqa: E402
+from dite.schedulers import (DDIMConfig, DDIMScheduler, DPMSolverConfig, DPMSolverMultistepScheduler,  # noqa: E402
+                             FlowMatchEulerConfig, FlowMatchEulerScheduler)
 
 DEMO = td.ROOT / "models" / "demo"
 # Sampling defaults recorded with each demo: dite reads them from model_index.json's
 # "_dite" entry (diffusers ignores keys starting with "_").
 SD3_DEFAULTS = {"max_sequence_length": td.T5_MAX_LENGTH, "num_inference_steps": 28, "guidance_scale": 5.0}
 DIT_DEFAULTS = {"num_inference_steps": 50, "guidance_scale": 4.0}
+# Trained at 128 px only: no aspect-ratio bins (diffusers would bin a sample_size-32 model to
+# its 256-px table), so diffusers callers pass use_resolution_binning=False.
+PIXART_DEFAULTS = {"max_sequence_length": td.T5_MAX_LENGTH, "num_inference_steps": 20, "guidance_scale": 4.5,
+                   "use_resolution_binning": False}
+V2_WORK = td.ROOT / ".demo_work_v2"
 
 
 def fp16(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -96,12 +103,9 @@ def export_sd3(args):
         keymap, _ = clip_keymap(model.config, "transformers", ["text_model.embeddings.token_embedding.weight"])
         write_component(out / name, model.config.to_transformers(), export_state_dict(keymap, model.state_dict()),
                         "model.safetensors", "transformers")
-    keymap, _ = t5_keymap(text.t5.config, ["shared.weight", "encoder.embed_tokens.weight"])
-    write_component(out / "text_encoder_3", text.t5.config.to_transformers(),
-                    export_state_dict(keymap, text.t5.state_dict()), "model.safetensors", "transformers")
-    for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+    for name in ("tokenizer", "tokenizer_2"):
         shutil.copytree(work / "text" / name, out / name)
-    t5_tokenizer_json(out / "tokenizer_3")
+    export_t5(text.t5, work, out / "text_encoder_3", out / "tokenizer_3")
 
     final = torch.load(work / "mmdit" / "final.pt", weights_only=True)
     cfg = mmdit_module.MMDiTConfig(**{**final["config"],
@@ -121,6 +125,42 @@ def export_sd3(args):
         "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
         "tokenizer_3": ["transformers", "T5Tokenizer"],
         "transformer": ["diffusers", "SD3Transformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
+    })
+    report(out)
+
+
+def export_t5(t5, work: Path, encoder: Path, tokenizer: Path):
+    keymap, _ = t5_keymap(t5.config, ["shared.weight", "encoder.embed_tokens.weight"])
+    write_component(encoder, t5.config.to_transformers(), export_state_dict(keymap, t5.state_dict()),
+                    "model.safetensors", "transformers")
+    shutil.copytree(work / "text" / "tokenizer_3", tokenizer)
+    t5_tokenizer_json(tokenizer)
+
+
+def export_pixart(args):
+    """demo-pixart: PixArt-α transformer, T5 (the SD3-128 demo's frozen encoder), 4x-down VAE."""
+    out = Path(args.out or DEMO / "pixart")
+    if out.exists():
+        shutil.rmtree(out)
+    work = Path(args.work)
+    export_vae(td.load_vae(args, "pixart"), out / "vae")
+    export_t5(td.load_text(args).t5, work, out / "text_encoder", out / "tokenizer")
+    final = torch.load(work / "pixart" / "final.pt", weights_only=True)
+    cfg = pixart_module.PixArtConfig(**final["config"])
+    keymap, _ = pixart_module.keymap(cfg, "diffusers")
+    write_component(out / "transformer", cfg.to_diffusers(), export_state_dict(keymap, final["ema"]),
+                    "diffusion_pytorch_model.safetensors", "diffusers")
+    # The training schedule is improved DDPM's cosine; its lambda(t) falls to -10 at t = 999, where
+    # an epsilon error is magnified 2e4x in x0. diffusers' remedy for cosine schedules is to clip
+    # lambda at -5.1 (its docstring's value), so DPM-Solver++ starts where x0 is still readable.
+    export_scheduler(DPMSolverMultistepScheduler(DPMSolverConfig(beta_schedule=td.DIT_BETA_SCHEDULE, lambda_min_clipped=-5.1)),
+                     out / "scheduler")
+    model_index(out, {
+        "_class_name": "PixArtAlphaPipeline",
+        "_dite": PIXART_DEFAULTS,
+        "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
+        "text_encoder": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "T5Tokenizer"],
+        "transformer": ["diffusers", "PixArtTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
     })
     report(out)
 
@@ -159,12 +199,18 @@ def report(out: Path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", choices=["sd3", "dit"])
-    p.add_argument("--work", default=str(td.WORK))
+    p.add_argument("model", choices=["sd3", "dit", "sd3-128", "pixart"],
+                   help="sd3 / dit: the first demos (tools/train_demo.py); sd3-128 / pixart: the second "
+                        "generation (tools/train_demo_v2.py, work directory .demo_work_v2)")
+    p.add_argument("--work", default=None)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     args.fp32, args.seed = False, 0
-    {"sd3": export_sd3, "dit": export_dit}[args.model](args)
+    second = args.model in ("sd3-128", "pixart")
+    args.work = args.work or str(V2_WORK if second else td.WORK)
+    if args.model == "sd3-128":
+        args.out = args.out or str(DEMO / "sd3_128")
+    {"sd3": export_sd3, "dit": export_dit, "sd3-128": export_sd3, "pixart": export_pixart}[args.model](args)
 
 
 if __name__ == "__main__":

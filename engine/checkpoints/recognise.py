@@ -19,7 +19,7 @@ from dite.engine.errors import ConfigError, DiteError
 from dite.engine.families import FAMILIES, SD3, Family, by_pipeline_class, supported_pipelines
 from dite.engine.loading import sd3_single_file as sd3_files
 from dite.engine.loading.config_files import read_model_index
-from dite.engine.loading.hub import DEMO_MODELS, demo_folder, resolve_source
+from dite.engine.loading.hub import DEMO_FAMILIES, demo_folder, resolve_source
 from dite.engine.loading.weights import open_weights
 
 
@@ -60,8 +60,8 @@ def peek_family(source) -> str | None:
     None when it cannot be told cheaply (a hub repo not downloaded yet, a .pt file, which
     would be unpickled, or anything unrecognised: `load()` then says what is wrong). Lets
     the CLI refuse a prompt for a DiT before loading anything."""
-    if isinstance(source, str) and source in DEMO_MODELS:
-        return DEMO_MODELS[source]
+    if isinstance(source, str) and source in DEMO_FAMILIES:
+        return DEMO_FAMILIES[source]
     path = Path(os.path.expanduser(str(source)))
     try:
         if path.is_dir() and (path / "model_index.json").is_file():

@@ -78,7 +78,8 @@ def parse_config(path: str | os.PathLike, parse: Callable[[ConfigFile], T], what
 
 # model_index.json: the fields dite reads, by kind (models/config_fields.py).
 MODEL_INDEX_FIELDS = {"_class_name": "str", "id2label": "object", "_dite": "object"}
-DITE_DEFAULTS = {"num_inference_steps": "size", "guidance_scale": "number", "max_sequence_length": "size"}
+DITE_DEFAULTS = {"num_inference_steps": "size", "guidance_scale": "number", "max_sequence_length": "size",
+                 "use_resolution_binning": "bool"}
 
 
 def read_model_index(path: str | os.PathLike) -> ConfigFile:

@@ -13,23 +13,44 @@ from pathlib import Path
 
 from dite.engine.errors import HubError
 
-# Trained demo models shipped as package data of dite.models.demo (see models/demo/README.md).
-DEMO_MODELS = {"demo-sd3": "sd3", "demo-dit": "dit"}
+# Trained demo models (see models/demo/README.md): name -> folder. Most ship as package data of
+# dite.models.demo; those in OUTSIDE_WHEEL are too large for the wheel's ~40 MB demo budget and
+# live in a source checkout's demos/ folder, or in dite's user cache once tools/fetch_demo.py
+# has put them there.
+DEMO_MODELS = {"demo-sd3": "sd3", "demo-dit": "dit", "demo-pixart": "pixart", "demo-sd3-128": "sd3_128"}
+DEMO_FAMILIES = {"demo-sd3": "sd3", "demo-dit": "dit", "demo-pixart": "pixart", "demo-sd3-128": "sd3"}
+OUTSIDE_WHEEL = {"demo-sd3-128"}
+
+
+def demo_locations(source: str) -> list[Path]:
+    """Where the demo `source` may be, in the order searched."""
+    from importlib.resources import files
+
+    name = DEMO_MODELS[source]
+    if source not in OUTSIDE_WHEEL:
+        return [Path(str(files("dite.models.demo") / name))]
+    from dite.engine.runtime.user_cache import cache_dir
+
+    checkout = Path(str(files("dite.models"))).parent / "demos" / name  # editable install of a checkout
+    return [checkout, cache_dir() / "demos" / name]
 
 
 def demo_folder(source) -> "Path | None":
-    """The folder of a demo model shipped inside dite ("demo-sd3", "demo-dit"), or None."""
+    """The folder of a demo model ("demo-sd3", "demo-dit", "demo-pixart", "demo-sd3-128"), or None
+    when `source` is not a demo name."""
     if not isinstance(source, str) or source not in DEMO_MODELS:
         return None
-    from importlib.resources import files
-
     from dite.engine.errors import CheckpointError
 
-    folder = Path(str(files("dite.models.demo") / DEMO_MODELS[source]))
-    if not (folder / "model_index.json").is_file():
-        raise CheckpointError(f"the demo model {source!r} is not in this installation ({folder} is missing); "
-                              "reinstall dite, or train and export it with tools/train_all_demo.sh")
-    return folder
+    places = demo_locations(source)
+    for folder in places:
+        if (folder / "model_index.json").is_file():
+            return folder
+    if source in OUTSIDE_WHEEL:
+        raise CheckpointError(f"the demo model {source!r} does not ship in the wheel; from a dite source checkout run "
+                              f"`python tools/fetch_demo.py {source}` (copies it to {places[-1]}), or pass its folder")
+    raise CheckpointError(f"the demo model {source!r} is not in this installation ({places[0]} is missing); "
+                          "reinstall dite, or train and export it with tools/train_all_demo.sh")
 
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

@@ -17,7 +17,7 @@ from dite.engine.dtypes import precisions
 from dite.engine.errors import CheckpointError, ConfigError, InputError
 from dite.engine.checkpoints.recognise import file_family, local_path, pipeline_family
 from dite.engine.families import BY_NAME
-from dite.engine.loading.config_files import read_model_index
+from dite.engine.loading.config_files import DITE_DEFAULTS, read_model_index
 from dite.engine.loading.hub import looks_like_repo_id
 from dite.engine.pipelines.base import Pipeline
 from dite.engine.loading.weights import open_weights
@@ -185,8 +185,7 @@ def load(
         check_folder_configs(path, model_index, family.name, skip={*components, *(["vae"] if vae is not None else [])})
         pipe = family.loader().load_folder(path, model_index, **options)
         defaults = model_index.get("_dite") or {}
-        pipe.defaults = {k: v for k, v in defaults.items()
-                         if k in ("num_inference_steps", "guidance_scale", "max_sequence_length")}
+        pipe.defaults = {k: v for k, v in defaults.items() if k in DITE_DEFAULTS}
     else:
         reader = open_weights(path)
         found = file_family(reader.keys())

@@ -106,7 +106,7 @@ class PixArtPipeline(Pipeline):
         output_type: str = "pil",
         progress: bool = True,
         accel=None,
-        use_resolution_binning: bool = True,
+        use_resolution_binning: bool | None = None,
         plan_hook=None,
         image=None,
         strength: float | None = None,
@@ -116,6 +116,10 @@ class PixArtPipeline(Pipeline):
         # None: the model's recorded default, else PixArt's 20 / 4.5 / 120 (α) or 300 (Σ).
         prompts = Prompts.check(self, prompt, negative_prompt, num_images_per_prompt, max_sequence_length,
                                 default_length=cfg.max_sequence_length, longest=T5_MAX_LENGTH)
+        # None: the model's recorded choice (a demo trained at its own size records false), else
+        # diffusers' default, True.
+        if use_resolution_binning is None:
+            use_resolution_binning = self.defaults.get("use_resolution_binning", True)
         arguments.flag("use_resolution_binning", use_resolution_binning)
         # image-to-image / inpainting: generated at the image's own size, never binned
         init = init_image.check(image, strength, mask_image, count=len(prompts.per_image), height=height,
