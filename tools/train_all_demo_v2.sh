@@ -17,8 +17,8 @@ wait
 # 2. Tokenizers on the v2 caption language, frozen random CLIP-L / bigG / T5 (shared by both).
 stage text text
 # 3. The denoisers, side by side.
-stage mmdit mmdit --stop-at "${MMDIT_STEPS:-2000}" &
-stage pixart pixart --stop-at "${PIXART_STEPS:-2000}" &
+stage mmdit mmdit --steps 1600 --stop-at "${MMDIT_STEPS:-1600}" &
+stage pixart pixart --steps 1600 --stop-at "${PIXART_STEPS:-1600}" &
 wait
 # 4. The diffusers folders.
 python tools/export_demo.py sd3-128

@@ -203,8 +203,8 @@ def train_vae(args):
 
 DEFAULTS = {  # stage -> (steps, batch, pool, lr)
     "vae": (400, 8, 0, 5e-4),
-    "mmdit": (2000, 16, 8000, None),
-    "pixart": (2000, 16, 8000, None),
+    "mmdit": (1600, 16, 8000, None),
+    "pixart": (1600, 16, 8000, None),
 }
 
 

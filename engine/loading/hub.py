@@ -31,8 +31,14 @@ def demo_locations(source: str) -> list[Path]:
         return [Path(str(files("dite.models.demo") / name))]
     from dite.engine.runtime.user_cache import cache_dir
 
-    checkout = Path(str(files("dite.models"))).parent / "demos" / name  # editable install of a checkout
-    return [checkout, cache_dir() / "demos" / name]
+    return [checkout_demos() / name, cache_dir() / "demos" / name]
+
+
+def checkout_demos() -> Path:
+    """demos/ of the source checkout an editable install runs from (absent in a wheel install)."""
+    from importlib.resources import files
+
+    return Path(str(files("dite.models"))).parent / "demos"
 
 
 def demo_folder(source) -> "Path | None":
