@@ -104,6 +104,20 @@ def test_single_wrong_colour_position_shape_and_size():
     assert wrong_size["correct"] and not wrong_size["size"]
 
 
+def test_an_extra_object_fails_a_single_but_not_a_relation():
+    single, relation = _scene("single"), _scene("relation")
+    extra = next(o for o in relation.objects if (o.row, o.col) != (single.objects[0].row, single.objects[0].col)
+                 and o.colour != single.objects[0].colour)
+    checks = _checks(replace(single, objects=single.objects + (extra,)), single)
+    assert checks["position"] and not checks["colour"] and not checks["count"] and not checks["correct"]
+    a, b = relation.objects
+    cell = next(rc for rc in sorted(v2.POSITIONS) if rc not in ((a.row, a.col), (b.row, b.col)))
+    third = next(c for c in v2.COLOUR_NAMES if c not in (a.colour, b.colour))
+    checks = _checks(replace(relation, objects=relation.objects + (replace(a, colour=third, row=cell[0], col=cell[1]),)),
+                     relation)
+    assert checks["correct"] and not checks["count"] and not checks["colour"]
+
+
 @pytest.mark.parametrize("kind", ["single", "relation", "count"])
 def test_a_blank_image_is_wrong_in_everything(kind):
     sc = _scene(kind)

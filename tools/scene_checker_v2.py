@@ -31,9 +31,14 @@ text headline (colour + position) was; shape is left out of it because, with 4 s
 16-28 px, it is the hardest reading and would hide the rest, and is reported on its own and
 in `correct_strict` (= correct and shape):
 
-    single    an object of the asked colour is in the asked cell (position as above)
-    relation  the relation holds (it needs both colours)
-    count     exactly n objects of the asked colour (whatever else is in the image)
+    single    colour and position: the one object, of the asked colour, in the asked cell
+    relation  the relation holds (both colours found; other objects allowed)
+    count     exactly n objects of the asked colour (objects of other colours allowed)
+
+Extra objects fail a single's headline (its colour multiset) and every kind's `count`. A
+random-weights model's colourful noise breaks into ~20 "objects" of all colours, so it meets
+a relation's headline by chance about half the time and a single's almost never; read the
+relation headline next to `count`.
 """
 
 from __future__ import annotations
@@ -122,7 +127,7 @@ def score(found: list[Found], sc: Scene) -> dict[str, bool | None]:
         if sc.names_size else None,
         "relation": (complete and holds(sc.relation, matched[0], matched[1])) if sc.kind == "relation" else None,
     }
-    out["correct"] = {"single": out["position"], "relation": out["relation"],
+    out["correct"] = {"single": out["colour"] and out["position"], "relation": out["relation"],
                       "count": len(matched) == len(sc.objects)}[sc.kind]
     out["correct_strict"] = out["correct"] and out["shape"]
     return out
