@@ -73,7 +73,8 @@ def test_v2_report_on_held_out_scenes_at_128_px(family, sd3, recorded, tmp_path)
     folder = sd3_128(sd3, tmp_path / "sd3") if family == "sd3" else pixart_128(tmp_path / "pixart")
     out = tmp_path / "q"
     assert eval_quality.main(["--model", str(folder), "--scenes", "v2", "--prompts", str(PROMPTS), "--batch", "3",
-                              "--steps", "2", "--accel", "--samples", "--out", str(out)]) == 0
+                              "--steps", "2", "--accel", "--samples", "--out", str(out),
+                              "--record-floors", str(tmp_path / "floors.json")]) == 0
     captions = [sc.caption for sc in heldout_scenes(PROMPTS)]
     calls = recorded[0].calls
     assert [p for call in calls for p in call["prompt"]] == captions
@@ -90,6 +91,8 @@ def test_v2_report_on_held_out_scenes_at_128_px(family, sd3, recorded, tmp_path)
     assert "held-out v2 scenes" in table and "| " + " | ".join(eval_quality.V2_COLUMNS) + " |" in table
     assert "| kind | n | correct | correct_strict | " + " | ".join(ATTRIBUTES) + " |" in table
     assert Image.open(out.with_name("q-samples.png")).size == (10 * 128, 128)
+    floors = json.loads((tmp_path / "floors.json").read_text())[str(folder)]
+    assert floors["scenes"] == "v2" and floors["accuracy"] == plain["accuracy"]  # test_demo_fidelity's scenes
 
 
 def test_v2_scenes_are_the_default_for_the_v2_demo_names():

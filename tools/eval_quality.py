@@ -166,6 +166,8 @@ def record_floors(path: Path, args, rows: list[dict]) -> None:
         "psnr_db": {r["method"]: r["psnr_db"] for r in rows[1:]},
         "psnr_floor_db": {r["method"]: r["psnr_db"] - PSNR_SLACK_DB for r in rows[1:]},
     }
+    if getattr(args, "scenes", "v1") == "v2":  # tests/test_demo_fidelity.py then draws demo_scenes_v2's held-out scenes
+        entry["scenes"] = "v2"
     floors = json.loads(path.read_text()) if path.exists() else {}
     floors[args.model] = entry
     path.parent.mkdir(parents=True, exist_ok=True)
