@@ -61,8 +61,8 @@ def ceiling(vae, images: np.ndarray, scenes, batch: int = 25) -> dict:
     return summary
 
 
-def table(results: dict[str, dict], title: str) -> str:
-    lines = [f"### {title}", "", "| vae | kind | " + " | ".join(COLUMNS) + " |", "|" + "---|" * (len(COLUMNS) + 2)]
+def table(results: dict[str, dict], title: str, sources: dict[str, str]) -> str:
+    lines = [f"### {title}", "", "VAEs: " + "; ".join(f"{name} = {src}" for name, src in sources.items()), "", "| vae | kind | " + " | ".join(COLUMNS) + " |", "|" + "---|" * (len(COLUMNS) + 2)]
     for name, summary in results.items():
         for kind, row in summary.items():
             cells = ["—" if row[c] is None else str(row[c]) if c == "n" else f"{row[c]:.3f}" for c in COLUMNS]
@@ -114,11 +114,13 @@ def main(argv=None) -> int:
     images, scenes = heldout_samples(args.scenes, seed=args.seed)
     results = {name: ceiling(vae, images, scenes, args.batch) for name, vae in models.items()}
     title = f"VAE ceiling: {len(scenes)} held-out v2 scenes (seed {args.seed}) through encoder mean -> decoder"
-    text = table(results, title)
+    sources = {**{f"vae_{f}": str(Path(args.work) / f"vae_{f}" / "final.pt") for f in args.family},
+               **{m: m for m in args.model}}
+    text = table(results, title, sources)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(text)
-    out.with_suffix(".json").write_text(json.dumps({"title": title, "results": results}, indent=2))
+    out.with_suffix(".json").write_text(json.dumps({"title": title, "sources": sources, "results": results}, indent=2))
     print(text)
     return 0
 
