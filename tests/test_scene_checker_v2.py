@@ -113,8 +113,8 @@ def test_an_extra_object_fails_a_single_but_not_a_relation():
     a, b = relation.objects
     cell = next(rc for rc in sorted(v2.POSITIONS) if rc not in ((a.row, a.col), (b.row, b.col)))
     third = next(c for c in v2.COLOUR_NAMES if c not in (a.colour, b.colour))
-    checks = _checks(replace(relation, objects=relation.objects + (replace(a, colour=third, row=cell[0], col=cell[1]),)),
-                     relation)
+    stranger = replace(a, colour=third, row=cell[0], col=cell[1])
+    checks = _checks(replace(relation, objects=relation.objects + (stranger,)), relation)
     assert checks["correct"] and not checks["count"] and not checks["colour"]
 
 

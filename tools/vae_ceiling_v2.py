@@ -62,7 +62,8 @@ def ceiling(vae, images: np.ndarray, scenes, batch: int = 25) -> dict:
 
 
 def table(results: dict[str, dict], title: str, sources: dict[str, str]) -> str:
-    lines = [f"### {title}", "", "VAEs: " + "; ".join(f"{name} = {src}" for name, src in sources.items()), "", "| vae | kind | " + " | ".join(COLUMNS) + " |", "|" + "---|" * (len(COLUMNS) + 2)]
+    lines = [f"### {title}", "", "VAEs: " + "; ".join(f"{name} = {src}" for name, src in sources.items()), "",
+             "| vae | kind | " + " | ".join(COLUMNS) + " |", "|" + "---|" * (len(COLUMNS) + 2)]
     for name, summary in results.items():
         for kind, row in summary.items():
             cells = ["—" if row[c] is None else str(row[c]) if c == "n" else f"{row[c]:.3f}" for c in COLUMNS]
