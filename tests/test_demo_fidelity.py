@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
 import eval_quality  # noqa: E402
+import demo_scenes_v2  # noqa: E402
 from demo_scenes import heldout_scenes  # noqa: E402
 
 from dite.engine import load  # noqa: E402
@@ -36,7 +37,8 @@ def test_demo_accuracy_and_accel_psnr_floors(model, monkeypatch):
     args = argparse.Namespace(steps=entry["steps"], guidance=entry["guidance"], seed=entry["seed"],
                               batch=entry["batch"])
     pipe = load(model)
-    scenes = heldout_scenes(entry["prompts"], seed=entry["seed"])
+    held_out = demo_scenes_v2.heldout_scenes if entry.get("scenes") == "v2" else heldout_scenes
+    scenes = held_out(entry["prompts"], seed=entry["seed"])
     rows, _ = eval_quality.measure(pipe, scenes, args, list(entry["psnr_floor_db"]), fewer_steps=False)
     plain, accelerated = rows[0], rows[1:]
     assert plain["accuracy"] >= entry["accuracy_floor"], (model, plain)

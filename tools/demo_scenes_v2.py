@@ -168,14 +168,20 @@ def sample_scenes(seed: int, n: int, *, start: int = 0, heldout: bool = False,
 
 def heldout_scenes(n: int = 100, seed: int = 0) -> list[Scene]:
     """n evaluation scenes whose captions never appear in training, distinct captions first."""
-    out, seen, i = [], set(), 0
+    return heldout_samples(n, seed)[1]
+
+
+def heldout_samples(n: int = 100, seed: int = 0) -> tuple[np.ndarray, list[Scene]]:
+    """heldout_scenes(n, seed) with their renderings: (uint8 [n, size, size, 3], scenes)."""
+    images, out, seen, i = [], [], set(), 0
     while len(out) < n and i < 50 * n:
-        _, sc = scene(seed, i, heldout=True)
+        image, sc = scene(seed, i, heldout=True)
         i += 1
         if sc.caption not in seen:
             seen.add(sc.caption)
+            images.append(image)
             out.append(sc)
-    return out
+    return (np.stack(images) if images else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)), out
 
 
 def vocabulary_texts() -> list[str]:

@@ -11,6 +11,16 @@ by tools/scene_checker.py and scored on what was asked: colour and position (tex
 the headline "accuracy" needs both right), shape and size too (reported separately). PSNR
 and SSIM are against the plain run's image of the same seed.
 
+Second-generation demos (`--scenes v2`, the default for the v2 demo names): held-out scenes
+of tools/demo_scenes_v2.py (one to three objects, relations, counts) generated at 128 px and
+read by tools/scene_checker_v2.py; the headline "accuracy" is its per-kind `correct` (single:
+colour in the asked cell; relation: the relation holds; count: exactly n of the colour),
+"accuracy_strict" adds shape, `acc_<kind>` is the headline per kind and the attribute
+columns are the checker's (count, colour, shape, position, size, relation); NAME.md adds a
+kind x attribute table of the plain run and NAME.json the scenes' captions.
+
+    python tools/eval_quality.py --model demo-pixart --scenes v2 --prompts 200 --samples --out bench/quality-demo-pixart
+
 Every method is shown next to the plain model run with proportionally fewer steps at the
 same denoiser FLOPs (`steps = round(T * flops_ratio)`): a method is only worth having if it
 beats simply sampling with fewer steps. Writes NAME.md, NAME.json and NAME.png (accuracy and
@@ -32,10 +42,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from bench import psnr  # noqa: E402  (one PSNR for both tools)
+import demo_scenes_v2 as scenes_v2  # noqa: E402
+import scene_checker_v2 as checker_v2  # noqa: E402
 from demo_scenes import heldout_scenes  # noqa: E402
 from scene_checker import detect, score  # noqa: E402
 
 from dite.engine.runtime.calibrate import ssim_loss  # noqa: E402
+
+V2_DEMOS = ("demo-sd3-128", "demo-pixart")  # names whose default --scenes is v2
+V2_COLUMNS = ["method", "steps", "flops_ratio", "attn_flops_ratio", "wall_ratio", "accuracy", "accuracy_strict",
+              "acc_single", "acc_relation", "acc_count", *checker_v2.ATTRIBUTES, "psnr_db", "ssim"]
 
 
 def ssim(a: np.ndarray, b: np.ndarray) -> float:
@@ -43,12 +59,28 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
     return float(1 - ssim_loss(ta, tb))
 
 
+def is_v2(scenes) -> bool:
+    return bool(scenes) and isinstance(scenes[0], scenes_v2.Scene)
+
+
+def image_options(pipe, scenes) -> dict:
+    """Call keywords for the scenes' picture size: v2 scenes are 128 px whatever the model's
+    default, and PixArt's resolution bins (tables for an 8x-down VAE) would generate a
+    4x-down model at another size and resize."""
+    if not is_v2(scenes):
+        return {}
+    options = {"height": scenes_v2.IMAGE_SIZE, "width": scenes_v2.IMAGE_SIZE}
+    if pipe.family == "pixart":
+        options["use_resolution_binning"] = False
+    return options
+
+
 def generate(pipe, scenes, args, steps: int | None, accel: str | None):
     """Images [N, H, W, 3] in [0, 1], the stats of the first batch, and the denoise seconds."""
     images, stats, seconds = [], None, 0.0
     for start in range(0, len(scenes), args.batch):
         chunk = scenes[start:start + args.batch]
-        kw = dict(seed=args.seed + start, output_type="np", progress=False, accel=accel)
+        kw = dict(seed=args.seed + start, output_type="np", progress=False, accel=accel, **image_options(pipe, scenes))
         if steps is not None:
             kw["num_inference_steps"] = steps
         if args.guidance is not None:
@@ -69,10 +101,24 @@ def short(method: str) -> str:
 
 
 def evaluate(images, scenes, family: str) -> dict[str, float]:
+    if is_v2(scenes):
+        return evaluate_v2(images, scenes)
     checks = [score(detect(img), sc.attributes) for img, sc in zip(images, scenes)]
     asked = ("colour", "shape") if family == "dit" else ("colour", "position")
     out = {k: float(np.mean([c[k] for c in checks])) for k in ("colour", "shape", "position", "size")}
     out["accuracy"] = float(np.mean([all(c[k] for k in asked) for c in checks]))
+    return out
+
+
+def evaluate_v2(images, scenes) -> dict:
+    """The v2 checker's headline (overall, strict, per kind), its attributes over all scenes,
+    and its whole kind x attribute summary under "by_kind"."""
+    summary = checker_v2.summarize([checker_v2.score(checker_v2.detect_all(img), sc)
+                                    for img, sc in zip(images, scenes)], scenes)
+    out = {"accuracy": summary["all"]["correct"], "accuracy_strict": summary["all"]["correct_strict"]}
+    out.update({f"acc_{kind}": summary[kind]["correct"] for kind in scenes_v2.KINDS})
+    out.update({key: summary["all"][key] for key in checker_v2.ATTRIBUTES})
+    out["by_kind"] = summary
     return out
 
 
@@ -120,15 +166,20 @@ def record_floors(path: Path, args, rows: list[dict]) -> None:
         "psnr_db": {r["method"]: r["psnr_db"] for r in rows[1:]},
         "psnr_floor_db": {r["method"]: r["psnr_db"] - PSNR_SLACK_DB for r in rows[1:]},
     }
+    if getattr(args, "scenes", "v1") == "v2":  # tests/test_demo_fidelity.py then draws demo_scenes_v2's held-out scenes
+        entry["scenes"] = "v2"
     floors = json.loads(path.read_text()) if path.exists() else {}
     floors[args.model] = entry
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(floors, indent=2, sort_keys=True) + "\n")
 
 
-def main(argv=None) -> int:
+def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="demo-sd3")
+    p.add_argument("--scenes", choices=["auto", "v1", "v2"], default="auto",
+                   help="held-out scenes of tools/demo_scenes.py (v1) or demo_scenes_v2.py (v2); auto: v2 for "
+                        + ", ".join(V2_DEMOS) + ", else v1")
     p.add_argument("--prompts", type=int, default=100, help="held-out captions (classes for a DiT)")
     p.add_argument("--accel", nargs="*", default=["ditcache", "promptgate", "ditcache+promptgate", "todo", "deltacache"])
     p.add_argument("--steps", type=int, default=None, help="default: the model's")
@@ -141,33 +192,65 @@ def main(argv=None) -> int:
     p.add_argument("--record-floors", metavar="FILE", default=None,
                    help="record this run's accuracy and PSNR floors for the regression tests (JSON, one entry per model)")
     args = p.parse_args(argv)
+    if args.scenes == "auto":
+        args.scenes = "v2" if args.model in V2_DEMOS else "v1"
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
 
     from dite.engine import load
 
     pipe = load(args.model, device=args.device)
-    scenes = heldout_scenes(args.prompts, seed=args.seed)
+    if args.scenes == "v2" and pipe.family == "dit":
+        print(f"eval_quality: --scenes v2 needs a text-to-image model (SD3 or PixArt); {args.model} is "
+              "class-conditional: use --scenes v1", file=sys.stderr)
+        return 2
+    scenes = (scenes_v2.heldout_scenes if args.scenes == "v2" else heldout_scenes)(args.prompts, seed=args.seed)
     rows, images = measure(pipe, scenes, args, args.accel, fewer_steps=not args.record_floors)
-    steps = rows[0]["steps"]
     if args.record_floors:
         record_floors(Path(args.record_floors), args, rows)
+    print(write_report(Path(args.out), args, rows, images, scenes))
+    return 0
 
-    out = Path(args.out)
+
+def cell(value) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else "—" if value is None else str(value)
+
+
+def write_report(out: Path, args, rows: list[dict], images: np.ndarray, scenes) -> str:
+    """NAME.md (returned), NAME.json, NAME.png and with --samples NAME-samples.png."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    cols = ["method", "steps", "flops_ratio", "attn_flops_ratio", "wall_ratio", "accuracy", "colour", "shape", "position", "size",
-            "psnr_db", "ssim"]
-    title = f"{args.model}, {len(scenes)} held-out prompts, {steps} steps, seed {args.seed}"
+    v2 = is_v2(scenes)
+    cols = V2_COLUMNS if v2 else ["method", "steps", "flops_ratio", "attn_flops_ratio", "wall_ratio", "accuracy",
+                                  "colour", "shape", "position", "size", "psnr_db", "ssim"]
+    what = "held-out v2 scenes" if v2 else "held-out prompts"
+    title = f"{args.model}, {len(scenes)} {what}, {rows[0]['steps']} steps, seed {args.seed}"
     lines = [f"### {title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        cells = [f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, "—")) for c in cols]
+        cells = [cell(r.get(c, "—")) for c in cols]
         lines.append("| " + " | ".join([short(cells[0])] + cells[1:]) + " |")
+    report = {"title": title, "rows": rows}
+    if v2:
+        lines += by_kind_table(rows[0]["by_kind"])
+        report["scenes"] = [{"kind": sc.kind, "caption": sc.caption} for sc in scenes]
     table = "\n".join(lines) + "\n"
     out.with_suffix(".md").write_text(table)
-    out.with_suffix(".json").write_text(json.dumps({"title": title, "rows": rows}, indent=2))
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
     plot(rows, out.with_suffix(".png"), title)
     if args.samples:
         sample_grid(images).save(out.with_name(out.name + "-samples.png"))
-    print(table)
-    return 0
+    return table
+
+
+def by_kind_table(summary: dict) -> list[str]:
+    """The plain run's checker summary as markdown lines: one row per kind (and all)."""
+    cols = ["n", "correct", "correct_strict", *checker_v2.ATTRIBUTES]
+    lines = ["", "plain, per kind (— where the kind asks no such thing):", "",
+             "| kind | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
+    lines += [f"| {kind} | " + " | ".join(cell(row[c]) for c in cols) + " |" for kind, row in summary.items()]
+    return lines
 
 
 def sample_grid(images: np.ndarray, columns: int = 10):
