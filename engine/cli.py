@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --skip-layers: share of the steps where it stops (default 0.2)")
     gen.add_argument("--scheduler", default=None, help="replace the model's scheduler: ddim, ddpm, dpm (DPM-Solver++) or flow_euler (alias euler)")
     gen.add_argument("--lora", action="append", type=_lora_spec, default=None, metavar="PATH[:SCALE]",
-                     help="merge a LoRA (SD3, PixArt; diffusers or kohya keys) with SCALE (default 1); repeatable")
+                     help="merge a LoRA (SD3 incl. its text encoders, PixArt; diffusers or kohya keys) with SCALE (default 1); repeatable")
     gen.add_argument("--vae", default=None, help="VAE for checkpoints without one (original DiT .pt, PixArt .pth)")
     gen.add_argument("--tokenizers", default=None, metavar="PATH",
                      help="SD3 single files: folder (or hub repo id) holding tokenizer/, tokenizer_2/, tokenizer_3/; "
