@@ -270,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from dite.engine.serve.command import add_parser as add_serve_parser  # imports no server library
 
-    add_serve_parser(sub, positive=_positive, finite=_finite)
+    add_serve_parser(sub, positive=_positive, finite=_finite, lora_spec=_lora_spec)
 
     ins = sub.add_parser("inspect", help="describe a model source without loading it")
     ins.add_argument("source", help="checkpoint file or folder, hub repo id, or demo-sd3 / demo-dit")
