@@ -215,3 +215,44 @@ def test_cli_generate_with_text_encoder_lora(sd3, clip_lora, tmp_path):
     lib = load(folder, loras=[(clip_lora, 0.5)])(prompt="a boat", height=16, width=16, num_inference_steps=2,
                                                  seed=2, output_type="np", progress=False)
     assert np.abs(np.asarray(Image.open(out), dtype=np.float32) / 255 - lib.images[0]).max() <= 1 / 255 + 1e-6
+
+
+def test_one_file_for_transformer_and_text_encoders_matches_diffusers(sd3, tmp_path):
+    """What diffusers' SD3 DreamBooth-LoRA training saves with --train_text_encoder: the
+    transformer's and both CLIPs' LoRAs in one file, each with its adapter config."""
+    from diffusers import StableDiffusion3Pipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    reference, folder = sd3
+    configs = {"transformer": LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"]),
+               "text_encoder": LoraConfig(r=2, lora_alpha=1, target_modules=CLIP_TARGETS),
+               "text_encoder_2": LoraConfig(r=4, lora_alpha=2, target_modules=["q_proj", "v_proj"])}
+    modules = {"transformer": reference.transformer, "text_encoder": reference.text_encoder,
+               "text_encoder_2": reference.text_encoder_2}
+    layers = {name: get_peft_model_state_dict(randomised_adapter(modules[name], configs[name], 20 + i))
+              for i, name in enumerate(configs)}
+    StableDiffusion3Pipeline.save_lora_weights(
+        tmp_path, **{f"{name}_lora_layers": value for name, value in layers.items()},
+        **{f"{name}_lora_adapter_metadata": configs[name].to_dict() for name in configs})
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    assert read_lora(path).components == {"transformer", "text_encoder", "text_encoder_2"}
+    expected, latents = diffusers_images(reference, path)
+    assert np.abs(ours(load(folder, loras=[(path, 1.0)]), latents) - expected).max() <= 1e-4
+
+
+def test_cli_low_memory_with_a_text_encoder_lora(sd3, clip_lora, tmp_path):
+    """--low-memory releases the encoders after encoding; the LoRA is merged before that."""
+    from PIL import Image
+
+    from dite.engine.cli import main
+
+    _, folder = sd3
+    argv = ["generate", "--model", str(folder), "a boat", "--lora", str(clip_lora), "--steps", "2", "--seed", "2",
+            "--size", "16x16", "--quiet"]
+    assert main(argv + ["--low-memory", "-o", str(tmp_path / "low.png")]) == 0
+    assert main(argv + ["-o", str(tmp_path / "full.png")]) == 0
+    plain = tmp_path / "plain.png"
+    assert main(argv[:4] + argv[6:] + ["-o", str(plain)]) == 0
+    low, full = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in ("low", "full"))
+    assert np.array_equal(low, full) and not np.array_equal(full, np.asarray(Image.open(plain)))
