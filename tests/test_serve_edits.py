@@ -98,7 +98,7 @@ def test_openai_client_edit_is_the_library_img2img_call(sd3_pipe, init_png):
 @pytest.mark.parametrize("mask", [mask_l, mask_openai], ids=["white-repaints", "openai-transparent"])
 def test_edit_with_a_mask_is_inpainting(sd3_pipe, init_png, mask):
     with serve(sd3_pipe) as url:
-        response = edit(url, init_png, png(mask()), prompt=PROMPT, seed=5, steps=STEPS, strength=1.0)
+        response = edit(url, init_png, png(mask()), prompt=PROMPT, seed=5, steps=STEPS, strength=1.0, size="auto")
     assert response.status_code == 200, response.text
     expected, _ = library(sd3_pipe, prompt=PROMPT, image=Image.open(io.BytesIO(init_png)), mask_image=mask_l(),
                           strength=1.0, seed=5, num_inference_steps=STEPS)
@@ -131,6 +131,7 @@ def test_edits_never_batch_with_other_requests(sd3_pipe, init_png):
 BAD_EDITS = [
     (dict(image=None), "image", "uploaded image file"),
     (dict(image=b"not a png"), "image", "not a readable image"),
+    (dict(image=png(Image.new("1", (8192, 2049)))), "image", "more than this server decodes"),
     (dict(size="32x32"), "size", "differs from the init image"),
     (dict(strength="0"), "strength", "strength must be a number in (0, 1]"),
     (dict(strength="strong"), "strength", "not a number"),
@@ -145,7 +146,9 @@ BAD_EDITS = [
 ]
 
 
-def test_bad_edits_are_400_naming_the_field(sd3_pipe, init_png):
+def test_bad_edits_are_400_naming_the_field(sd3_pipe, init_png, monkeypatch):
+    from dite.engine.serve import edits
+
     with serve(sd3_pipe) as url:
         for change, field, words in BAD_EDITS:
             fields = {"prompt": PROMPT, "steps": STEPS, **change}
@@ -161,10 +164,14 @@ def test_bad_edits_are_400_naming_the_field(sd3_pipe, init_png):
         odd = Image.new("RGB", (60, 64))
         response = edit(url, png(odd), prompt=PROMPT)
         assert response.json()["error"]["param"] == "image" and "60x64" in response.json()["error"]["message"]
+        monkeypatch.setattr(edits, "MAX_IMAGE_BYTES", len(init_png) - 1)  # the server runs in this process
+        too_big = edit(url, init_png, prompt=PROMPT)
+        assert too_big.json()["error"]["param"] == "image" and "larger than" in too_big.json()["error"]["message"]
+        monkeypatch.undo()
         as_json = httpx.post(url + EDIT, json={"prompt": PROMPT}, timeout=30)
         assert as_json.status_code == 400 and as_json.json()["error"]["param"] == "image"
         text = httpx.get(url + "/metrics").text
-    assert metric(text, "dite_requests_total", status="400") == len(BAD_EDITS) + 2
+    assert metric(text, "dite_requests_total", status="400") == len(BAD_EDITS) + 3
     assert metric(text, "dite_batches_total") == 0  # nothing bad reached the pipeline
 
 

@@ -234,7 +234,7 @@ def _init(edit: EditInput, body: GenerationBody, pipe, default_latent: int):
     checks them), the image's size checked against the model."""
     from dite.engine.pipelines import init_image
 
-    height, width = _size(body.size, pipe) if body.size is not None else (None, None)
+    height, width = _size(body.size, pipe) if body.size not in (None, "auto") else (None, None)  # auto: the image's
     init = init_image.check(edit.image, edit.strength, edit.mask, count=body.n, height=height, width=width,
                             masks=pipe.family in ("sd3", "pixart"), family=pipe.family)
     try:
