@@ -188,8 +188,14 @@ def test_text_encoder_refusals(sd3, clip_lora, tmp_path):
         load(folder, release_encoders=True).load_lora(clip_lora)
     for n, p in pipe.text.clip_l.named_parameters():
         assert torch.equal(p, before[n]), n
-    # Merged at load time, before the encoders are released, it works.
-    assert load(folder, release_encoders=True, loras=[(clip_lora, 1.0)])._lora_state.loaded
+    # Merged at load time, before the encoders are released, it works; unloading after the
+    # release restores the denoiser and forgets the dropped encoders' originals.
+    released = load(folder, release_encoders=True, loras=[(clip_lora, 1.0)])
+    released(prompt="a", height=16, width=16, num_inference_steps=1, max_sequence_length=8, output_type="latent",
+             progress=False)
+    assert released.text.clip_l is None and released._lora_state.originals
+    released.unload_lora()
+    assert released._lora_state.originals == {} and not released._lora_state.loaded
 
 
 def test_text_encoder_lora_refused_on_pixart(clip_lora, tmp_path_factory):
