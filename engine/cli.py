@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --skip-layers: share of the steps where it stops (default 0.2)")
     gen.add_argument("--scheduler", default=None, help="replace the model's scheduler: ddim, ddpm, dpm (DPM-Solver++) or flow_euler (alias euler)")
     gen.add_argument("--lora", action="append", type=_lora_spec, default=None, metavar="PATH[:SCALE]",
-                     help="merge a LoRA (SD3, PixArt; diffusers or kohya keys) with SCALE (default 1); repeatable")
+                     help="merge a LoRA (SD3 incl. its text encoders, PixArt; diffusers or kohya keys) with SCALE (default 1); repeatable")
     gen.add_argument("--vae", default=None, help="VAE for checkpoints without one (original DiT .pt, PixArt .pth)")
     gen.add_argument("--tokenizers", default=None, metavar="PATH",
                      help="SD3 single files: folder (or hub repo id) holding tokenizer/, tokenizer_2/, tokenizer_3/; "
@@ -271,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from dite.engine.serve.command import add_parser as add_serve_parser  # imports no server library
 
-    add_serve_parser(sub, positive=_positive, finite=_finite)
+    add_serve_parser(sub, positive=_positive, finite=_finite, lora_spec=_lora_spec)
 
     ins = sub.add_parser("inspect", help="describe a model source without loading it")
     ins.add_argument("source", help="checkpoint file or folder, hub repo id, or a demo name (demo-sd3, demo-dit, demo-pixart, ...)")

@@ -149,7 +149,7 @@ def load(
     encoders.py); vae_tiling: decode large images in tiles (engine/memory/vae_tiling.py).
     parallel: generate across the ranks of the current process group (torchrun, or
     dite.engine.parallel.spawn), e.g. {"cfg": 2, "ulysses": 2}; docs/parallel.md.
-    loras: [(path, scale), ...] merged into the denoiser after loading (docs/lora.md).
+    loras: [(path, scale), ...] merged into the denoiser (and SD3's text encoders) after loading (docs/lora.md).
     """
     if loras is not None:  # files readable and scales finite before any model weights are read
         from dite.engine.lora.merge import check_lora_list
@@ -210,6 +210,8 @@ def load(
     from dite.engine.runtime.executors import make_executor
 
     pipe.executor = make_executor(executor, attention=attention, **(executor_options or {}))
+    for lora_path, lora_scale in loras or ():  # before release_encoders: text-encoder LoRAs merge into them
+        pipe.load_lora(lora_path, lora_scale)
     if release_encoders:  # engine/memory/encoders.py: text encoders dropped after the first encoding
         from dite.engine.memory.encoders import release_encoders as release
 
@@ -222,8 +224,6 @@ def load(
         # A name takes the model's own config (its noise schedule, prediction type), as README says.
         pipe.scheduler = by_name(scheduler, pipe.scheduler.to_diffusers_config()) if isinstance(scheduler, str) else scheduler
         pipe.check_scheduler()  # one that fits the model's training objective, or the list of those that do
-    for lora_path, lora_scale in loras or ():
-        pipe.load_lora(lora_path, lora_scale)
     if parallel is not None:
         from dite.engine.parallel import enable
 

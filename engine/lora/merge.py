@@ -1,4 +1,4 @@
-"""Merging LoRAs into a pipeline's denoiser, and taking them out again exactly.
+"""Merging LoRAs into a pipeline's denoiser (and SD3's text encoders), and taking them out again exactly.
 
 W = W0 + sum over loaded LoRAs of scale * (alpha / rank) * up @ down, computed in float32 from
 the ORIGINAL weight W0 and cast to the weight's dtype once. The original tensors of every
@@ -14,6 +14,7 @@ merge waits for it, so no call ever sees half-merged weights.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import threading
 from contextlib import contextmanager
@@ -22,14 +23,17 @@ from dataclasses import dataclass, field
 import torch
 
 from dite.engine.lora.formats import LoraError, LoraFile, read_lora
-from dite.engine.lora.targets import Target, resolve
+from dite.engine.lora.formats import TRANSFORMER
+from dite.engine.lora.targets import Target, live_module, resolve
+
+Param = tuple[str, str]  # (component, parameter name within the component's module)
 
 
 @dataclass
 class LoadedLora:
     file: LoraFile
     scale: float
-    targets: dict[str, Target]
+    targets: dict[tuple[str, str], Target]  # (component, module) -> where it merges
 
 
 @dataclass
@@ -37,7 +41,7 @@ class LoraState:
     lock: threading.Lock = field(default_factory=threading.Lock)
     running: int = 0
     loaded: dict[str, LoadedLora] = field(default_factory=dict)  # name -> LoRA, in load order
-    originals: dict[str, torch.Tensor] = field(default_factory=dict)  # param name -> W0
+    originals: dict[Param, torch.Tensor] = field(default_factory=dict)  # (component, param name) -> W0
 
 
 def state_of(pipe) -> LoraState:
@@ -75,17 +79,26 @@ def _refuse_while_running(state: LoraState, what: str) -> None:
                         "wait for them to finish (the weights are shared by every call)")
 
 
-def _remerge(pipe, state: LoraState, params: set[str]) -> None:
+def _param(target: Target) -> Param:
+    return target.component, target.param
+
+
+def _remerge(pipe, state: LoraState, params: set[Param]) -> None:
     """Set each of `params` to W0 + the deltas of the LoRAs loaded now (fp32, cast once)."""
-    weights = dict(pipe.transformer.named_parameters())
+    modules = {component: live_module(pipe, component) for component, _ in params}
+    weights = {(component, name): p for component, module in modules.items() if module is not None
+               for name, p in module.named_parameters()}
     with torch.no_grad():
         for name in sorted(params):
+            if name not in weights:  # a text encoder dropped since (release_encoders): nothing to restore
+                state.originals.pop(name, None)
+                continue
             weight = weights[name]
             if name not in state.originals:
                 state.originals[name] = weight.detach().clone()
             original = state.originals[name]
             touching = [(lora, module) for lora in state.loaded.values()
-                        for module, target in lora.targets.items() if target.param == name]
+                        for module, target in lora.targets.items() if _param(target) == name]
             if not touching:
                 weight.copy_(original)
                 del state.originals[name]
@@ -114,7 +127,7 @@ def load_lora(pipe, path, scale: float = 1.0, name: str | None = None) -> str:
         if name in state.loaded:
             raise LoraError(f"a LoRA named {name!r} is loaded already; unload it first or give another name")
         state.loaded[name] = LoadedLora(lora, scale, targets)
-        _remerge(pipe, state, {t.param for t in targets.values()})
+        _remerge(pipe, state, {_param(t) for t in targets.values()})
     return name
 
 
@@ -126,10 +139,21 @@ def unload_lora(pipe, name: str | None = None) -> None:
         if name is not None and name not in state.loaded:
             raise LoraError(f"no LoRA named {name!r} is loaded (loaded: {sorted(state.loaded) or 'none'})")
         names = [name] if name is not None else list(state.loaded)
-        params = {t.param for n in names for t in state.loaded[n].targets.values()}
+        params = {_param(t) for n in names for t in state.loaded[n].targets.values()}
         for n in names:
             del state.loaded[n]
         _remerge(pipe, state, params)
+
+
+def fingerprint(pipe, transformer_fingerprint: str) -> str:
+    """`pipe.model_id`: the denoiser's fingerprint, mixed with the text-encoder LoRAs loaded
+    (they change the conditioning the denoiser sees, so calibrated plans must not carry over)."""
+    state = pipe.__dict__.get("_lora_state")
+    text = sorted(f"{lora.file.sha256}:{lora.scale!r}" for lora in (state.loaded.values() if state else ())
+                  if any(component != TRANSFORMER for component, _ in lora.targets))
+    if not text:
+        return transformer_fingerprint
+    return hashlib.sha256("|".join([transformer_fingerprint, *text]).encode()).hexdigest()[:16]
 
 
 def lora_record(pipe) -> dict:

@@ -286,11 +286,13 @@ class Pipeline:
 
     @property
     def model_id(self) -> str:
-        """Fingerprint of the denoiser (calibrated plans are tied to it); computed once."""
+        """Fingerprint of the denoiser and any text-encoder LoRAs (calibrated plans are tied to it); computed once."""
         if "_model_id" not in self.__dict__:
             from dite.accel.fastattn import model_fingerprint
 
-            self._model_id = model_fingerprint(self.transformer)
+            from dite.engine.lora.merge import fingerprint  # text-encoder LoRAs change it too
+
+            self._model_id = fingerprint(self, model_fingerprint(self.transformer))
         return self._model_id
 
     def plan_steps(self, accel, steps: int, guided: bool) -> tuple[list, list[StepPlan]]:

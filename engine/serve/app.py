@@ -1,7 +1,11 @@
 """The FastAPI app: OpenAI's image routes over one pipeline, with the batcher in front.
 
-Routes: POST /v1/images/generations, GET /v1/models, GET /health, GET /metrics, GET / (the
-web page), GET /v1/images/files/{name} (images asked for as URLs).
+Routes: POST /v1/images/generations, POST /v1/images/edits (img2img / inpainting, multipart),
+GET /v1/models, GET /health, GET /metrics, GET / (the web page), GET /v1/images/files/{name}
+(images asked for as URLs).
+
+LoRAs are server state: merged at start-up (`dite serve --lora`, or a pipeline loaded with
+them) and listed by /v1/models and /health; a request cannot change them (validation.LORA_REFUSAL).
 """
 
 from __future__ import annotations
@@ -103,6 +107,24 @@ def create_app(pipe, served_name: str, options: ServeOptions | None = None) -> F
         except BadRequest as bad:
             _count(bad.status, "invalid_request")
             return _error(bad.status, bad.message, bad.param, bad.kind)
+        return await _serve(spec, request, arrived)
+
+    @app.post("/v1/images/edits")
+    async def edits(request: Request):
+        from dite.engine.serve.edits import read_edit
+
+        arrived = time.monotonic()
+        try:
+            body, edit = await read_edit(request)
+            # decoding and checking the images is not free: off the event loop
+            spec = await asyncio.to_thread(check_body, body, pipe, served_name, options.accel, edit)
+        except BadRequest as bad:
+            _count(bad.status, "invalid_request")
+            return _error(bad.status, bad.message, bad.param, bad.kind)
+        return await _serve(spec, request, arrived)
+
+    async def _serve(spec, request: Request, arrived: float):
+        """Queue a checked request and answer with its images (or its one error)."""
         batcher: Batcher = state["batcher"]
         try:
             job = batcher.submit(spec)
@@ -141,13 +163,13 @@ def create_app(pipe, served_name: str, options: ServeOptions | None = None) -> F
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": served_name, "object": "model", "created": 0,
-                                            "owned_by": "dite", "family": pipe.family}]}
+                                            "owned_by": "dite", "family": pipe.family, "loras": _loras(pipe)}]}
 
     @app.get("/health")
     async def health():
         batcher = state.get("batcher")
         return {"status": "ok", "model": served_name, "queue": len(batcher.queue) if batcher else 0,
-                "pid": os.getpid()}  # which process (Ray replica) answered
+                "loras": _loras(pipe), "pid": os.getpid()}  # which process (Ray replica) answered
 
     @app.get("/metrics")
     async def prometheus():
@@ -158,6 +180,13 @@ def create_app(pipe, served_name: str, options: ServeOptions | None = None) -> F
         return HTMLResponse(PAGE.replace("{{MODEL}}", served_name).replace("{{FAMILY}}", pipe.family))
 
     return app
+
+
+def _loras(pipe) -> list[dict]:
+    """The LoRAs merged into the served pipeline: file name, short hash, scale (no folders)."""
+    from dite.engine.lora import lora_record
+
+    return lora_record(pipe).get("loras", [])
 
 
 async def _wait(request: Request, batcher: Batcher, job, deadline: float):

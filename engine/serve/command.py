@@ -15,9 +15,9 @@ class MissingExtraError(DiteError, RuntimeError):
     """A feature's optional dependencies are not installed."""
 
 
-def add_parser(sub, *, positive, finite) -> None:
-    srv = sub.add_parser("serve", help="an OpenAI-compatible image server (POST /v1/images/generations) with "
-                                       "request batching")
+def add_parser(sub, *, positive, finite, lora_spec) -> None:
+    srv = sub.add_parser("serve", help="an OpenAI-compatible image server (POST /v1/images/generations, "
+                                       "/v1/images/edits) with request batching")
     srv.add_argument("--model", default="demo-sd3", help="as for generate (default: demo-sd3)")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine "
                                                          "only; 0.0.0.0 for every interface)")
@@ -42,6 +42,9 @@ def add_parser(sub, *, positive, finite) -> None:
     srv.add_argument("--executor", default="eager", choices=["eager", "compiled", "npu-graph"])
     srv.add_argument("--attention", default="sdpa", choices=["sdpa", "math", "npu"])
     srv.add_argument("--no-t5", action="store_true", help="SD3 without T5")
+    srv.add_argument("--lora", action="append", type=lora_spec, default=None, metavar="PATH[:SCALE]",
+                     help="merge a LoRA at start-up (as for generate; repeatable); requests cannot change it: the "
+                          "merged weights are shared by every request")
     srv.add_argument("--ray", action="store_true", help="serve as Ray Serve replicas (the `ray` extra)")
     srv.add_argument("--replicas", type=positive, default=1, help="--ray: replicas, each with its own pipeline")
     srv.add_argument("--ray-address", default=None,
@@ -83,15 +86,20 @@ def load_args(args) -> dict:
     """load() arguments from the command line (also what each Ray replica loads with)."""
     return dict(source=args.model, device=args.device, dtype=args.dtype, scheduler=args.scheduler,
                 executor=args.executor, attention=args.attention,
-                **({"text_encoder_3": None} if args.no_t5 else {}))
+                **({"text_encoder_3": None} if args.no_t5 else {}),
+                **({"loras": args.lora} if args.lora else {}))  # load() checks the files before reading the model
 
 
 def cmd_serve(args) -> int:
-    require(("fastapi", "uvicorn"), "serve")
+    require(("fastapi", "uvicorn", "python_multipart"), "serve")  # python-multipart: /v1/images/edits forms
     if args.accel:
         from dite.accel.spec import parse_spec
 
         parse_spec(args.accel)  # a malformed spec: one line before anything is loaded
+    if args.lora:  # each file read and checked here, before Ray starts or the model loads
+        from dite.engine.lora.merge import check_lora_list
+
+        check_lora_list(args.lora)
     if args.ray:
         require(("ray",), "ray")
         from dite.engine.serve.ray_app import run_replicas
@@ -108,6 +116,7 @@ def cmd_serve(args) -> int:
     settings = load_args(args)
     pipe = load(settings.pop("source"), **settings)
     name = args.served_model_name or pipe.model_name
-    print(f"dite serve: {name} ({pipe.family}) on http://{args.host}:{args.port}", file=sys.stderr)
+    loras = "".join(f", LoRA {path}:{scale:g}" for path, scale in args.lora or ())
+    print(f"dite serve: {name} ({pipe.family}{loras}) on http://{args.host}:{args.port}", file=sys.stderr)
     serve_forever(create_app(pipe, name, options_of(args)), args.host, args.port)
     return 0

@@ -8,6 +8,11 @@ generators, installed in the call's scheduler state before the first step (the p
 made its own from the batch's first seed). The image a request gets in a batch is therefore
 the image it gets alone, up to the rounding of batched matmuls (README: ±1/255).
 
+An image edit (POST /v1/images/edits) runs alone, as exactly the library call
+`pipe(prompt, image=, strength=, mask_image=, seed=)`: img2img draws each image's VAE
+posterior sample from its generator before the noise, which the seeded-noise scheme above
+does not reproduce, and two edits have different init images anyway (validation.Spec.key).
+
 Each batch is one library call: its GenerationState is its own, and nothing of it outlives
 the call. A failing batch is re-run one request at a time, so an error reaches only the
 request that causes it.
@@ -62,8 +67,19 @@ def _call(pipe, specs, latents, hook):
     common = dict(height=first.height, width=first.width, num_inference_steps=first.steps,
                   guidance_scale=first.guidance, accel=first.accel, seed=first.seed, latents=latents,
                   progress=False, plan_hook=hook)
+    if first.slg is not None:
+        layers, scale, start, stop = first.slg
+        common.update(skip_guidance_layers=list(layers), skip_layer_guidance_scale=scale,
+                      skip_layer_guidance_start=start, skip_layer_guidance_stop=stop)
+    if first.edit is not None:  # its image's size; the pipeline draws its own seeded noise
+        common.update(image=first.edit.image, strength=first.edit.strength, latents=None, height=None, width=None)
+        if first.edit.mask is not None:
+            common["mask_image"] = first.edit.mask
     if pipe.family == "dit":
         return pipe(class_labels=[s.class_label for s in specs for _ in range(s.n)], **common)
+    if first.edit is not None:  # one prompt, n images: image k from seed + k, as the library call alone
+        return pipe(prompt=first.prompt, negative_prompt=first.negative_prompt, num_images_per_prompt=first.n,
+                    **common)
     prompts = [s.prompt for s in specs for _ in range(s.n)]
     negatives = [s.negative_prompt or "" for s in specs for _ in range(s.n)]
     return pipe(prompt=prompts, negative_prompt=negatives, **common)
@@ -71,23 +87,30 @@ def _call(pipe, specs, latents, hook):
 
 def run_together(pipe, specs, is_cancelled: Callable[[], bool]) -> list[Result]:
     """One pipeline call for all `specs`; raises Cancelled when is_cancelled() turns true."""
-    noise, generators = zip(*(_noise(pipe, s) for s in specs))
-    generators = [g for group in generators for g in group]
+    edit = specs[0].edit is not None
+    if edit and len(specs) > 1:
+        raise ValueError("an image edit runs alone (its Spec.key is its own)")
+    if edit:  # the library call itself: its generators and noise are the request's (seed + k)
+        noise, generators = None, None
+    else:
+        noise, generators = zip(*(_noise(pipe, s) for s in specs))
+        noise, generators = torch.cat(noise), [g for group in generators for g in group]
 
     def hook(step, model_in, t, cond, plan, state):
         if is_cancelled():
             raise Cancelled()
-        if step == 0:
+        if step == 0 and generators is not None:
             state.scheduler.generators = generators  # per-step noise from each request's own seeds
         return plan
 
-    out = _call(pipe, specs, torch.cat(noise), hook)
+    out = _call(pipe, specs, noise, hook)
     results, start = [], 0
     for spec in specs:
         params = []
         for k in range(spec.n):
-            # The call was given latents; they were this request's seeded noise.
-            params.append({**out.parameters[start + k], "seed": spec.seed + k, "latents": "seeded"})
+            # Text-to-image calls were given latents: this request's seeded noise.
+            seeded = {} if edit else {"seed": spec.seed + k, "latents": "seeded"}
+            params.append({**out.parameters[start + k], **seeded})
         pngs = [png_bytes(out.images[start + k], p) for k, p in enumerate(params)]
         results.append(Result(pngs, params, len(out.images), dict(out.timings)))
         start += spec.n

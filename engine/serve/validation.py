@@ -5,13 +5,16 @@ field types, ranges, unknown fields) and its meaning for the loaded pipeline (th
 the step count against the scheduler, the accel spec, the seed range: the very checks a
 library call makes, through `Pipeline.check_call`). Either failure is one 400 whose
 `param` names the field.
+
+Image edits (POST /v1/images/edits, engine/serve/edits.py) are checked here too: the same
+fields plus the init image, mask and strength, run through the library's own image checks.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import random
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
@@ -55,6 +58,30 @@ class GenerationBody(BaseModel):
     seed: int | None = Field(None, ge=0, lt=SEED_END, strict=True)
     accel: str | None = None
     class_label: StrictInt | StrictStr | None = None  # no bool or float read as a class
+    # skip-layer guidance (SD3), the library's and diffusers' names (docs/slg.md)
+    skip_guidance_layers: list[StrictInt] | None = None
+    skip_layer_guidance_scale: float | None = Field(None, allow_inf_nan=False, strict=True)
+    skip_layer_guidance_start: float | None = Field(None, allow_inf_nan=False, strict=True)
+    skip_layer_guidance_stop: float | None = Field(None, allow_inf_nan=False, strict=True)
+
+
+SLG_FIELDS = ("skip_guidance_layers", "skip_layer_guidance_scale", "skip_layer_guidance_start",
+              "skip_layer_guidance_stop")
+FIELDS = ("prompt, model, n, size, response_format, user, negative_prompt, steps, guidance, seed, accel, "
+          "class_label, " + ", ".join(SLG_FIELDS))
+LORA_REFUSAL = ("{field}: a request cannot choose LoRAs: they are merged into the pipeline's weights, which every "
+                "request shares (a change would alter the images of requests running or queued with it); start the "
+                "server with dite serve --lora PATH[:SCALE] (GET /v1/models lists the loaded ones)")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class EditInput:
+    """An edit's checked init image (and mask): compared by identity, so an edit never
+    batches with another request (engine/serve/runner.py runs it as its own library call)."""
+
+    image: Any  # PIL image
+    mask: Any  # PIL image or None
+    strength: float | None  # None: the library's default (0.6)
 
 
 def pydantic_error(errors: list[dict]) -> BadRequest:
@@ -67,8 +94,12 @@ def pydantic_error(errors: list[dict]) -> BadRequest:
         return BadRequest("the request body must be a JSON object of the image generation fields", None)
     field = loc[0]
     if first.get("type") == "extra_forbidden":
-        return BadRequest(f"unknown field {field!r}: this server takes prompt, model, n, size, response_format, "
-                          "user, negative_prompt, steps, guidance, seed, accel, class_label", field)
+        if field.startswith("lora"):
+            return BadRequest(LORA_REFUSAL.format(field=field), field)
+        if field in ("strength", "image", "mask"):
+            return BadRequest(f"{field} belongs to image edits: POST /v1/images/edits (multipart/form-data)", field)
+        return BadRequest(f"unknown field {field!r}: this server takes {FIELDS} (and for /v1/images/edits also "
+                          "image, mask, strength)", field)
     return BadRequest(f"{field}: {first.get('msg', 'invalid value')}", field)
 
 
@@ -87,16 +118,21 @@ class Spec:
     prompt: str | None = None
     negative_prompt: str | None = None
     class_label: int | None = None
+    slg: tuple | None = None  # (layers, scale, start, stop)
+    edit: EditInput | None = None
 
     @property
     def key(self) -> tuple:
-        """Requests with equal keys run as one pipeline call (the scheduler is the server's)."""
-        return (self.height, self.width, self.steps, self.guidance, self.accel)
+        """Requests with equal keys run as one pipeline call (the scheduler is the server's);
+        an edit's key is its own (EditInput compares by identity)."""
+        return (self.height, self.width, self.steps, self.guidance, self.accel, self.slg, self.edit)
 
 
 # check_call's argument names -> the request field a message about them concerns
 _PARAMS = {"height": "size", "width": "size", "num_inference_steps": "steps", "guidance_scale": "guidance",
-           "seed": "seed", "accel": "accel", "class label": "class_label", "class_labels": "class_label"}
+           "seed": "seed", "accel": "accel", "class label": "class_label", "class_labels": "class_label",
+           **{name: name for name in SLG_FIELDS}, "strength": "strength", "mask": "mask", "the mask": "mask",
+           "a tensor mask": "mask", "inpainting": "mask", "the init image": "image"}
 
 
 def _param_of(message: str) -> str | None:
@@ -149,13 +185,8 @@ def _check_memory(pipe, height: int, width: int, images: int, guided: bool) -> N
                          f"for one step and {free / 2**30:.1f} GiB of RAM is available; ask for a smaller size")
 
 
-def check_body(body: GenerationBody, pipe, served_name: str, default_accel: str | None) -> Spec:
-    """The meaning checks; raises BadRequest. Cheap: no prompt is encoded."""
-    if body.model is not None and body.model != served_name:
-        raise BadRequest(f"model {body.model!r} is not served here; this server serves {served_name!r} "
-                         "(GET /v1/models)", "model")
-    height, width = _size(body.size, pipe)
-    label = None
+def _prompt_or_label(body: GenerationBody, pipe) -> int | None:
+    """The DiT class label (None for the text-to-image families); BadRequest if absent."""
     if pipe.family == "dit":
         if body.negative_prompt is not None:
             raise BadRequest("negative_prompt: this is a class-conditional DiT; it takes class_label (or a class "
@@ -167,15 +198,61 @@ def check_body(body: GenerationBody, pipe, served_name: str, default_accel: str 
         if isinstance(given, str) and given.strip().isdigit():
             given = int(given)
         try:
-            label = pipe.label_ids([given])[0]
+            return pipe.label_ids([given])[0]
         except DiteError as exc:
             raise BadRequest(f"{field}: {exc}", field) from None
-    else:
-        if body.class_label is not None:
-            raise BadRequest(f"class_label: this is a text-to-image model ({pipe.family}); give a prompt",
-                             "class_label")
-        if not body.prompt or not body.prompt.strip():
-            raise BadRequest("prompt is required: a non-empty string", "prompt")
+    if body.class_label is not None:
+        raise BadRequest(f"class_label: this is a text-to-image model ({pipe.family}); give a prompt", "class_label")
+    if not body.prompt or not body.prompt.strip():
+        raise BadRequest("prompt is required: a non-empty string", "prompt")
+    return None
+
+
+def _slg(body: GenerationBody, pipe, guidance: float):
+    """The SkipLayerGuidance of the request (None without skip_guidance_layers); SD3 only."""
+    from dite.engine.runtime.slg import DEFAULT_SCALE, DEFAULT_START, DEFAULT_STOP, SkipLayerGuidance
+
+    given = [name for name in SLG_FIELDS if getattr(body, name) is not None]
+    if not given:
+        return None
+    if pipe.family != "sd3":
+        raise BadRequest(f"{given[0]}: skip-layer guidance is for SD3 models; this server serves a {pipe.family} "
+                         "model", given[0])
+    if body.skip_guidance_layers is None:
+        raise BadRequest(f"{given[0]} needs skip_guidance_layers (the blocks to skip, e.g. [7, 8, 9])", given[0])
+    if guidance <= 1.0:
+        raise BadRequest(f"guidance: skip-layer guidance works on the guided (CFG) prediction, and guidance is "
+                         f"{guidance:g}; use a guidance above 1 or drop skip_guidance_layers", "guidance")
+    pick = lambda value, default: default if value is None else value  # noqa: E731
+    return SkipLayerGuidance.check(body.skip_guidance_layers, pick(body.skip_layer_guidance_scale, DEFAULT_SCALE),
+                                   pick(body.skip_layer_guidance_start, DEFAULT_START),
+                                   pick(body.skip_layer_guidance_stop, DEFAULT_STOP), depth=len(pipe.transformer.blocks))
+
+
+def _init(edit: EditInput, body: GenerationBody, pipe, default_latent: int):
+    """The library's InitImage for an edit (its image, mask and strength checked as a call
+    checks them), the image's size checked against the model."""
+    from dite.engine.pipelines import init_image
+
+    height, width = _size(body.size, pipe) if body.size not in (None, "auto") else (None, None)  # auto: the image's
+    init = init_image.check(edit.image, edit.strength, edit.mask, count=body.n, height=height, width=width,
+                            masks=pipe.family in ("sd3", "pixart"), family=pipe.family)
+    try:
+        pipe.latent_size(init.height, init.width, default_latent)
+    except DiteError as exc:
+        raise BadRequest(f"image: it is {init.width}x{init.height} pixels: {exc}; resize or crop it", "image") from None
+    return init
+
+
+def check_body(body: GenerationBody, pipe, served_name: str, default_accel: str | None,
+               edit: EditInput | None = None) -> Spec:
+    """The meaning checks; raises BadRequest. Cheap: no prompt is encoded, no image encoded
+    (an edit's image and mask are decoded and checked)."""
+    if body.model is not None and body.model != served_name:
+        raise BadRequest(f"model {body.model!r} is not served here; this server serves {served_name!r} "
+                         "(GET /v1/models)", "model")
+    height, width = _size(body.size, pipe)
+    label = _prompt_or_label(body, pipe)
     accel = body.accel if body.accel is not None else default_accel
     family = FAMILIES[pipe.family]
     # Resolved here, so that a request leaving them out batches with one giving the defaults.
@@ -186,17 +263,23 @@ def check_body(body: GenerationBody, pipe, served_name: str, default_accel: str 
     try:
         if body.accel:
             _no_server_files(body.accel)
+        slg = _slg(body, pipe, float(guidance))
         cfg = pipe.transformer.config
         default_latent = cfg.input_size if pipe.family == "dit" else cfg.sample_size
-        gen_height, gen_width = generated_size(pipe, height, width)
+        init = _init(edit, body, pipe, default_latent) if edit is not None else None
+        # An edit generates at its image's size (no resolution binning); text-to-image at the size asked for.
+        gen_height, gen_width = (init.height, init.width) if init else generated_size(pipe, height, width)
         pipe.check_call(images=body.n, height=gen_height, width=gen_width, default_latent=default_latent,
                         num_inference_steps=steps, guidance_scale=guidance, seed=seed, latents=None,
-                        output_type="pil", accel=accel, progress=False, plan_hook=None)
+                        output_type="pil", accel=accel, progress=False, plan_hook=None, init=init)
         _check_memory(pipe, gen_height, gen_width, body.n, guidance > 1.0)
     except DiteError as exc:
         param = _param_of(str(exc))
         message = f"size {body.size}: {exc}" if param == "size" and body.size else str(exc)
         raise BadRequest(message, param) from None
+    if init is not None:
+        height, width = init.height, init.width
     return Spec(n=body.n, seed=seed, height=height, width=width, steps=steps, guidance=float(guidance),
                 accel=accel, response_format=body.response_format, prompt=body.prompt,
-                negative_prompt=body.negative_prompt, class_label=label)
+                negative_prompt=body.negative_prompt, class_label=label,
+                slg=(slg.layers, slg.scale, slg.start, slg.stop) if slg else None, edit=edit)
