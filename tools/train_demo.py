@@ -448,16 +448,9 @@ def init_denoiser(model: torch.nn.Module):
 # ---------------------------------------------------------------------------- MMDiT (SD3)
 
 
-def train_mmdit(args):
-    from dite.models.layers import sincos_pos_embed_2d
-    from dite.models.mmdit import MMDiT
-
-    name = "mmdit"
-    if done(args, name):
-        return
-    vae = load_vae(args, "sd3")
-    pool, found = latent_pool(vae, args, args.pool)
-    text = load_text(args)
+def encode_captions(text, found) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SD3 conditioning of every distinct training caption ("" first, for guidance): (context,
+    pooled, caption index of each scene)."""
     captions = [""] + sorted({s.caption for s in found})
     index = {c: i for i, c in enumerate(captions)}
     contexts, pooleds = [], []
@@ -465,12 +458,31 @@ def train_mmdit(args):
         ctx, pld = text.encode(captions[i:i + 128], max_sequence_length=T5_MAX_LENGTH)
         contexts.append(ctx)
         pooleds.append(pld)
-    contexts, pooleds = torch.cat(contexts), torch.cat(pooleds)
-    caption_ids = torch.tensor([index[s.caption] for s in found])
-    print(f"[mmdit] {len(captions)} captions encoded: context {tuple(contexts.shape)}", flush=True)
+    return torch.cat(contexts), torch.cat(pooleds), torch.tensor([index[s.caption] for s in found])
+
+
+def dropped(ids: torch.Tensor, null: int, args, g: torch.Generator) -> torch.Tensor:
+    """Conditioning indices with a fraction args.drop replaced by the null one (for guidance)."""
+    ids = ids.clone()
+    ids[torch.rand(len(ids), generator=g) < args.drop] = null
+    return ids
+
+
+def train_mmdit(args, data=scenes, cfg=None):
+    """The SD3-architecture denoiser on the scenes of `data` (rectified flow)."""
+    from dite.models.layers import sincos_pos_embed_2d
+    from dite.models.mmdit import MMDiT
+
+    name = "mmdit"
+    if done(args, name):
+        return
+    vae = load_vae(args, "sd3")
+    pool, found = latent_pool(vae, args, args.pool, data)
+    contexts, pooleds, caption_ids = encode_captions(load_text(args), found)
+    print(f"[mmdit] {len(contexts)} captions encoded: context {tuple(contexts.shape)}", flush=True)
 
     torch.manual_seed(args.seed)
-    cfg = mmdit_config()
+    cfg = cfg or mmdit_config()
     model = MMDiT(cfg)
     init_denoiser(model)
     m, base = cfg.pos_embed_max_size, cfg.sample_size // cfg.patch_size
@@ -482,8 +494,7 @@ def train_mmdit(args):
         g = generator(args.seed, name, run.step)
         idx = torch.randint(0, len(pool), (args.batch,), generator=g)
         x0 = pool[idx]
-        cap = caption_ids[idx].clone()
-        cap[torch.rand(args.batch, generator=g) < args.drop] = 0  # "" for classifier-free guidance
+        cap = dropped(caption_ids[idx], 0, args, g)  # 0: ""
         t = torch.sigmoid(torch.randn(args.batch, generator=g))  # logit-normal(0, 1)
         noise = torch.randn(x0.shape, generator=g)
         tb = t.view(-1, 1, 1, 1)
@@ -504,7 +515,38 @@ def train_mmdit(args):
                final_loss_avg=avg, caption_dropout=args.drop, pool=args.pool, max_sequence_length=T5_MAX_LENGTH)
 
 
-# ---------------------------------------------------------------------------- DiT
+# ---------------------------------------------------------------------------- DDPM (DiT, PixArt)
+
+
+def train_ddpm(args, name: str, model, pool: torch.Tensor, condition, extra: dict):
+    """The improved-DDPM hybrid-loss loop (cosine schedule, learned range) of the DiT and PixArt
+    demos; `condition(idx, g)` gives the Conditioning of the sampled scenes (with dropout)."""
+    model.train()
+    diffusion = GaussianDiffusion()
+    run = Run(name, model, args, lr=args.lr or 5e-4, ema_decay=0.999, warmup=200)
+    started, avg = time.time(), None
+    while run.step < (args.stop_at or args.steps):
+        g = generator(args.seed, name, run.step)
+        idx = torch.randint(0, len(pool), (args.batch,), generator=g)
+        x0 = pool[idx]
+        cond = condition(idx, g)
+        t = torch.randint(0, diffusion.T, (args.batch,), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        xt = diffusion.q_sample(x0, t, noise)
+        with autocast(args):
+            out = model(xt, t.float(), cond).float()
+        mse, vb = diffusion.loss(out, x0, xt, t, noise)
+        loss = mse + vb
+        run.train_step(loss)
+        avg = mse.item() if avg is None else 0.98 * avg + 0.02 * mse.item()
+        if run.step % 25 == 0 or run.step == 1:
+            run.logger.log(run.step, loss=loss.item(), mse=mse.item(), vb=vb.item(), avg_mse=avg)
+        if args.max_minutes and time.time() - started > 60 * args.max_minutes:
+            print(f"[{name}] time budget reached at step {run.step}", flush=True)
+            break
+    run.finish({"config": model.config.to_dict(), "steps": run.step, **extra})
+    write_meta(run.folder, steps=run.step, batch=args.batch, seed=args.seed, wall_s=time.time() - started,
+               final_mse_avg=avg, conditioning_dropout=args.drop, pool=args.pool, **extra)
 
 
 def train_dit(args):
@@ -522,33 +564,11 @@ def train_dit(args):
     model.init_computed_buffers(torch.device("cpu"))
     init_denoiser(model)
     torch.nn.init.normal_(model.y_embedder.embedding_table.weight, std=0.02)
-    model.train()
-    diffusion = GaussianDiffusion()
-    run = Run(name, model, args, lr=args.lr or 5e-4, ema_decay=0.999, warmup=200)
-    started, avg = time.time(), None
-    while run.step < (args.stop_at or args.steps):
-        g = generator(args.seed, name, run.step)
-        idx = torch.randint(0, len(pool), (args.batch,), generator=g)
-        x0 = pool[idx]
-        y = labels[idx].clone()
-        y[torch.rand(args.batch, generator=g) < args.drop] = cfg.num_classes  # the null class
-        t = torch.randint(0, diffusion.T, (args.batch,), generator=g)
-        noise = torch.randn(x0.shape, generator=g)
-        xt = diffusion.q_sample(x0, t, noise)
-        with autocast(args):
-            out = model(xt, t.float(), Conditioning(class_labels=y)).float()
-        mse, vb = diffusion.loss(out, x0, xt, t, noise)
-        loss = mse + vb
-        run.train_step(loss)
-        avg = mse.item() if avg is None else 0.98 * avg + 0.02 * mse.item()
-        if run.step % 25 == 0 or run.step == 1:
-            run.logger.log(run.step, loss=loss.item(), mse=mse.item(), vb=vb.item(), avg_mse=avg)
-        if args.max_minutes and time.time() - started > 60 * args.max_minutes:
-            print(f"[{name}] time budget reached at step {run.step}", flush=True)
-            break
-    run.finish({"config": cfg.to_dict(), "steps": run.step})
-    write_meta(run.folder, steps=run.step, batch=args.batch, seed=args.seed, wall_s=time.time() - started,
-               final_mse_avg=avg, class_dropout=args.drop, pool=args.pool)
+
+    def condition(idx, g):  # dropped labels become cfg.num_classes, the null class
+        return Conditioning(class_labels=dropped(labels[idx], cfg.num_classes, args, g))
+
+    train_ddpm(args, name, model, pool, condition, {})
 
 
 # ---------------------------------------------------------------------------- main

@@ -28,16 +28,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import demo_scenes_v2 as scenes  # noqa: E402
 import train_demo as td  # noqa: E402
-from demo_diffusion import GaussianDiffusion  # noqa: E402
 
 from dite.models.denoiser import Conditioning  # noqa: E402
 
@@ -72,59 +69,8 @@ def shipped_vae(family: str):
     return load(str(VAE_FROM[family]), dtype=torch.float32).vae.float().requires_grad_(True)
 
 
-def caption_table(found) -> tuple[list[str], torch.Tensor]:
-    captions = [""] + sorted({s.caption for s in found})
-    index = {c: i for i, c in enumerate(captions)}
-    return captions, torch.tensor([index[s.caption] for s in found])
-
-
 def train_mmdit(args):
-    from dite.models.layers import sincos_pos_embed_2d
-    from dite.models.mmdit import MMDiT
-
-    name = "mmdit"
-    if td.done(args, name):
-        return
-    vae = td.load_vae(args, "sd3")
-    pool, found = td.latent_pool(vae, args, args.pool, scenes)
-    text = td.load_text(args)
-    captions, caption_ids = caption_table(found)
-    contexts, pooleds = zip(*(text.encode(captions[i:i + 128], max_sequence_length=T5_MAX_LENGTH)
-                              for i in range(0, len(captions), 128)))
-    contexts, pooleds = torch.cat(contexts), torch.cat(pooleds)
-    print(f"[mmdit] {len(captions)} captions encoded: context {tuple(contexts.shape)}", flush=True)
-    torch.manual_seed(args.seed)
-    cfg = mmdit_config()
-    model = MMDiT(cfg)
-    td.init_denoiser(model)
-    m, base = cfg.pos_embed_max_size, cfg.sample_size // cfg.patch_size
-    model.pos_embed.copy_(sincos_pos_embed_2d(cfg.hidden_size, m, m, base_size=base).unsqueeze(0))
-    model.train()
-    run = td.Run(name, model, args, lr=args.lr or 8e-4, ema_decay=0.999, warmup=100)
-    started, avg = time.time(), None
-    while run.step < (args.stop_at or args.steps):
-        g = td.generator(args.seed, name, run.step)
-        idx = torch.randint(0, len(pool), (args.batch,), generator=g)
-        x0 = pool[idx]
-        cap = caption_ids[idx].clone()
-        cap[torch.rand(args.batch, generator=g) < args.drop] = 0
-        t = torch.sigmoid(torch.randn(args.batch, generator=g))  # logit-normal(0, 1)
-        noise = torch.randn(x0.shape, generator=g)
-        tb = t.view(-1, 1, 1, 1)
-        with td.autocast(args):
-            pred = model((1 - tb) * x0 + tb * noise, t * 1000,
-                         Conditioning(context=contexts[cap], pooled=pooleds[cap])).float()
-        loss = F.mse_loss(pred, noise - x0)
-        run.train_step(loss)
-        avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
-        if run.step % 25 == 0 or run.step == 1:
-            run.logger.log(run.step, loss=loss.item(), avg=avg, lr=run.opt.param_groups[0]["lr"] * 1e3)
-        if args.max_minutes and time.time() - started > 60 * args.max_minutes:
-            print(f"[{name}] time budget reached at step {run.step}", flush=True)
-            break
-    run.finish({"config": cfg.to_dict(), "steps": run.step, "max_sequence_length": T5_MAX_LENGTH})
-    td.write_meta(run.folder, steps=run.step, batch=args.batch, seed=args.seed, wall_s=time.time() - started,
-                  final_loss_avg=avg, caption_dropout=args.drop, pool=args.pool, max_sequence_length=T5_MAX_LENGTH)
+    td.train_mmdit(args, scenes, mmdit_config())
 
 
 def init_pixart(model):
@@ -159,42 +105,23 @@ def train_pixart(args):
     vae = td.load_vae(args, "pixart")
     pool, found = td.latent_pool(vae, args, args.pool, scenes)
     text = td.load_text(args)
-    captions, caption_ids = caption_table(found)
+    captions = [""] + sorted({s.caption for s in found})
+    index = {c: i for i, c in enumerate(captions)}
+    caption_ids = torch.tensor([index[s.caption] for s in found])
     # PixArt reads T5's last states with the padding masked out: the pipeline's own encoder.
     t5 = PixArtText(t5=text.t5, tokenizer=text.tokenizer_t5)
     contexts, masks = zip(*(t5.encode(captions[i:i + 128], T5_MAX_LENGTH) for i in range(0, len(captions), 128)))
     contexts, masks = torch.cat(contexts), torch.cat(masks).bool()
     print(f"[pixart] {len(captions)} captions encoded: context {tuple(contexts.shape)}", flush=True)
     torch.manual_seed(args.seed)
-    cfg = pixart_config()
-    model = PixArt(cfg)
+    model = PixArt(pixart_config())
     init_pixart(model)
-    model.train()
-    diffusion = GaussianDiffusion()
-    run = td.Run(name, model, args, lr=args.lr or 5e-4, ema_decay=0.999, warmup=200)
-    started, avg = time.time(), None
-    while run.step < (args.stop_at or args.steps):
-        g = td.generator(args.seed, name, run.step)
-        idx = torch.randint(0, len(pool), (args.batch,), generator=g)
-        x0 = pool[idx]
-        cap = caption_ids[idx].clone()
-        cap[torch.rand(args.batch, generator=g) < args.drop] = 0
-        t = torch.randint(0, diffusion.T, (args.batch,), generator=g)
-        noise = torch.randn(x0.shape, generator=g)
-        xt = diffusion.q_sample(x0, t, noise)
-        with td.autocast(args):
-            out = model(xt, t.float(), Conditioning(context=contexts[cap], context_mask=masks[cap])).float()
-        mse, vb = diffusion.loss(out, x0, xt, t, noise)
-        run.train_step(mse + vb)
-        avg = mse.item() if avg is None else 0.98 * avg + 0.02 * mse.item()
-        if run.step % 25 == 0 or run.step == 1:
-            run.logger.log(run.step, loss=(mse + vb).item(), mse=mse.item(), vb=vb.item(), avg_mse=avg)
-        if args.max_minutes and time.time() - started > 60 * args.max_minutes:
-            print(f"[{name}] time budget reached at step {run.step}", flush=True)
-            break
-    run.finish({"config": cfg.to_dict(), "steps": run.step, "max_sequence_length": T5_MAX_LENGTH})
-    td.write_meta(run.folder, steps=run.step, batch=args.batch, seed=args.seed, wall_s=time.time() - started,
-                  final_mse_avg=avg, caption_dropout=args.drop, pool=args.pool, max_sequence_length=T5_MAX_LENGTH)
+
+    def condition(idx, g):  # dropped captions become index 0, ""
+        cap = td.dropped(caption_ids[idx], 0, args, g)
+        return Conditioning(context=contexts[cap], context_mask=masks[cap])
+
+    td.train_ddpm(args, name, model, pool, condition, {"max_sequence_length": T5_MAX_LENGTH})
 
 
 def train_vae(args):
