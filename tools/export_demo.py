@@ -209,7 +209,7 @@ def main(argv=None):
     second = args.model in ("sd3-128", "pixart")
     args.work = args.work or str(V2_WORK if second else td.WORK)
     if args.model == "sd3-128":
-        args.out = args.out or str(DEMO / "sd3_128")
+        args.out = args.out or str(td.ROOT / "demos" / "sd3_128")  # outside the wheel (models/demo/README.md)
     {"sd3": export_sd3, "dit": export_dit, "sd3-128": export_sd3, "pixart": export_pixart}[args.model](args)
 
 
