@@ -3,14 +3,13 @@
 # tools/train_all_demo_v2.sh: DiTFastAttn plans calibrated on each model (training captions,
 # window 32 = N/8 of 256 tokens), the fidelity table of every method against fewer steps on
 # held-out scenes, the attention shares, and the floors of tests/test_demo_fidelity.py.
-#   nohup tools/eval_all_demo_v2.sh > logs/eval_all_v2.log 2>&1 &
+#   nohup tools/eval_all_demo_v2.sh [demo-sd3-128] [demo-pixart] > logs/eval_all_v2.log 2>&1 &
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PROMPTS=${PROMPTS:-16}
 FLOOR_PROMPTS=${FLOOR_PROMPTS:-6}
 export OMP_NUM_THREADS=1
-CALIBRATION=(--prompt "a blue square above a cyan square" --prompt "a green circle at the bottom right"
-             --prompt "a green square right of a red square" --prompt "a small purple square at the bottom left")
+CALIBRATION=(--prompt "a blue square above a cyan square" --prompt "a green circle at the bottom right")
 
 methods() {  # sets accel: the specs evaluated on model $1
     accel=(ditcache "ditcache(order=1)" promptgate ditcache+promptgate todo deltacache adaptive
@@ -36,10 +35,11 @@ floors() {
         --record-floors tests/data/demo_fidelity_floors.json --out "/tmp/floors-$m"
 }
 
-evaluate demo-sd3-128 28 &
-evaluate demo-pixart 20 &
+# Arguments: the models to evaluate (default both; each runs as soon as it is trained).
+declare -A STEPS=([demo-sd3-128]=28 [demo-pixart]=20)
+MODELS=(${*:-demo-sd3-128 demo-pixart})
+for m in "${MODELS[@]}"; do evaluate "$m" "${STEPS[$m]}" & done
 wait
+for m in "${MODELS[@]}"; do floors "$m"; done
 python tools/attention_share.py --model demo-sd3-128 demo-pixart demo-sd3 demo-dit > bench/attention-share.md
-floors demo-sd3-128
-floors demo-pixart
 echo "== $(date +%T) all done"
