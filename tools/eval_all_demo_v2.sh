@@ -41,5 +41,5 @@ MODELS=(${*:-demo-sd3-128 demo-pixart})
 for m in "${MODELS[@]}"; do evaluate "$m" "${STEPS[$m]}" & done
 wait
 for m in "${MODELS[@]}"; do floors "$m"; done
-python tools/attention_share.py --model demo-sd3-128 demo-pixart demo-sd3 demo-dit > bench/attention-share.md
+[ $# -gt 0 ] || python tools/attention_share.py --model demo-sd3-128 demo-pixart demo-sd3 demo-dit > bench/attention-share.md
 echo "== $(date +%T) all done"
