@@ -10,7 +10,7 @@ from dite.accel.schedule import format_steps, parse_steps
 from dite.engine import load
 from dite.engine.errors import ConfigError
 from dite.engine.runtime import tune as tune_module
-from dite.engine.runtime.tune_schedule import fill_budget, greedy_schedule, schedule_spec
+from dite.engine.runtime.tune_schedule import fill_budget, greedy_schedule, refine_schedule, schedule_spec
 from tiny import tiny_dit_pipeline
 
 STEPS, LABELS = 6, [3, 7]
@@ -101,3 +101,16 @@ def test_greedy_fits_tight_budgets_and_refuses_impossible_ones(pipe):
     assert found.compute == pytest.approx(t.cost(found.spec))
     # Step 0 alone costs (6 + 5 * 1) / 36 = 0.306: below it nothing fits.
     assert greedy_schedule(tuner(pipe, 0.3), 2, 1, (1, 6)) is None
+
+
+def test_moving_a_step_keeps_the_cost_and_never_loses_to_the_start(pipe):
+    t = tuner(pipe, 0.8)
+    start = t.measure("static", schedule_spec({0, 1, 4}, (1, 6), 1), STEPS, 2)
+    moves = [{0, 2, 4}, {0, 1, 3}, {0, 1, 5}]  # every step but 0 to a free neighbour
+    singles = [t.measure("static", schedule_spec(m, (1, 6), 1), STEPS, 2) for m in moves]
+    found = refine_schedule(t, 2, start, 1, (1, 6), passes=1)
+    assert found.compute == pytest.approx(start.compute)
+    assert found.psnr == max([start.psnr] + [m.psnr for m in singles])
+    # More passes only climb further from there, at the same cost.
+    again = refine_schedule(t, 2, start, 1, (1, 6))
+    assert again.psnr >= found.psnr and again.compute == pytest.approx(start.compute)

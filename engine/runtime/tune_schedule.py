@@ -44,6 +44,28 @@ def greedy_schedule(tuner, k: int, order: int, blocks: tuple[int, int]):
     return tuner.measure("static", schedule_spec(run, blocks, order), steps, k)
 
 
+def refine_schedule(tuner, k: int, found, order: int, blocks: tuple[int, int], passes: int = 3):
+    """Local search after the greedy removal, at the same cost: move one computed step (not
+    step 0) to a free neighbouring step, keeping the move that raises the PSNR on the first
+    k inputs most, for up to `passes` rounds or until no move helps. Greedy removal decides
+    each step once, against the schedule of that round; a move revisits a decision against
+    the final one. Returns the best Measured (`found` itself if no move helped)."""
+    from dite.accel.schedule import parse_steps
+
+    best = found
+    for _ in range(passes):
+        run = set(parse_steps("schedule", best.spec.split("run=")[1].split(",")[0], tuner.steps))
+        moves = {frozenset(run - {s} | {s + d}) for s in run - {0} for d in (-1, 1)
+                 if 0 < s + d < tuner.steps and s + d not in run}
+        tried = [tuner.measure("static", schedule_spec(m, blocks, order), tuner.steps, k) for m in sorted(
+            moves, key=sorted)]
+        better = max((m for m in tried if m is not None), key=lambda m: m.psnr, default=None)
+        if better is None or better.psnr <= best.psnr:
+            break
+        best = better
+    return best
+
+
 def fill_budget(tuner, k: int, base: str, evals: int = 7):
     """`base` (a schedule spec within budget) with the threshold that lets samples run the
     range on more steps while the compute stays within the budget (the tuner's threshold
@@ -63,6 +85,12 @@ def search_schedules(tuner, k: int) -> list:
         if m:
             tuner.log(f"  schedule, order {order}: {m.spec}  PSNR {m.psnr:.2f} dB at {m.compute:.3f}")
             found.append(m)
+            moved = refine_schedule(tuner, k, m, order, (1, tuner.depth))
+            if moved is not m:
+                tuner.log(f"  schedule, order {order}, moved: {moved.spec}  PSNR {moved.psnr:.2f} dB at "
+                          f"{moved.compute:.3f}")
+                found.append(moved)
+                m = moved
             filled = fill_budget(tuner, k, m.spec)
             if filled:
                 tuner.log(f"  schedule, order {order}, filled: {filled.spec}  PSNR {filled.psnr:.2f} dB at "
