@@ -253,3 +253,23 @@ def test_a_subset_record_ends_the_shared_path_and_the_rows_keep_their_histories(
     hist.record(KEY, 3.0, {"image": torch.tensor([[3.0], [18.0]])})  # whole batch again: still per row
     assert hist._ranges[KEY].shared is None
     torch.testing.assert_close(hist.forecast(KEY, 4.0)["image"], torch.tensor([[4.0], [26.0]]))
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_a_lower_degree_uses_only_the_newest_records(per_row):
+    """One order-2 history serves order-1 (and order-0) forecasts on chosen steps: the same
+    numbers an order-1 history of the same records gives."""
+    g = torch.Generator().manual_seed(5)
+    h2, h1 = DeltaHistory(order=2), DeltaHistory(order=1)
+    rows = torch.arange(2) if per_row else None
+    for k, x in enumerate((0.0, 1.0, 3.0)):
+        d = {"image": torch.randn(2, 3, generator=g)}
+        for h in (h2, h1):
+            h.record(KEY, x, d, rows=rows if k else None)
+    assert (h2._ranges[KEY].shared is None) == per_row
+    torch.testing.assert_close(h2.forecast(KEY, 4.0, degree=1)["image"], h1.forecast(KEY, 4.0)["image"],
+                               rtol=1e-6, atol=1e-6)
+    assert torch.equal(h2.forecast(KEY, 4.0, degree=0)["image"], h2.forecast(KEY, 3.0, degree=0)["image"])
+    torch.testing.assert_close(h2.forecast(KEY, 4.0, degree=0)["image"], h1._ranges[KEY].values["image"][
+        h1._ranges[KEY].head[0]])
+    assert not torch.allclose(h2.forecast(KEY, 4.0)["image"], h2.forecast(KEY, 4.0, degree=1)["image"])

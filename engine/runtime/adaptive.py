@@ -94,7 +94,7 @@ def applied_delta(op: RangeOp, deltas: DeltaStore, rs: RangeState | None, rows: 
     """What a skipped range adds to its input: with a forecast order, the delta extrapolated
     to this step from the range's history; else the last delta recorded (checked for `rows`)."""
     if op.order:
-        return rs.history_for(op).forecast(op.key, rs.coordinate(op))
+        return rs.history_for(op).forecast(op.key, rs.coordinate(op), degree=op.degree)
     return deltas.get(op.key, rows)
 
 
@@ -216,12 +216,12 @@ def adaptive_range(rs: RangeState, op: RangeOp, signal: torch.Tensor, streams: D
         new, delta = run(None)
         history.record(op.key, coord, delta)
     elif not run_rows:
-        new = add(history.forecast(op.key, coord))
+        new = add(history.forecast(op.key, coord, degree=op.degree))
     else:
         idx, skip = split_rows(run_rows, rows, signal.device)
         computed, delta = run(idx)
         history.record(op.key, coord, delta, rows=idx)
-        forecast = history.forecast(op.key, coord, rows=skip)
+        forecast = history.forecast(op.key, coord, rows=skip, degree=op.degree)
         new = {s: merge_rows(streams[s], idx, computed[s], skip, forecast[s]) for s in computed}
     settle(rs, op, signal, run_rows)
     return new

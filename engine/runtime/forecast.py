@@ -169,9 +169,11 @@ class DeltaHistory:
 
     # -- forecasting -------------------------------------------------------------------------
 
-    def forecast(self, key, coord: float | torch.Tensor, rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forecast(self, key, coord: float | torch.Tensor, rows: torch.Tensor | None = None,
+                 degree: int | None = None) -> dict[str, torch.Tensor]:
         """The extrapolated delta of each stream for `rows` (all rows if None) at `coord`, from
-        as many records as each row has, up to order+1; in the deltas' dtype.
+        as many records as each row has, up to order+1 (`degree`: up to degree+1, the newest);
+        in the deltas' dtype.
 
         Host syncs: none once every row has a record of `key` (known on the host after any
         record with rows=None, i.e. from the first step on); before that one, to check that the
@@ -187,19 +189,24 @@ class DeltaHistory:
         if not entry.complete:
             self._check_recorded(key, entry, idx)
 
-        if self.size == 1:  # order 0: the last delta itself, bitwise
-            if idx is None:
+        terms = self.size if degree is None else min(self.size, degree + 1)
+        if terms == 1:  # order 0: the last delta itself, bitwise
+            if idx is None and self.size == 1:
                 return {s: buf[0] for s, buf in entry.values.items()}
-            return {s: buf[0].index_select(0, idx) for s, buf in entry.values.items()}
+            if self.size == 1:
+                return {s: buf[0].index_select(0, idx) for s, buf in entry.values.items()}
+            idx = torch.arange(batch, device=device) if idx is None else idx
+            newest = entry.head[idx]
+            return {s: buf[newest, idx] for s, buf in entry.values.items()}
 
         if entry.shared and not isinstance(coord, torch.Tensor):
-            return self._forecast_shared(entry, float(coord), idx)
+            return self._forecast_shared(entry, float(coord), idx, terms)
         if idx is None:
             idx = torch.arange(batch, device=device)
         r = idx.shape[0]
         ages = torch.arange(self.size, device=device)
         slots = (entry.head[idx].unsqueeze(0) - ages.unsqueeze(1)) % self.size  # [K, R], newest first
-        n = entry.count[idx]  # [R], >= 1
+        n = entry.count[idx].clamp(max=terms)  # [R], >= 1: the records this forecast uses
         valid = ages.unsqueeze(1) < n.unsqueeze(0)  # [K, R]
         xs = entry.coords[slots, idx.unsqueeze(0)]  # [K, R]
         x = self._coords_for(coord, entry, r)
@@ -224,13 +231,14 @@ class DeltaHistory:
             out[s] = acc.to(buf.dtype)
         return out
 
-    def _forecast_shared(self, entry: _Range, x: float, idx: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def _forecast_shared(self, entry: _Range, x: float, idx: torch.Tensor | None,
+                         terms: int) -> dict[str, torch.Tensor]:
         """forecast() while every row shares its slots and coordinates: the same Newton form
         with host-scalar denominators and factors, so a stream costs about (m+1)m/2 + m
         elementwise kernels for m records and no index bookkeeping."""
         x = _as_stored(x, entry.coords.dtype)
-        slots = [slot for slot, _ in entry.shared]
-        xs = [coord for _, coord in entry.shared]
+        slots = [slot for slot, _ in entry.shared[:terms]]
+        xs = [coord for _, coord in entry.shared[:terms]]
         m, cdtype = len(slots), entry.coords.dtype
         out = {}
         for s, buf in entry.values.items():

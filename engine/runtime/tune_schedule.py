@@ -6,7 +6,9 @@ Each candidate removal is one measured run on the screen inputs. Evaluated lazil
 removal's PSNR measured in an earlier round (with more steps running) is an optimistic
 estimate of what it gives now, so each round re-measures only the candidates whose old
 estimate could still beat the best fresh one (a max-heap on the estimates); on the demo
-models that is a few runs a round instead of one per remaining step. The budget a whole
+models that is a few runs a round instead of one per remaining step. Then a local search moves
+single steps at the same cost, and the forecast order is raised to 2 on the skipped steps
+where that helps (one history, `high=`). The budget a whole
 step leaves over is then spent per sample: the same schedule with the threshold (bisected)
 that lets a sample whose state moves run the range on other steps too.
 """
@@ -66,6 +68,26 @@ def refine_schedule(tuner, k: int, found, order: int, blocks: tuple[int, int], p
     return best
 
 
+def mix_orders(tuner, k: int, found, blocks: tuple[int, int], order: int = 2):
+    """An order-1 schedule (`found`, static) with the forecast raised to `order` on the skipped
+    steps where that helps: each skipped step is tried alone at `order` (the rest at order
+    1, same cost), and every step whose try beat `found` is raised together. Returns the
+    combination's Measured if it beats `found`, else `found`."""
+    from dite.accel.schedule import parse_steps
+
+    run_text = found.spec.split("run=")[1].split(",")[0]
+    skipped = sorted(set(range(tuner.steps)) - set(parse_steps("schedule", run_text, tuner.steps)))
+
+    def spec(high):
+        return f"schedule(run={run_text},blocks={blocks[0]}:{blocks[1]},order={order},high={format_steps(high)})"
+
+    gains = [s for s in skipped if (m := tuner.measure("static", spec({s}), tuner.steps, k)) and m.psnr > found.psnr]
+    if not gains:
+        return found
+    mixed = tuner.measure("static", spec(gains), tuner.steps, k)
+    return mixed if mixed is not None and mixed.psnr > found.psnr else found
+
+
 def fill_budget(tuner, k: int, base: str, evals: int = 7):
     """`base` (a schedule spec within budget) with the threshold that lets samples run the
     range on more steps while the compute stays within the budget (the tuner's threshold
@@ -78,7 +100,8 @@ def fill_budget(tuner, k: int, base: str, evals: int = 7):
 
 def search_schedules(tuner, k: int) -> list:
     """Greedy schedules over the blocks after the first, for forecast orders 1 and 2, each
-    also with the threshold that spends the budget it leaves over."""
+    refined by same-cost moves; the order-1 one also with order 2 on the skipped steps where
+    that helps; each also with the threshold that spends the budget it leaves over."""
     found = []
     for order in (1, 2):
         m = greedy_schedule(tuner, k, order, (1, tuner.depth))
@@ -91,6 +114,15 @@ def search_schedules(tuner, k: int) -> list:
                           f"{moved.compute:.3f}")
                 found.append(moved)
                 m = moved
+            if order == 1:
+                mixed = mix_orders(tuner, k, m, (1, tuner.depth))
+                if mixed is not m:
+                    tuner.log(f"  schedule, order 1 and 2 mixed: {mixed.spec}  PSNR {mixed.psnr:.2f} dB at "
+                              f"{mixed.compute:.3f}")
+                    found.append(mixed)
+                    filled = fill_budget(tuner, k, mixed.spec)
+                    if filled:
+                        found.append(filled)
             filled = fill_budget(tuner, k, m.spec)
             if filled:
                 tuner.log(f"  schedule, order {order}, filled: {filled.spec}  PSNR {filled.psnr:.2f} dB at "
