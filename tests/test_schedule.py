@@ -142,16 +142,11 @@ def test_high_on_no_skipped_step_is_order_one_and_on_all_is_the_full_order(pipe)
     assert (pipe(accel="schedule(run=0-1.4,order=2,high=0,threshold=0.5)", **kw).images == t1).all()
 
 
-def test_mixing_orders_keeps_the_cost_and_never_loses_to_order_one(pipe):
+def test_mixing_orders_keeps_the_cost_and_never_loses_to_order_one_or_the_best_single_step(pipe):
     t = tuner(pipe, 0.8)
     found = t.measure("static", schedule_spec({0, 1, 4}, (1, 6), 1), STEPS, 2)
     mixed = mix_orders(t, 2, found, (1, 6))
-    assert mixed.compute == pytest.approx(found.compute) and mixed.psnr >= found.psnr
-    singles = {s: t.measure("static", f"schedule(run=0-1.4,blocks=1:6,order=2,high={s})", STEPS, 2)
-               for s in (2, 3, 5)}
-    helped = sorted(s for s, m in singles.items() if m.psnr > found.psnr)
-    if mixed is found:
-        assert not helped or t.measure("static", "schedule(run=0-1.4,blocks=1:6,order=2,high="
-                                       + ".".join(map(str, helped)) + ")", STEPS, 2).psnr <= found.psnr
-    else:
-        assert "high=" in mixed.spec and "run=0-1.4" in mixed.spec
+    assert mixed.compute == pytest.approx(found.compute)
+    singles = [t.measure("static", f"schedule(run=0-1.4,blocks=1:6,order=2,high={s})", STEPS, 2) for s in (2, 3, 5)]
+    assert mixed.psnr == max(mixed.psnr, found.psnr, *(m.psnr for m in singles))
+    assert mixed is found or ("high=" in mixed.spec and "run=0-1.4" in mixed.spec)

@@ -7,8 +7,10 @@ and on `--calibration` training captions of the demo (an evenly spaced pick; non
 is held out, so the evaluation in tools/bench_peers.py never sees them):
 
 1. moves computed steps to free neighbours while that helps (`refine_schedule`),
-2. raises the forecast to order 2 on the skipped steps where that helps (`mix_orders`),
-3. bisects a threshold that spends the budget left over (`fill_budget`),
+2. raises the forecast to order 2 on the skipped steps where that helps (`mix_orders`), on
+   the file's schedule and on the moved one (a move that helps at order 1 may not once
+   some steps forecast at order 2),
+3. bisects a threshold that spends the budget left over (`fill_budget`) for each of them,
 
 and writes the best candidate within the budget (the file's own spec measured on the same
 prompts included, so the result is never worse than it there) as a `dite-tuned/1` file.
@@ -66,9 +68,9 @@ def main(argv=None) -> int:
     candidates = [tuner.measure("static", spec, tuner.steps, n)]
     base = tuner.measure("static", f"schedule({fixed},order=1)", tuner.steps, n)
     moved = refine_schedule(tuner, n, base, 1, blocks)
-    mixed = mix_orders(tuner, n, moved, blocks)
-    candidates += [base, moved, mixed]
-    for m in {id(m): m for m in (moved, mixed)}.values():
+    mixed = [mix_orders(tuner, n, m, blocks) for m in {id(m): m for m in (base, moved)}.values()]
+    candidates += [base, moved, *mixed]
+    for m in {id(m): m for m in (base, moved, *mixed)}.values():
         candidates.append(fill_budget(tuner, n, m.spec))
     fewer = tuner.measure("fewer-steps", "", int(budget * tuner.steps + 1e-9), n)
     feasible = [m for m in candidates if m is not None and m.cost(tuner.metric) <= budget + 1e-9]

@@ -70,22 +70,27 @@ def refine_schedule(tuner, k: int, found, order: int, blocks: tuple[int, int], p
 
 def mix_orders(tuner, k: int, found, blocks: tuple[int, int], order: int = 2):
     """An order-1 schedule (`found`, static) with the forecast raised to `order` on the skipped
-    steps where that helps: each skipped step is tried alone at `order` (the rest at order
-    1, same cost), and every step whose try beat `found` is raised together. Returns the
-    combination's Measured if it beats `found`, else `found`."""
+    steps where that helps, at the same cost: each skipped step is tried alone at `order`
+    (the rest at order 1); then, from the best single step down, each step whose try beat
+    `found` is added while the combination keeps improving (raising them all at once can
+    lose: two raised steps in a row extrapolate from each other's errors). Returns the best
+    Measured (`found` itself if nothing helped)."""
     from dite.accel.schedule import parse_steps
 
     run_text = found.spec.split("run=")[1].split(",")[0]
     skipped = sorted(set(range(tuner.steps)) - set(parse_steps("schedule", run_text, tuner.steps)))
 
-    def spec(high):
-        return f"schedule(run={run_text},blocks={blocks[0]}:{blocks[1]},order={order},high={format_steps(high)})"
+    def measure(high):
+        spec = f"schedule(run={run_text},blocks={blocks[0]}:{blocks[1]},order={order},high={format_steps(high)})"
+        return tuner.measure("static", spec, tuner.steps, k)
 
-    gains = [s for s in skipped if (m := tuner.measure("static", spec({s}), tuner.steps, k)) and m.psnr > found.psnr]
-    if not gains:
-        return found
-    mixed = tuner.measure("static", spec(gains), tuner.steps, k)
-    return mixed if mixed is not None and mixed.psnr > found.psnr else found
+    singles = {s: m for s in skipped if (m := measure({s})) is not None and m.psnr > found.psnr}
+    best, high = found, set()
+    for s in sorted(singles, key=lambda s: -singles[s].psnr):
+        trial = singles[s] if not high else measure(high | {s})
+        if trial is not None and trial.psnr > best.psnr:
+            best, high = trial, high | {s}
+    return best
 
 
 def fill_budget(tuner, k: int, base: str, evals: int = 7):
