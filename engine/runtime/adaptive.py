@@ -52,9 +52,11 @@ class RangeState:
     signals: DeltaHistory | None = None
     references: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     streaks: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
-    # Each sample's L1 size of its reference, kept between the steps it does not run (the
-    # "last" judge divides by it on every step); dropped whenever the reference changes.
-    reference_sizes: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    # (reference, each sample's L1 size of it), kept between the steps it does not run (the
+    # "last" judge divides by it on every step); used only while `references[key]` is still
+    # that very tensor, so a reference replaced anywhere (settle, PromptGate's row drop, a
+    # parallel hand-over's token split) is measured again.
+    reference_sizes: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     decisions: list[dict] = field(default_factory=list)
     step: int = 0
     time: float = 0.0
@@ -121,14 +123,15 @@ def decide(rs: RangeState, op: RangeOp, signal: torch.Tensor) -> list[bool]:
         # ran: a small miss predicts a small miss of the forecast delta.
         reference = rs.signals.forecast(key, rs.coordinate(op))["signal"]
     else:  # the reference changes only on steps a sample runs: its size is kept until then
-        size = rs.reference_sizes.get(key)
+        kept = rs.reference_sizes.get(key)
+        size = kept[1] if kept is not None and kept[0] is reference else None
     # Relative L1 difference of each sample's signal over all its rows (both CFG branches),
     # in float32 whatever the model's dtype, from its reference.
     change = (_as_float(signal) - _as_float(reference)).abs_().flatten(1).sum(1).view(rps, samples).sum(0)
     if size is None:
         size = _as_float(reference).abs().flatten(1).sum(1).view(rps, samples).sum(0)
         if op.judge != "forecast":
-            rs.reference_sizes[key] = size
+            rs.reference_sizes[key] = (reference, size)
     if rs.reduce is not None:
         change, size = rs.reduce(torch.stack([change, size])).unbind(0)
     over = change > op.threshold * size.clamp_min(torch.finfo(torch.float32).tiny)
