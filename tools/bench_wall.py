@@ -16,7 +16,7 @@ split into stages by wall clock:
 
 and reported as medians over calls in milliseconds, with the wall ratio (median over prompts
 of call time / the same prompt's plain call time), the block-time ratio and the compute
-fraction (block evaluations / plain, from `out.stats`). `ideal` is the wall ratio if only
+fraction (block evaluations / plain over all calls, from `out.stats`). `ideal` is the wall ratio if only
 the blocks shrank and every other stage cost what it costs plain: the floor a block cache
 can reach without making the fixed stages cheaper. Timers are `time.perf_counter` around
 Python calls (a few microseconds each), present in the plain runs alike.
@@ -88,7 +88,7 @@ def one_call(pipe, clock: StageClock, prompt, spec: str | None) -> dict:
 def summarize(calls: list[dict], plain_calls: list[dict]) -> dict:
     med = {s: statistics.median(c[s] for c in calls) * 1e3 for s in STAGES}
     plain = {s: statistics.median(c[s] for c in plain_calls) * 1e3 for s in STAGES}
-    compute = statistics.median(c["compute"] for c in calls)
+    compute = statistics.fmean(c["compute"] for c in calls)  # = total block evaluations / plain's
     fixed = plain["total"] - plain["blocks"]
     return {"ms": med, "compute": compute,
             "wall_ratio": statistics.median(c["total"] / p["total"] for c, p in zip(calls, plain_calls)),
