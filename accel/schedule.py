@@ -19,22 +19,23 @@ from dite.engine.errors import ConfigError
 from dite.models.plan import RangeOp
 
 
-def parse_steps(name: str, text: str, steps: int) -> tuple[int, ...]:
-    """`0-9.11.14` -> (0, 1, ..., 9, 11, 14), checked against the call's step count."""
+def parse_steps(name: str, text: str, steps: int, what: str = "run", need_first: bool = True) -> tuple[int, ...]:
+    """`0-9.11.14` -> (0, 1, ..., 9, 11, 14), checked against the call's step count (the
+    setting `what`; `need_first`: step 0 must be listed)."""
     picked: set[int] = set()
     for item in str(text).split("."):
         a, sep, b = item.strip().partition("-")
         try:
             lo, hi = int(a), int(b) if sep else int(a)
         except ValueError:
-            raise ConfigError(f"{name}: run={text!r} must list steps as dot-separated numbers and ranges, "
-                              "e.g. run=0-9.11.14") from None
+            raise ConfigError(f"{name}: {what}={text!r} must list steps as dot-separated numbers and ranges, "
+                              f"e.g. {what}=0-9.11.14") from None
         if lo > hi:
-            raise ConfigError(f"{name}: run={text!r}: the range {lo}-{hi} runs backwards; write {hi}-{lo}")
+            raise ConfigError(f"{name}: {what}={text!r}: the range {lo}-{hi} runs backwards; write {hi}-{lo}")
         if not 0 <= lo <= hi < steps:
-            raise ConfigError(f"{name}: run={text!r} names step {hi}, outside [0, {steps - 1}] for {steps} steps")
+            raise ConfigError(f"{name}: {what}={text!r} names step {hi}, outside [0, {steps - 1}] for {steps} steps")
         picked.update(range(lo, hi + 1))
-    if 0 not in picked:
+    if need_first and 0 not in picked:
         raise ConfigError(f"{name}: run={text!r} must include step 0 (a cached range needs a first record)")
     return tuple(sorted(picked))
 
@@ -62,7 +63,13 @@ class StepSchedule(Method):
     the blocks before the range add, against the last step the sample ran it): a sample whose
     change exceeds the threshold runs the range there too. The listed steps always run. This
     spends a budget the fixed set leaves over (one step of the range is a coarse unit) where
-    a sample needs it."""
+    a sample needs it.
+
+    With `order` 2 or 3 and `high` (steps, written as `run`), only the skipped steps listed in
+    `high` forecast with the full order; the other skipped steps forecast with order 1 (the
+    line through the newest two records) from the same history. A higher order pays where
+    the delta's trajectory bends smoothly between records and costs where it does not (on
+    demo-sd3, after the first dozen steps vs before them); `dite tune` picks the steps."""
 
     name: ClassVar[str] = "schedule"
     summary: ClassVar[str] = "block-range cache on an explicit set of computed steps, forecast between (dite tune)"
@@ -72,6 +79,7 @@ class StepSchedule(Method):
     order: int = 1
     coord: str = "step"
     threshold: float | None = None
+    high: str | None = None
 
     def resolved(self, ctx: PlanContext) -> "StepSchedule":
         if not self.run:
@@ -85,14 +93,23 @@ class StepSchedule(Method):
             if blocks[0] == 0:
                 raise ConfigError(f"{self.name}: a threshold decides on what the blocks before the range add; "
                                   f"blocks={blocks[0]}:{blocks[1]} leaves none (start the range at 1 or later)")
-        return replace(self, run=format_steps(parse_steps(self.name, self.run, ctx.steps)), blocks=blocks)
+        high = self.high
+        if high is not None:
+            if self.order < 2:
+                raise ConfigError(f"{self.name}: high={high!r} lists the steps forecast with order 2 or 3, but "
+                                  f"order={self.order}: give order=2 or 3, or leave high out")
+            high = format_steps(parse_steps(self.name, high, ctx.steps, what="high", need_first=False))
+        return replace(self, run=format_steps(parse_steps(self.name, self.run, ctx.steps)), blocks=blocks, high=high)
 
     def edit(self, drafts: list[StepDraft], ctx: PlanContext) -> None:
         running = set(parse_steps(self.name, self.run, ctx.steps))
+        high = None if self.high is None else set(parse_steps(self.name, self.high, ctx.steps, "high", False))
         for i in range(ctx.steps):
+            degree = None if high is None or i in high else 1
             if self.threshold is None:
-                op = RangeOp(*self.blocks, "record" if i in running else "apply", order=self.order, coord=self.coord)
+                op = RangeOp(*self.blocks, "record" if i in running else "apply", order=self.order, coord=self.coord,
+                             degree=degree)
             else:  # no cap on consecutive reuse: the listed steps bound it
                 op = RangeOp(*self.blocks, "adaptive", order=self.order, coord=self.coord, threshold=self.threshold,
-                             max_cached=ctx.steps, force=i in running)
+                             max_cached=ctx.steps, force=i in running, degree=degree)
             drafts[i].ranges.append(op)

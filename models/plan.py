@@ -127,6 +127,9 @@ class RangeOp:
     force: bool = False
     signal: str = "residual"
     judge: str = "last"
+    # This step's forecast uses at most degree + 1 of the order + 1 records (None: all), so a
+    # call can forecast with order 2 on some steps and order 1 on others from one history.
+    degree: int | None = None
 
     def __post_init__(self):
         if self.action not in RANGE_ACTIONS:
@@ -137,6 +140,9 @@ class RangeOp:
             raise ConfigError(f"forecast order must be 0, 1, 2 or 3, got {self.order!r}")
         if self.coord not in FORECAST_COORDS:
             raise ConfigError(f"forecast coordinate must be one of {FORECAST_COORDS}, got {self.coord!r}")
+        if self.degree is not None and (not isinstance(self.degree, int) or not 0 <= self.degree <= self.order):
+            raise ConfigError(f"a step's forecast degree must be an integer in [0, order={self.order}], "
+                              f"got {self.degree!r}")
         if self.judge not in ADAPTIVE_JUDGES:
             raise ConfigError(f"adaptive judge must be one of {ADAPTIVE_JUDGES}, got {self.judge!r}")
         if self.signal not in ADAPTIVE_SIGNALS:

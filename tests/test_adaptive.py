@@ -213,3 +213,20 @@ def test_stats_count_compute_and_flops_of_adaptive_steps(mmdit):
     # FLOPs: between the all-skip and the all-run plan, linear in the rows that ran.
     assert 1 / 6 < stats["flops_ratio"] < 1
     assert stats["flops_ratio"] == pytest.approx(stats["compute_fraction"], abs=0.03)
+
+
+def test_a_kept_reference_size_is_used_only_for_that_very_reference():
+    """decide keeps each reference's L1 size between the steps a sample skips; a reference
+    replaced from outside (PromptGate's row drop, a parallel hand-over) is measured again."""
+    from dite.engine.runtime.adaptive import RangeState, decide
+    from dite.models.plan import RangeOp
+
+    op = RangeOp(1, 4, "adaptive", order=1, threshold=0.1, max_cached=99)
+    rs = RangeState(rows_per_sample=2, step=5)
+    rs.references[op.key] = torch.full((2, 3, 4), 10.0)
+    rs.streaks[op.key] = torch.zeros(2, dtype=torch.long)
+    assert decide(rs, op, torch.full((2, 3, 4), 10.5)) == [False]  # 0.05 of the size: reuse
+    assert decide(rs, op, torch.full((2, 3, 4), 12.0)) == [True]  # 0.2, with the kept size
+    rs.references[op.key] = torch.full((2, 3, 4), 1.0)  # replaced: a kept size of 10 would say reuse
+    assert decide(rs, op, torch.full((2, 3, 4), 1.5)) == [True]
+    assert decide(rs, op, torch.full((2, 3, 4), 1.05)) == [False]

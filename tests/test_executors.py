@@ -55,7 +55,7 @@ def test_compiled_sd3_every_step_kind_equals_eager(mmdit):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("spec", ["deltacache", "schedule(run=0-3.5,order=2)"])
+@pytest.mark.parametrize("spec", ["deltacache", "schedule(run=0-3.5,order=2)", "schedule(run=0-3.5,order=2,high=4)"])
 def test_compiled_dit_range_caches_equal_eager(dit, spec):
     torch._dynamo.reset()
     plans = plans_for(spec, dit, 8)

@@ -212,3 +212,64 @@ def test_no_host_reads_once_every_row_has_recorded(order):
     assert hist.forecast(KEY, 0.1)["image"].shape == (2, 3, 4)
     hist.select_rows(slice(1, 2))
     assert hist.forecast(KEY, 0.1)["text"].shape == (1, 5, 4)
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_shared_slot_path_matches_the_per_row_path(order, dtype, tol):
+    """Whole-batch records at host coordinates take the host-scalar path (no index kernels);
+    the same records written row by row take the general one: the forecasts agree."""
+    g = torch.Generator().manual_seed(order)
+    shared, per_row = DeltaHistory(order), DeltaHistory(order)
+    all_rows = torch.arange(3)
+    for k, x in enumerate([0.0, 1.0, 3.0, 4.0, 7.0][: order + 2]):
+        d = {"image": torch.randn(3, 4, 5, generator=g).to(dtype), "text": torch.randn(3, 2, generator=g).to(dtype)}
+        shared.record(KEY, x, d)
+        if k == 0:
+            per_row.record(KEY, x, d)
+        else:
+            per_row.record(KEY, x, d, rows=all_rows)  # a subset record (of every row): per-row bookkeeping
+        assert shared._ranges[KEY].shared is not None
+    assert per_row._ranges[KEY].shared is None
+    for x in (7.5, 9.0):
+        for rows in (None, torch.tensor([2, 0])):
+            a, b = shared.forecast(KEY, x, rows=rows), per_row.forecast(KEY, x, rows=rows)
+            for s in a:
+                assert a[s].dtype == dtype
+                scale = b[s].double().abs().max().item()
+                torch.testing.assert_close(a[s].double(), b[s].double(), rtol=tol, atol=tol * scale)
+
+
+def test_a_subset_record_ends_the_shared_path_and_the_rows_keep_their_histories():
+    hist = DeltaHistory(order=1)
+    hist.record(KEY, 0.0, {"image": torch.tensor([[0.0], [0.0]])})
+    hist.record(KEY, 1.0, {"image": torch.tensor([[1.0], [2.0]])})
+    assert hist._ranges[KEY].shared is not None
+    torch.testing.assert_close(hist.forecast(KEY, 2.0)["image"], torch.tensor([[2.0], [4.0]]))
+    hist.record(KEY, 2.0, {"image": torch.tensor([[10.0]])}, rows=torch.tensor([1]))  # row 1 only
+    assert hist._ranges[KEY].shared is None
+    # row 0: the line through (0, 0), (1, 1); row 1: through (1, 2), (2, 10)
+    torch.testing.assert_close(hist.forecast(KEY, 3.0)["image"], torch.tensor([[3.0], [18.0]]))
+    hist.record(KEY, 3.0, {"image": torch.tensor([[3.0], [18.0]])})  # whole batch again: still per row
+    assert hist._ranges[KEY].shared is None
+    torch.testing.assert_close(hist.forecast(KEY, 4.0)["image"], torch.tensor([[4.0], [26.0]]))
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_a_lower_degree_uses_only_the_newest_records(per_row):
+    """One order-2 history serves order-1 (and order-0) forecasts on chosen steps: the same
+    numbers an order-1 history of the same records gives."""
+    g = torch.Generator().manual_seed(5)
+    h2, h1 = DeltaHistory(order=2), DeltaHistory(order=1)
+    rows = torch.arange(2) if per_row else None
+    for k, x in enumerate((0.0, 1.0, 3.0)):
+        d = {"image": torch.randn(2, 3, generator=g)}
+        for h in (h2, h1):
+            h.record(KEY, x, d, rows=rows if k else None)
+    assert (h2._ranges[KEY].shared is None) == per_row
+    torch.testing.assert_close(h2.forecast(KEY, 4.0, degree=1)["image"], h1.forecast(KEY, 4.0)["image"],
+                               rtol=1e-6, atol=1e-6)
+    assert torch.equal(h2.forecast(KEY, 4.0, degree=0)["image"], h2.forecast(KEY, 3.0, degree=0)["image"])
+    torch.testing.assert_close(h2.forecast(KEY, 4.0, degree=0)["image"], h1._ranges[KEY].values["image"][
+        h1._ranges[KEY].head[0]])
+    assert not torch.allclose(h2.forecast(KEY, 4.0)["image"], h2.forecast(KEY, 4.0, degree=1)["image"])

@@ -10,7 +10,8 @@ from dite.accel.schedule import format_steps, parse_steps
 from dite.engine import load
 from dite.engine.errors import ConfigError
 from dite.engine.runtime import tune as tune_module
-from dite.engine.runtime.tune_schedule import fill_budget, greedy_schedule, schedule_spec
+from dite.engine.runtime.tune_schedule import fill_budget, greedy_schedule, mix_orders, refine_schedule, schedule_spec
+from dite.models.plan import RangeOp
 from tiny import tiny_dit_pipeline
 
 STEPS, LABELS = 6, [3, 7]
@@ -101,3 +102,51 @@ def test_greedy_fits_tight_budgets_and_refuses_impossible_ones(pipe):
     assert found.compute == pytest.approx(t.cost(found.spec))
     # Step 0 alone costs (6 + 5 * 1) / 36 = 0.306: below it nothing fits.
     assert greedy_schedule(tuner(pipe, 0.3), 2, 1, (1, 6)) is None
+
+
+def test_moving_a_step_keeps_the_cost_and_never_loses_to_the_start(pipe):
+    t = tuner(pipe, 0.8)
+    start = t.measure("static", schedule_spec({0, 1, 4}, (1, 6), 1), STEPS, 2)
+    moves = [{0, 2, 4}, {0, 1, 3}, {0, 1, 5}]  # every step but 0 to a free neighbour
+    singles = [t.measure("static", schedule_spec(m, (1, 6), 1), STEPS, 2) for m in moves]
+    found = refine_schedule(t, 2, start, 1, (1, 6), passes=1)
+    assert found.compute == pytest.approx(start.compute)
+    assert found.psnr == max([start.psnr] + [m.psnr for m in singles])
+    # More passes only climb further from there, at the same cost.
+    again = refine_schedule(t, 2, start, 1, (1, 6))
+    assert again.psnr >= found.psnr and again.compute == pytest.approx(start.compute)
+
+
+def test_high_lists_the_steps_forecast_at_the_full_order():
+    ctx = PlanContext("dit", 6, 8, True, "m")
+    methods = resolve(as_methods("schedule(run=0-2.5,order=2,high=4.6-7)"), ctx)
+    assert methods[0].spec() == "schedule(run=0-2.5,blocks=1:6,order=2,coord=step,high=4.6-7)"
+    assert [p.ranges[0].degree for p in build_plans(methods, ctx)] == [1, 1, 1, 1, None, 1, None, None]
+    with pytest.raises(ConfigError, match="order=1: give order=2 or 3"):
+        resolve(as_methods("schedule(run=0-2,high=4)"), ctx)
+    with pytest.raises(ConfigError, match="high='9' names step 9, outside"):
+        resolve(as_methods("schedule(run=0-2,order=2,high=9)"), ctx)
+    with pytest.raises(ConfigError, match="forecast degree must be an integer in"):
+        RangeOp(1, 6, "apply", order=1, degree=2)
+
+
+def test_high_on_no_skipped_step_is_order_one_and_on_all_is_the_full_order(pipe):
+    kw = dict(class_labels=LABELS, num_inference_steps=STEPS, output_type="np", progress=False)
+    order1 = pipe(accel="schedule(run=0-1.4)", **kw).images
+    order2 = pipe(accel="schedule(run=0-1.4,order=2)", **kw).images
+    assert not (order1 == order2).all()
+    assert (pipe(accel="schedule(run=0-1.4,order=2,high=0)", **kw).images == order1).all()
+    assert (pipe(accel="schedule(run=0-1.4,order=2,high=2-3.5)", **kw).images == order2).all()
+    # with a threshold (adaptive ops) the degree reaches the forecasts too
+    t1 = pipe(accel="schedule(run=0-1.4,threshold=0.5)", **kw).images
+    assert (pipe(accel="schedule(run=0-1.4,order=2,high=0,threshold=0.5)", **kw).images == t1).all()
+
+
+def test_mixing_orders_keeps_the_cost_and_never_loses_to_order_one_or_the_best_single_step(pipe):
+    t = tuner(pipe, 0.8)
+    found = t.measure("static", schedule_spec({0, 1, 4}, (1, 6), 1), STEPS, 2)
+    mixed = mix_orders(t, 2, found, (1, 6))
+    assert mixed.compute == pytest.approx(found.compute)
+    singles = [t.measure("static", f"schedule(run=0-1.4,blocks=1:6,order=2,high={s})", STEPS, 2) for s in (2, 3, 5)]
+    assert mixed.psnr == max(mixed.psnr, found.psnr, *(m.psnr for m in singles))
+    assert mixed is found or ("high=" in mixed.spec and "run=0-1.4" in mixed.spec)

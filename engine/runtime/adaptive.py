@@ -52,6 +52,11 @@ class RangeState:
     signals: DeltaHistory | None = None
     references: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     streaks: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    # (reference, each sample's L1 size of it), kept between the steps it does not run (the
+    # "last" judge divides by it on every step); used only while `references[key]` is still
+    # that very tensor, so a reference replaced anywhere (settle, PromptGate's row drop, a
+    # parallel hand-over's token split) is measured again.
+    reference_sizes: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     decisions: list[dict] = field(default_factory=list)
     step: int = 0
     time: float = 0.0
@@ -80,6 +85,7 @@ class RangeState:
             if history is not None:
                 history.select_rows(rows)
         self.references = {k: v[rows].clone() for k, v in self.references.items()}
+        self.reference_sizes = {}
         self.streaks = {k: v[rows].clone() for k, v in self.streaks.items()}
 
 
@@ -90,7 +96,7 @@ def applied_delta(op: RangeOp, deltas: DeltaStore, rs: RangeState | None, rows: 
     """What a skipped range adds to its input: with a forecast order, the delta extrapolated
     to this step from the range's history; else the last delta recorded (checked for `rows`)."""
     if op.order:
-        return rs.history_for(op).forecast(op.key, rs.coordinate(op))
+        return rs.history_for(op).forecast(op.key, rs.coordinate(op), degree=op.degree)
     return deltas.get(op.key, rows)
 
 
@@ -111,19 +117,31 @@ def decide(rs: RangeState, op: RangeOp, signal: torch.Tensor) -> list[bool]:
     reference, streak = rs.references.get(key), rs.streaks.get(key)
     if op.force or reference is None or reference.shape[0] != rows:
         return [True] * samples
+    size = None
     if op.judge == "forecast":
         # What the signal would be if it followed the polynomial through the steps this row
         # ran: a small miss predicts a small miss of the forecast delta.
         reference = rs.signals.forecast(key, rs.coordinate(op))["signal"]
+    else:  # the reference changes only on steps a sample runs: its size is kept until then
+        kept = rs.reference_sizes.get(key)
+        size = kept[1] if kept is not None and kept[0] is reference else None
     # Relative L1 difference of each sample's signal over all its rows (both CFG branches),
     # in float32 whatever the model's dtype, from its reference.
-    change = (signal.float() - reference.float()).abs().flatten(1).sum(1).view(rps, samples).sum(0)
-    size = reference.float().abs().flatten(1).sum(1).view(rps, samples).sum(0)
+    change = (_as_float(signal) - _as_float(reference)).abs_().flatten(1).sum(1).view(rps, samples).sum(0)
+    if size is None:
+        size = _as_float(reference).abs().flatten(1).sum(1).view(rps, samples).sum(0)
+        if op.judge != "forecast":
+            rs.reference_sizes[key] = (reference, size)
     if rs.reduce is not None:
         change, size = rs.reduce(torch.stack([change, size])).unbind(0)
     over = change > op.threshold * size.clamp_min(torch.finfo(torch.float32).tiny)
-    capped = streak.view(rps, samples)[0] >= op.max_cached
-    return (over | capped).tolist()
+    if op.max_cached <= rs.step:  # a streak is at most the steps since step 0 (which runs): else it cannot bind
+        over |= streak.view(rps, samples)[0] >= op.max_cached
+    return over.tolist()
+
+
+def _as_float(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float32 else t.float()
 
 
 def choose_rows(rs: RangeState, op: RangeOp, signal: torch.Tensor) -> list[int]:
@@ -140,7 +158,6 @@ def settle(rs: RangeState, op: RangeOp, signal: torch.Tensor, run_rows: list[int
     streak = rs.streaks.get(key)
     if streak is None or streak.shape[0] != rows:
         streak = torch.zeros(rows, dtype=torch.long, device=signal.device)
-    ran = torch.zeros(rows, dtype=torch.bool, device=signal.device)
     if op.judge == "forecast":
         if rs.signals is None:
             rs.signals = DeltaHistory(op.order)
@@ -151,14 +168,19 @@ def settle(rs: RangeState, op: RangeOp, signal: torch.Tensor, run_rows: list[int
                               rows=idx)
     if len(run_rows) == rows or key not in rs.references:
         rs.references[key] = signal.detach().clone()
-        ran[:] = True
+        rs.reference_sizes.pop(key, None)
+        rs.streaks[key] = torch.zeros_like(streak)
     elif run_rows:
         idx = torch.tensor(run_rows, dtype=torch.long, device=signal.device)
         reference = rs.references[key].clone()
         reference.index_copy_(0, idx, signal.index_select(0, idx))
         rs.references[key] = reference
+        rs.reference_sizes.pop(key, None)
+        ran = torch.zeros(rows, dtype=torch.bool, device=signal.device)
         ran[idx] = True
-    rs.streaks[key] = torch.where(ran, torch.zeros_like(streak), streak + 1)
+        rs.streaks[key] = torch.where(ran, torch.zeros_like(streak), streak + 1)
+    else:
+        rs.streaks[key] = streak + 1
     rs.block_rows += len(run_rows) * (op.stop - op.start)
 
 
@@ -197,12 +219,12 @@ def adaptive_range(rs: RangeState, op: RangeOp, signal: torch.Tensor, streams: D
         new, delta = run(None)
         history.record(op.key, coord, delta)
     elif not run_rows:
-        new = add(history.forecast(op.key, coord))
+        new = add(history.forecast(op.key, coord, degree=op.degree))
     else:
         idx, skip = split_rows(run_rows, rows, signal.device)
         computed, delta = run(idx)
         history.record(op.key, coord, delta, rows=idx)
-        forecast = history.forecast(op.key, coord, rows=skip)
+        forecast = history.forecast(op.key, coord, rows=skip, degree=op.degree)
         new = {s: merge_rows(streams[s], idx, computed[s], skip, forecast[s]) for s in computed}
     settle(rs, op, signal, run_rows)
     return new

@@ -17,9 +17,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from dite.engine.errors import ConfigError
+
+
+def _as_stored(coord: float, dtype: torch.dtype) -> float:
+    """A host coordinate rounded as the history's coordinate tensor stores it."""
+    return float(np.float32(coord)) if dtype == torch.float32 else float(coord)
 
 
 def _describe(key) -> str:
@@ -38,6 +44,12 @@ class _Range:
     head: torch.Tensor  # [B] long
     count: torch.Tensor  # [B] long, <= K
     complete: bool = False  # host-side: every row is known to hold a record (skips forecast's check)
+    # Host-side mirror while every record so far covered all rows at one Python-number
+    # coordinate (a static schedule, or an adaptive step where the whole batch ran): every
+    # row then has the same slots and coordinates, so forecast and record need no index
+    # kernels and the Newton coefficients' denominators are host scalars. `shared` lists
+    # (slot, coordinate) newest first, at most K; None once rows diverge (for good).
+    shared: list[tuple[int, float]] | None = None
 
 
 class DeltaHistory:
@@ -81,6 +93,10 @@ class DeltaHistory:
         if rows is None and n != batch:
             raise ConfigError(f"the deltas of {_describe(key)} have {n} rows, the history {batch}: "
                               "record a subset with `rows`, or select_rows when the batch shrinks")
+        if rows is None and entry.shared is not None and not isinstance(coord, torch.Tensor):
+            self._record_shared(entry, float(coord), deltas)
+            return
+        entry.shared = None
         device = entry.head.device
         idx = torch.arange(batch, device=device) if rows is None else rows.to(device)
         c = self._coords_for(coord, entry, idx.shape[0])
@@ -100,6 +116,24 @@ class DeltaHistory:
         if rows is None:
             entry.complete = True
 
+    def _record_shared(self, entry: _Range, coord: float, deltas: dict[str, torch.Tensor]) -> None:
+        """record() for all rows at a host coordinate while the rows share their slots: the
+        slot is known on the host, so each stream is one copy and the bookkeeping fills."""
+        coord = _as_stored(coord, entry.coords.dtype)
+        shared = entry.shared
+        if shared and shared[0][1] == coord:  # same coordinate as the newest: replace it
+            slot = shared[0][0]
+        else:
+            slot = (shared[0][0] + 1) % self.size if shared else 0
+            shared.insert(0, (slot, coord))
+            del shared[self.size:]
+        entry.head.fill_(slot)
+        entry.count.fill_(len(shared))
+        entry.coords[slot].fill_(coord)
+        for s, d in deltas.items():
+            entry.values[s][slot].copy_(d)
+        entry.complete = True
+
     def _allocate(self, key, deltas: dict[str, torch.Tensor], batch: int | None) -> _Range:
         batch = batch if batch is not None else self.batch
         if batch is None:
@@ -111,7 +145,7 @@ class DeltaHistory:
         coords = torch.zeros((self.size, batch), dtype=cdtype, device=first.device)
         head = torch.full((batch,), self.size - 1, dtype=torch.long, device=first.device)
         count = torch.zeros(batch, dtype=torch.long, device=first.device)
-        entry = _Range(values, coords, head, count)
+        entry = _Range(values, coords, head, count, shared=[] if batch == first.shape[0] else None)
         self._ranges[key] = entry
         self.batch = batch
         return entry
@@ -135,9 +169,11 @@ class DeltaHistory:
 
     # -- forecasting -------------------------------------------------------------------------
 
-    def forecast(self, key, coord: float | torch.Tensor, rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forecast(self, key, coord: float | torch.Tensor, rows: torch.Tensor | None = None,
+                 degree: int | None = None) -> dict[str, torch.Tensor]:
         """The extrapolated delta of each stream for `rows` (all rows if None) at `coord`, from
-        as many records as each row has, up to order+1; in the deltas' dtype.
+        as many records as each row has, up to order+1 (`degree`: up to degree+1, the newest);
+        in the deltas' dtype.
 
         Host syncs: none once every row has a record of `key` (known on the host after any
         record with rows=None, i.e. from the first step on); before that one, to check that the
@@ -153,17 +189,24 @@ class DeltaHistory:
         if not entry.complete:
             self._check_recorded(key, entry, idx)
 
-        if self.size == 1:  # order 0: the last delta itself, bitwise
-            if idx is None:
+        terms = self.size if degree is None else min(self.size, degree + 1)
+        if terms == 1:  # order 0: the last delta itself, bitwise
+            if idx is None and self.size == 1:
                 return {s: buf[0] for s, buf in entry.values.items()}
-            return {s: buf[0].index_select(0, idx) for s, buf in entry.values.items()}
+            if self.size == 1:
+                return {s: buf[0].index_select(0, idx) for s, buf in entry.values.items()}
+            idx = torch.arange(batch, device=device) if idx is None else idx
+            newest = entry.head[idx]
+            return {s: buf[newest, idx] for s, buf in entry.values.items()}
 
+        if entry.shared and not isinstance(coord, torch.Tensor):
+            return self._forecast_shared(entry, float(coord), idx, terms)
         if idx is None:
             idx = torch.arange(batch, device=device)
         r = idx.shape[0]
         ages = torch.arange(self.size, device=device)
         slots = (entry.head[idx].unsqueeze(0) - ages.unsqueeze(1)) % self.size  # [K, R], newest first
-        n = entry.count[idx]  # [R], >= 1
+        n = entry.count[idx].clamp(max=terms)  # [R], >= 1: the records this forecast uses
         valid = ages.unsqueeze(1) < n.unsqueeze(0)  # [K, R]
         xs = entry.coords[slots, idx.unsqueeze(0)]  # [K, R]
         x = self._coords_for(coord, entry, r)
@@ -185,6 +228,36 @@ class DeltaHistory:
             for j in range(self.size - 2, -1, -1):
                 w = torch.where(valid[j + 1], x - xs[j], torch.zeros_like(xs[j]))
                 acc = c[j].addcmul_(acc, w.view(shape))
+            out[s] = acc.to(buf.dtype)
+        return out
+
+    def _forecast_shared(self, entry: _Range, x: float, idx: torch.Tensor | None,
+                         terms: int) -> dict[str, torch.Tensor]:
+        """forecast() while every row shares its slots and coordinates: the same Newton form
+        with host-scalar denominators and factors, so a stream costs about (m+1)m/2 + m
+        elementwise kernels for m records and no index bookkeeping."""
+        x = _as_stored(x, entry.coords.dtype)
+        slots = [slot for slot, _ in entry.shared[:terms]]
+        xs = [coord for _, coord in entry.shared[:terms]]
+        m, cdtype = len(slots), entry.coords.dtype
+        out = {}
+        for s, buf in entry.values.items():
+            rows = buf if idx is None else buf.index_select(1, idx)
+            if m == 1:
+                out[s] = rows[slots[0]]  # the last delta itself, bitwise (a view, read-only)
+                continue
+            if m == 2:  # the line through both records: one kernel
+                f0, f1 = rows[slots[0]].to(cdtype), rows[slots[1]].to(cdtype)
+                out[s] = torch.lerp(f0, f1, (x - xs[0]) / (xs[1] - xs[0])).to(buf.dtype)
+                continue
+            # c[i] <- f[x_{i-j} .. x_i] in place, high i first; c[0] stays f_0 (a view: not written)
+            c = [rows[slots[0]].to(cdtype)] + [rows[slot].to(cdtype, copy=True) for slot in slots[1:]]
+            for j in range(1, m):
+                for i in range(m - 1, j - 1, -1):
+                    c[i].sub_(c[i - 1]).div_(xs[i] - xs[i - j])
+            acc = c[m - 1]
+            for j in range(m - 2, -1, -1):
+                acc = torch.add(c[j], acc, alpha=x - xs[j])
             out[s] = acc.to(buf.dtype)
         return out
 
