@@ -28,19 +28,12 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
+from demo_scenes import COLOURS as FIRST_COLOURS
 from demo_scenes import POSITION_PHRASES, POSITIONS, SUPERSAMPLE, _unit_hash, draw_shape
 
 IMAGE_SIZE = 128
 SHAPES = ("circle", "square", "triangle", "diamond")
-COLOURS = {  # the six of the first demos, and black: all far from each other and the background
-    "red": (220, 30, 30),
-    "yellow": (235, 200, 20),
-    "green": (30, 160, 50),
-    "cyan": (20, 185, 200),
-    "blue": (35, 60, 215),
-    "purple": (150, 45, 185),
-    "black": (35, 35, 35),
-}
+COLOURS = {**FIRST_COLOURS, "black": (35, 35, 35)}  # the six of the first demos, and black: all far apart
 COLOUR_NAMES = tuple(COLOURS)
 SIZES = {"small": 0.13, "large": 0.20}  # side / diameter as a fraction of the image side
 SIZE_NAMES = tuple(SIZES)

@@ -16,10 +16,12 @@ stage vae_pixart vae --family pixart &
 wait
 # 2. Tokenizers on the v2 caption language, frozen random CLIP-L / bigG / T5 (shared by both).
 stage text text
-# 3. The denoisers, side by side.
-stage mmdit mmdit --steps 1600 --stop-at "${MMDIT_STEPS:-1600}" &
-stage pixart pixart --steps 1600 --stop-at "${PIXART_STEPS:-1600}" &
+# 3. The denoisers, side by side. The recorded PixArt run was planned for 1600 steps, stopped at
+# 761 (its samples were still noise) and resumed with the cosine decay extended to 2400.
+stage mmdit mmdit --steps 1600 &
+stage pixart pixart --steps 1600 --stop-at 761 &
 wait
+stage pixart_2400 pixart --steps 2400 --stop-at "${PIXART_STEPS:-2400}"
 # 4. The diffusers folders.
 python tools/export_demo.py sd3-128
 python tools/export_demo.py pixart

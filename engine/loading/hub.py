@@ -56,7 +56,7 @@ def demo_folder(source) -> "Path | None":
         raise CheckpointError(f"the demo model {source!r} does not ship in the wheel; from a dite source checkout run "
                               f"`python tools/fetch_demo.py {source}` (copies it to {places[-1]}), or pass its folder")
     raise CheckpointError(f"the demo model {source!r} is not in this installation ({places[0]} is missing); "
-                          "reinstall dite, or train and export it with tools/train_all_demo.sh")
+                          "reinstall dite, or train and export it (tools/train_all_demo.sh, tools/train_all_demo_v2.sh)")
 
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
