@@ -164,4 +164,4 @@ def test_demo_dit_matches_diffusers():
 
 def test_demo_sizes_within_budget():
     total = sum(p.stat().st_size for p in DEMO.rglob("*") if p.is_file())
-    assert total <= 30 * 1024 * 1024, f"demo models take {total / 1e6:.1f} MB"
+    assert total <= 40 * 1024 * 1024, f"demo models take {total / 1e6:.1f} MB"  # issue 21: ~40 MB in all

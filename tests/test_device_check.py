@@ -24,7 +24,8 @@ def test_dry_run_writes_parity_and_speed_tables(tmp_path):
     variants = [r["variant"] for r in data["speed"] if r["model"] == "sd3"]
     assert variants[:4] == ["diffusers eager", "dite eager", "dite compiled", "dite eager ditcache+promptgate"]
     # The tuned file's method, made portable: the schedule's 28 steps scaled to the dry run's 10.
-    assert variants[4] == "dite eager tuned (schedule(run=0-9,order=1,coord=step,threshold=0.1262))"
+    # (every one of the 10 steps runs, so no order-2 step is left: order 1)
+    assert variants[4] == "dite eager tuned (schedule(run=0-9,order=1,coord=step))"
     assert {r["model"] for r in data["speed"]} == {"sd3", "pixart"}
     assert all(r["s_per_step"] > 0 and r["peak_gib"] is None for r in data["speed"])
     text = (tmp_path / "device-dry-run-cpu.md").read_text()
@@ -44,3 +45,10 @@ def test_parity_catches_a_wrong_weight():
         weight.add_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)) * 0.1)
         changed = (ours(x, t, cond) - reference(x, return_dict=False, **kwargs)[0]).abs().max()
     assert same <= 1e-4 < changed
+
+
+def test_portable_spec_scales_run_and_order_2_steps():
+    tuned = {"spec": "schedule(run=0-4.6.8.10.13.17.20.24,blocks=1:12,order=2,coord=step,high=12.16.18.23.25.27)",
+             "steps": 28}
+    # 28 -> 14 steps: i -> round(i * 13 / 27); order-2 steps that land on a computed step are dropped
+    assert device_check.portable_spec(tuned, 14) == "schedule(run=0-6.8.10.12,order=2,coord=step,high=9.11.13)"

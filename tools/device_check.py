@@ -209,8 +209,15 @@ def portable_spec(tuned: dict, steps: int) -> str:
         if hasattr(method, "blocks"):
             method = replace(method, blocks=None)
         if isinstance(method, StepSchedule):
-            run = parse_steps(method.name, method.run, tuned["steps"])
-            method = replace(method, run=format_steps(round(i * (steps - 1) / (tuned["steps"] - 1)) for i in run))
+            def scaled(text: str, what: str, need_first: bool) -> set[int]:
+                listed = parse_steps(method.name, text, tuned["steps"], what, need_first)
+                return {round(i * (steps - 1) / (tuned["steps"] - 1)) for i in listed}
+
+            run = scaled(method.run, "run", True)
+            # order-2 steps must stay skipped ones; none left means order 1 throughout
+            high = scaled(method.high, "high", False) - run if method.high else set()
+            method = replace(method, run=format_steps(sorted(run)), high=format_steps(sorted(high)) if high else None,
+                             order=method.order if high or not method.high else 1)
         methods.append(method.spec())
     return "+".join(methods)
 
