@@ -13,11 +13,12 @@ from safetensors.torch import load_file, save_file
 
 from dite.engine import load
 from dite.engine.lora import LoraError
+from tiny_lora import PROMPTS, dite_lora_call as ours
+from tiny_lora import diffusers_lora_images as expected_with_lora
 from tiny_sd3 import reference_images
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
            "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "norm1.linear", "norm1_context.linear"]
-PROMPTS = ["a red circle", "a blue square"]
 
 
 @pytest.fixture(scope="module")
@@ -52,19 +53,6 @@ def to_kohya(path, out, alpha=8.0):
         kohya[f"{stem}.alpha"] = torch.tensor(alpha)
     save_file(kohya, str(out))
     return out
-
-
-def expected_with_lora(reference, path):
-    reference.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="test")
-    try:
-        return reference_images(reference, PROMPTS, None, 3, 1.0, (16, 16), seed=5, max_sequence_length=16)
-    finally:
-        reference.unload_lora_weights()
-
-
-def ours(pipe, latents):
-    return pipe(prompt=PROMPTS, height=16, width=16, num_inference_steps=3, guidance_scale=1.0,
-                latents=latents.clone(), max_sequence_length=16, output_type="np", progress=False)
 
 
 def test_lora_matches_diffusers_and_kohya(sd3, lora_file, tmp_path):

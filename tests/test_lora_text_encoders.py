@@ -14,11 +14,12 @@ from safetensors.torch import load_file, save_file
 
 from dite.engine import load
 from dite.engine.lora import LoraError, read_lora
+from tiny_lora import PROMPTS, dite_lora_call
+from tiny_lora import diffusers_lora_images as diffusers_images
 from tiny_sd3 import reference_images
 
 CLIP_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 T5_TARGETS = ["q", "k", "v", "o", "wi_0", "wi_1", "wo"]
-PROMPTS = ["a red circle", "a blue square"]
 KOHYA_PREFIX = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_", "text_encoder_3": "lora_te3_",
                 "transformer": "lora_unet_"}
 
@@ -69,19 +70,6 @@ def to_kohya(path, out, alphas):
         kohya[f"{stem}.alpha"] = torch.tensor(float(alphas[component]))
     save_file(kohya, str(out))
     return out
-
-
-def diffusers_images(reference, path):
-    reference.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="te")
-    try:
-        return reference_images(reference, PROMPTS, None, 3, 1.0, (16, 16), seed=5, max_sequence_length=16)
-    finally:
-        reference.unload_lora_weights()
-
-
-def ours(pipe, latents):
-    return pipe(prompt=PROMPTS, height=16, width=16, num_inference_steps=3, guidance_scale=1.0,
-                latents=latents.clone(), max_sequence_length=16, output_type="np", progress=False).images
 
 
 def test_clip_loras_match_diffusers_and_kohya(sd3, clip_lora, tmp_path):
@@ -262,3 +250,7 @@ def test_cli_low_memory_with_a_text_encoder_lora(sd3, clip_lora, tmp_path):
     assert main(argv[:4] + argv[6:] + ["-o", str(plain)]) == 0
     low, full = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in ("low", "full"))
     assert np.array_equal(low, full) and not np.array_equal(full, np.asarray(Image.open(plain)))
+
+
+def ours(pipe, latents):
+    return dite_lora_call(pipe, latents).images
