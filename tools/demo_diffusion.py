@@ -43,10 +43,20 @@ class GaussianDiffusion:
     def q_sample(self, x0, t, noise):
         return self._at(self.sqrt_acp, t) * x0 + self._at(self.sqrt_1m_acp, t) * noise
 
-    def loss(self, out, x0, xt, t, noise):
+    def min_snr_weight(self, t, gamma: float) -> torch.Tensor:
+        """Min-SNR-gamma (Hang et al. 2023) for epsilon-prediction: min(SNR, gamma) / SNR. The
+        low-noise steps, whose epsilon error dominates an unweighted loss, stop pulling the
+        gradients away from the mid- and high-noise steps that decide an image's layout."""
+        acp = self.sqrt_acp[t].pow(2)
+        snr = acp / (1 - acp)
+        return (snr.clamp(max=gamma) / snr).float()
+
+    def loss(self, out, x0, xt, t, noise, min_snr: float = 0.0):
         c = x0.shape[1]
         eps, v = out[:, :c], out[:, c:]
         mse = (eps - noise).pow(2).mean(dim=(1, 2, 3))
+        if min_snr:
+            mse = mse * self.min_snr_weight(t, min_snr)
         # Variance: log sigma^2 between the posterior's and beta_t (learned range).
         frac = (v + 1) / 2
         logvar = frac * self._at(self.log_betas, t) + (1 - frac) * self._at(self.post_logvar, t)

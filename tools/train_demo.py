@@ -535,7 +535,7 @@ def train_ddpm(args, name: str, model, pool: torch.Tensor, condition, extra: dic
         xt = diffusion.q_sample(x0, t, noise)
         with autocast(args):
             out = model(xt, t.float(), cond).float()
-        mse, vb = diffusion.loss(out, x0, xt, t, noise)
+        mse, vb = diffusion.loss(out, x0, xt, t, noise, getattr(args, "min_snr", 0.0))
         loss = mse + vb
         run.train_step(loss)
         avg = mse.item() if avg is None else 0.98 * avg + 0.02 * mse.item()

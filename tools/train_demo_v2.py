@@ -121,7 +121,7 @@ def train_pixart(args):
         cap = td.dropped(caption_ids[idx], 0, args, g)
         return Conditioning(context=contexts[cap], context_mask=masks[cap])
 
-    td.train_ddpm(args, name, model, pool, condition, {"max_sequence_length": T5_MAX_LENGTH})
+    td.train_ddpm(args, name, model, pool, condition, {"max_sequence_length": T5_MAX_LENGTH, "min_snr": args.min_snr})
 
 
 def train_vae(args):
@@ -147,6 +147,8 @@ def main(argv=None):
     p.add_argument("--kl", type=float, default=1e-6)
     p.add_argument("--object-weight", type=float, default=20.0)
     p.add_argument("--drop", type=float, default=0.1)
+    p.add_argument("--min-snr", type=float, default=0.0,
+                   help="pixart: Min-SNR-gamma weight of the epsilon loss (0: unweighted)")
     p.add_argument("--max-minutes", type=float, default=0)
     p.add_argument("--stop-at", type=int, default=0)
     p.add_argument("--checkpoint-minutes", type=float, default=3.0)
