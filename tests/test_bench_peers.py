@@ -121,3 +121,26 @@ def test_end_to_end_demo_sd3(tmp_path):
     md = out.with_suffix(".md").read_text()
     assert "tools/bench_peers.py" in md and "load average" in md
     assert out.with_suffix(".png").is_file()
+
+
+def test_end_to_end_demo_pixart_on_v2_scenes(tmp_path):
+    """A PixArt folder runs in diffusers' PixArtAlphaPipeline (no resolution binning, as its
+    folder says) on the second demo scenes' captions, equal to dite's plain image."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("cache_dit")
+    from demo_scenes_v2 import heldout_scenes
+
+    out = tmp_path / "peers"
+    assert bench_peers.main(["--model", "demo-pixart", "--prompts", "1", "--steps", "4", "--dite", "adaptive",
+                             "--cachedit", "F1B0:0.5:taylor1:W1", "--fewer", "2", "--out", str(out)]) == 0
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["meta"]["family"] == "pixart"
+    assert data["meta"]["prompts"] == [heldout_scenes(1)[0].caption]
+    assert data["meta"]["parity_max_abs_diff"] < 1e-3
+    rows = {(r["library"], r["setting"]): r for r in data["rows"]}
+    assert 0 < rows["cache-dit", "F1B0:0.5:taylor1:W1"]["compute"] <= 1
+
+
+def test_unknown_or_unfetched_models_exit_with_one_line(tmp_path):
+    with pytest.raises(SystemExit, match="no model_index.json"):
+        bench_peers.model_folder(str(tmp_path))

@@ -52,7 +52,10 @@ TOOLS = Path(__file__).resolve().parent
 if str(TOOLS) not in sys.path:
     sys.path.insert(0, str(TOOLS))
 
-DEMO_FOLDERS = {"demo-sd3": "sd3", "demo-dit": "dit"}
+# The demos of the second generation are drawn from the v2 scenes (tools/demo_scenes_v2.py).
+V2_DEMOS = {"demo-sd3-128", "demo-pixart"}
+PIPELINES = {"DiTPipeline": "dit", "StableDiffusion3Pipeline": "sd3", "PixArtAlphaPipeline": "pixart",
+             "PixArtSigmaPipeline": "pixart"}
 DEFAULT_FEWER = (14, 17, 19, 21, 24)
 DEFAULT_FEWER_BASE = 28  # DEFAULT_FEWER is for this many steps; other step counts scale it
 PSNR_CAP_DB = 100.0  # an image identical to its reference counts as this in the mean
@@ -233,13 +236,15 @@ def mean_psnr(values: list[float]) -> float:
 
 
 def model_folder(model: str) -> Path:
-    """The diffusers folder of --model: a demo name resolves to the folder shipped in dite."""
-    if model in DEMO_FOLDERS:
-        import importlib.resources
+    """The diffusers folder of --model: a demo name resolves as dite resolves it (the wheel's
+    folders, or a checkout's / the user cache's for a demo outside the wheel)."""
+    from dite.engine.errors import DiteError
+    from dite.engine.loading.hub import demo_folder
 
-        folder = Path(str(importlib.resources.files("dite.models.demo"))) / DEMO_FOLDERS[model]
-    else:
-        folder = Path(model)
+    try:
+        folder = demo_folder(model) or Path(model)
+    except DiteError as e:
+        raise SystemExit(str(e)) from None
     if not (folder / "model_index.json").is_file():
         raise SystemExit(f"{folder} is not a diffusers folder (no model_index.json)")
     return folder
@@ -296,11 +301,13 @@ class DiffusersRunner:
     def __init__(self, folder: Path, family: str, max_sequence_length: int | None):
         import diffusers
 
-        cls = diffusers.DiTPipeline if family == "dit" else diffusers.StableDiffusion3Pipeline
-        self.pipe = cls.from_pretrained(folder, dtype=torch.float32).to("cpu")
+        index = json.loads((folder / "model_index.json").read_text())
+        self.pipe = getattr(diffusers, index["_class_name"]).from_pretrained(folder, dtype=torch.float32).to("cpu")
         self.pipe.set_progress_bar_config(disable=True)
         self.family = family
         self.max_sequence_length = max_sequence_length
+        # a PixArt demo's sample size is not one of the resolution bins: its folder says so (_dite)
+        self.binning = index.get("_dite", {}).get("use_resolution_binning", True)
         self.counter = BlockCounter(self.pipe.transformer.transformer_blocks)
         # steps delimited by transformer calls: rows per step for the cached-step trace
         self._step_rows: list[int] = []
@@ -343,6 +350,8 @@ class DiffusersRunner:
                                        guidance_scale=guidance, output_type="np").images
                 else:
                     kw = {"max_sequence_length": self.max_sequence_length} if self.max_sequence_length else {}
+                    if self.family == "pixart":
+                        kw["use_resolution_binning"] = self.binning
                     images = self.pipe(prompt=[prompt.text], latents=prompt.latents.clone(), num_inference_steps=steps,
                                        guidance_scale=guidance, output_type="np", **kw).images
             wall = time.perf_counter() - start
@@ -418,13 +427,15 @@ class Row:
     results: list = dataclasses.field(default_factory=list)
 
 
-def make_prompts(family: str, n: int, seed: int, shape: tuple[int, ...]) -> list[Prompt]:
+def make_prompts(family: str, n: int, seed: int, shape: tuple[int, ...], scenes_v2: bool = False) -> list[Prompt]:
     from demo_scenes import class_name, heldout_scenes
 
+    if scenes_v2:
+        from demo_scenes_v2 import heldout_scenes
     prompts = []
     for i, sc in enumerate(heldout_scenes(n, seed=seed)):
         latents = torch.randn(1, *shape, generator=torch.Generator("cpu").manual_seed(seed + i), dtype=torch.float32)
-        cid = sc.attributes.class_id
+        cid = sc.attributes.class_id if family == "dit" else 0
         prompts.append(Prompt(class_name(cid) if family == "dit" else sc.caption, cid, latents))
     return prompts
 
@@ -579,7 +590,11 @@ def versions() -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="demo-sd3", help="demo-sd3, demo-dit or a diffusers folder (SD3 or DiT)")
+    p.add_argument("--model", default="demo-sd3",
+                   help="a demo (demo-sd3, demo-dit, demo-sd3-128, demo-pixart) or a diffusers folder (SD3, PixArt, DiT)")
+    p.add_argument("--scenes", choices=["v1", "v2"], default=None,
+                   help="held-out captions of the first or second demo scenes (default: v2 for the second-generation "
+                        "demos, else v1)")
     p.add_argument("--prompts", type=int, default=8, help="held-out prompts (classes for a DiT), one call each")
     p.add_argument("--steps", type=int, default=None, help="default: the model's")
     p.add_argument("--guidance", type=float, default=None, help="default: the model's")
@@ -602,12 +617,13 @@ def main(argv=None) -> int:
     cachedit_specs = [parse_cachedit_spec(s) for s in args.cachedit]
     folder = model_folder(args.model)
     index = json.loads((folder / "model_index.json").read_text())
-    family = "dit" if index["_class_name"].startswith("DiT") else "sd3"
-    if not index["_class_name"].startswith(("DiT", "StableDiffusion3")):
-        raise SystemExit(f"{folder}: {index['_class_name']} is not an SD3 or DiT pipeline")
+    if index["_class_name"] not in PIPELINES:
+        raise SystemExit(f"{folder}: {index['_class_name']} is not an SD3, PixArt or DiT pipeline")
+    family = PIPELINES[index["_class_name"]]
+    scenes_v2 = args.scenes == "v2" if args.scenes else args.model in V2_DEMOS
 
-    dite = DiteRunner(str(folder) if args.model not in DEMO_FOLDERS else args.model)
-    prompts = make_prompts(family, args.prompts, args.seed, latent_shape(folder, family))
+    dite = DiteRunner(args.model)
+    prompts = make_prompts(family, args.prompts, args.seed, latent_shape(folder, family), scenes_v2)
     resolved = dite.resolve(prompts[0], args.steps, args.guidance)  # also dite's warm-up
     steps, guidance = int(resolved["steps"]), float(resolved["guidance"])
     fewer = (fewer_steps_list(steps) if args.fewer is None
