@@ -83,3 +83,36 @@ def test_page_shows_a_request_error(browser, pipe):
         browser.find_element(By.ID, "generate").click()
         error = WebDriverWait(browser, 60).until(lambda b: b.find_element(By.ID, "error").text)
         assert "size 30x30" in error and "multiple of 16" in error
+
+
+def test_page_edits_an_uploaded_image_with_a_mask(browser, pipe, tmp_path):
+    """An init image and a mask chosen in the form go to /v1/images/edits: the page shows the
+    library's inpainting result of the same settings."""
+    import numpy as np
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    init = pipe(prompt="a blue square in the middle", num_inference_steps=3, seed=1, progress=False).images[0]
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[:, :32] = 255  # repaint the left half
+    init.save(tmp_path / "init.png")
+    Image.fromarray(mask, mode="L").save(tmp_path / "mask.png")
+    with running(create_app(pipe, "demo-sd3", ServeOptions())) as url:
+        browser.get(url + "/")
+        browser.find_element(By.ID, "prompt").send_keys("a red circle on the left")
+        browser.find_element(By.ID, "steps").send_keys("4")
+        browser.find_element(By.ID, "seed").send_keys("5")
+        browser.find_element(By.ID, "strength").send_keys("0.75")
+        browser.find_element(By.ID, "image").send_keys(str(tmp_path / "init.png"))
+        browser.find_element(By.ID, "mask").send_keys(str(tmp_path / "mask.png"))
+        browser.find_element(By.ID, "generate").click()
+        images = WebDriverWait(browser, 120).until(lambda b: b.find_elements(By.CSS_SELECTOR, "img.result"))
+        assert browser.find_element(By.ID, "error").text == ""
+        caption = browser.find_element(By.CSS_SELECTOR, "#results figcaption").text
+        assert "strength 0.75" in caption and "inpainted" in caption
+        shown = png_array(images[0].get_attribute("src").split(",", 1)[1])
+    expected = pipe(prompt="a red circle on the left", image=Image.open(tmp_path / "init.png"),
+                    mask_image=Image.open(tmp_path / "mask.png"), strength=0.75, seed=5, num_inference_steps=4,
+                    progress=False).images[0]
+    assert (shown == np.asarray(expected.convert("RGB"))).all()
