@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import time
 
+import numpy as np
 import pytest
 
 pytest.importorskip("fastapi", reason="dite serve needs the serve extra (fastapi, uvicorn)")
@@ -44,6 +46,17 @@ def test_two_replicas_serve_the_library_images():
             assert png_parameters(b64)["seed"] == seed
             assert (png_array(b64) == library_image(pipe, prompt="a green circle", seed=seed,
                                                     num_inference_steps=3)).all()
+        # an edit (multipart) through the proxy: the library's img2img call
+        init = pipe(prompt="a blue square", num_inference_steps=3, seed=1, progress=False).images[0]
+        buffer = io.BytesIO()
+        init.save(buffer, format="PNG")
+        response = httpx.post(url + "/v1/images/edits", timeout=120,
+                              files={"image": ("init.png", buffer.getvalue(), "image/png")},
+                              data={"prompt": "a green circle", "steps": "4", "seed": "6", "strength": "0.5"})
+        assert response.status_code == 200, response.text
+        expected = pipe(prompt="a green circle", image=init, strength=0.5, seed=6, num_inference_steps=4,
+                        progress=False).images[0]
+        assert (png_array(response.json()["data"][0]["b64_json"]) == np.asarray(expected.convert("RGB"))).all()
         bad = httpx.post(url + "/v1/images/generations", json={"prompt": "x", "steps": 0}, timeout=30)
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "steps"
     finally:
