@@ -21,7 +21,12 @@ stage text text
 stage mmdit mmdit --steps 1600 &
 stage pixart pixart --steps 1600 --stop-at 761 &
 wait
-stage pixart_2400 pixart --steps 2400 --stop-at "${PIXART_STEPS:-2400}"
+stage pixart_2400 pixart --steps 2400 --stop-at 2400
+# Its samples were still noise at 2400: resumed with the decay extended to 8000 (the recorded run
+# was stopped at its step-4474 checkpoint), then from there with the Min-SNR-5 loss weight and the
+# decay extended to 13000, on both cores (2 threads: its bf16 reductions are not bit-reproducible).
+stage pixart_8000 pixart --steps 8000 --stop-at 4474
+stage pixart_13000 pixart --steps 13000 --min-snr 5 --threads 2 --stop-at "${PIXART_STEPS:-13000}"
 # 4. The diffusers folders.
 python tools/export_demo.py sd3-128
 python tools/export_demo.py pixart
