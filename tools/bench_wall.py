@@ -36,7 +36,9 @@ TOOLS = Path(__file__).resolve().parent
 if str(TOOLS) not in sys.path:
     sys.path.insert(0, str(TOOLS))
 
-from bench_peers import DEMO_FOLDERS, latent_shape, make_prompts, model_folder, uptime  # noqa: E402
+from bench_peers import V2_DEMOS, latent_shape, make_prompts, model_folder, uptime  # noqa: E402
+
+from dite.engine.loading.hub import DEMO_FAMILIES  # noqa: E402
 
 STAGES = ("encode", "blocks", "model_step", "loop_rest", "decode", "total")
 
@@ -98,7 +100,7 @@ def summarize(calls: list[dict], plain_calls: list[dict]) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="demo-sd3", choices=sorted(k for k, v in DEMO_FOLDERS.items() if v == "sd3"))
+    p.add_argument("--model", default="demo-sd3", choices=sorted(k for k, v in DEMO_FAMILIES.items() if v == "sd3"))
     p.add_argument("--prompts", type=int, default=6, help="held-out prompts (bench_peers' prompts and latents)")
     p.add_argument("--repeats", type=int, default=1, help="rounds over the prompts")
     p.add_argument("--seed", type=int, default=0)
@@ -111,7 +113,7 @@ def main(argv=None) -> int:
 
     folder = model_folder(args.model)
     pipe = load(args.model, device="cpu")
-    prompts = make_prompts("sd3", args.prompts, args.seed, latent_shape(folder, "sd3"))
+    prompts = make_prompts("sd3", args.prompts, args.seed, latent_shape(folder, "sd3"), args.model in V2_DEMOS)
     clock = StageClock(pipe.transformer)
     load_start = uptime()
     specs = [None] + list(args.dite)
