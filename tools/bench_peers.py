@@ -428,12 +428,14 @@ class Row:
 
 
 def make_prompts(family: str, n: int, seed: int, shape: tuple[int, ...], scenes_v2: bool = False) -> list[Prompt]:
-    from demo_scenes import class_name, heldout_scenes
+    import demo_scenes
+    import demo_scenes_v2
 
-    if scenes_v2:
-        from demo_scenes_v2 import heldout_scenes
+    from demo_scenes import class_name
+
+    scenes = (demo_scenes_v2 if scenes_v2 else demo_scenes).heldout_scenes(n, seed=seed)
     prompts = []
-    for i, sc in enumerate(heldout_scenes(n, seed=seed)):
+    for i, sc in enumerate(scenes):
         latents = torch.randn(1, *shape, generator=torch.Generator("cpu").manual_seed(seed + i), dtype=torch.float32)
         cid = sc.attributes.class_id if family == "dit" else 0
         prompts.append(Prompt(class_name(cid) if family == "dit" else sc.caption, cid, latents))
