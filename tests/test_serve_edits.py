@@ -110,9 +110,8 @@ def test_edit_with_a_mask_is_inpainting(sd3_pipe, init_png, mask):
 
 def test_pixart_inpainting_through_the_server_is_the_library_call():
     """PixArt (DDPM-family scheduler, 128 px demo): a masked edit is the library's inpainting
-    call bit for bit, and the kept half of the init image (a rendered scene) stays closer to it
-    than the repainted half. Only the latents of the kept half are the init's exactly: the VAE
-    decoder mixes across the whole latent, so its pixels move too."""
+    call bit for bit. (What inpainting keeps is tested on the library, in latents: in pixels the
+    demo VAE's decoder mixes across the whole latent, so the kept half moves too.)"""
     from dite.engine import load
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
@@ -130,9 +129,17 @@ def test_pixart_inpainting_through_the_server_is_the_library_call():
                           num_inference_steps=STEPS)
     got = png_array(response.json()["data"][0]["b64_json"])
     assert got.shape == (128, 128, 3) and (got == expected[0]).all()
-    kept = np.abs(got[:, :56].astype(int) - np.asarray(init)[:, :56].astype(int)).mean()
-    repainted = np.abs(got[:, 72:].astype(int) - np.asarray(init)[:, 72:].astype(int)).mean()
-    assert kept < repainted, (kept, repainted)
+    assert "mask" in png_parameters(response.json()["data"][0]["b64_json"])
+    # the kept (left) half's latents are the init image's, as image 0's generator draws them
+    import torch
+
+    out = pipe(prompt=PROMPT, image=init, mask_image=mask, strength=1.0, seed=5, num_inference_steps=STEPS,
+               output_type="latent", progress=False)
+    pixels = torch.from_numpy(np.asarray(init, dtype=np.float32) / 255).permute(2, 0, 1)[None] * 2 - 1
+    with torch.no_grad():
+        clean = pipe.vae.to_model_space(pipe.vae.encode(pixels).sample(torch.Generator().manual_seed(5)))
+    assert torch.equal(out.latents[..., :16], clean[..., :16])
+    assert (out.latents[..., 16:] - clean[..., 16:]).abs().max() > 1e-2
 
 
 def post_all(url, calls):
