@@ -52,10 +52,9 @@ TOOLS = Path(__file__).resolve().parent
 if str(TOOLS) not in sys.path:
     sys.path.insert(0, str(TOOLS))
 
-# The demos of the second generation are drawn from the v2 scenes (tools/demo_scenes_v2.py).
-V2_DEMOS = {"demo-sd3-128", "demo-pixart"}
-PIPELINES = {"DiTPipeline": "dit", "StableDiffusion3Pipeline": "sd3", "PixArtAlphaPipeline": "pixart",
-             "PixArtSigmaPipeline": "pixart"}
+from demo_scenes_v2 import DEMOS as V2_DEMOS  # noqa: E402  (prompted with the v2 scenes' captions)
+
+from dite.engine.families import by_pipeline_class  # noqa: E402
 DEFAULT_FEWER = (14, 17, 19, 21, 24)
 DEFAULT_FEWER_BASE = 28  # DEFAULT_FEWER is for this many steps; other step counts scale it
 PSNR_CAP_DB = 100.0  # an image identical to its reference counts as this in the mean
@@ -619,9 +618,10 @@ def main(argv=None) -> int:
     cachedit_specs = [parse_cachedit_spec(s) for s in args.cachedit]
     folder = model_folder(args.model)
     index = json.loads((folder / "model_index.json").read_text())
-    if index["_class_name"] not in PIPELINES:
+    found = by_pipeline_class(index["_class_name"])
+    if found is None:
         raise SystemExit(f"{folder}: {index['_class_name']} is not an SD3, PixArt or DiT pipeline")
-    family = PIPELINES[index["_class_name"]]
+    family = found.name
     scenes_v2 = args.scenes == "v2" if args.scenes else args.model in V2_DEMOS
 
     dite = DiteRunner(args.model)

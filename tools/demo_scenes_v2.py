@@ -32,6 +32,7 @@ from demo_scenes import COLOURS as FIRST_COLOURS
 from demo_scenes import POSITION_PHRASES, POSITIONS, SUPERSAMPLE, _unit_hash, draw_shape
 
 IMAGE_SIZE = 128
+DEMOS = ("demo-sd3-128", "demo-pixart")  # the demo models trained on these scenes (tools/train_demo_v2.py)
 SHAPES = ("circle", "square", "triangle", "diamond")
 COLOURS = {**FIRST_COLOURS, "black": (35, 35, 35)}  # the six of the first demos, and black: all far apart
 COLOUR_NAMES = tuple(COLOURS)

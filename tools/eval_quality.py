@@ -49,7 +49,7 @@ from scene_checker import detect, score  # noqa: E402
 
 from dite.engine.runtime.calibrate import ssim_loss  # noqa: E402
 
-V2_DEMOS = ("demo-sd3-128", "demo-pixart")  # names whose default --scenes is v2
+V2_DEMOS = scenes_v2.DEMOS  # names whose default --scenes is v2
 V2_COLUMNS = ["method", "steps", "flops_ratio", "attn_flops_ratio", "wall_ratio", "accuracy", "accuracy_strict",
               "acc_single", "acc_relation", "acc_count", *checker_v2.ATTRIBUTES, "psnr_db", "ssim"]
 
