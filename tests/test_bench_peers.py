@@ -141,6 +141,6 @@ def test_end_to_end_demo_pixart_on_v2_scenes(tmp_path):
     assert 0 < rows["cache-dit", "F1B0:0.5:taylor1:W1"]["compute"] <= 1
 
 
-def test_unknown_or_unfetched_models_exit_with_one_line(tmp_path):
+def test_a_folder_without_model_index_exits_with_one_line(tmp_path):
     with pytest.raises(SystemExit, match="no model_index.json"):
         bench_peers.model_folder(str(tmp_path))
